@@ -1,0 +1,162 @@
+"""Triton helpers shared by the quantize+pack and unpack+dequantize kernels, plus tile choice.
+
+Tiles are (BT tokens, DP channels) with DP = next power of two >= max(head_dim, 16); padded
+channels are masked to 0 and get code 0 (the packed layout pads rows with zero codes).
+All math is float32 with correctly rounded division and sqrt (div_rn / sqrt_rn), as in torch.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# 1.5 * 2**23: adding and subtracting it rounds a float32 |v| < 2**22 to an integer, half to even
+# (the IEEE default rounding mode), exactly like torch.round. Callers clamp v first.
+_RNE_MAGIC = 12582912.0
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` runs under TRITON_INTERPRET=1 (numpy on the host)."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def padded_dim(d: int) -> int:
+    """DP: the power-of-two tile width holding a row of d channels (>= 16 for tl.dot)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def row_bytes(d: int, bits: int) -> int:
+    """Bytes of one packed row: ceil(d / 8) * bits."""
+    return -(-d // 8) * bits
+
+
+@triton.jit
+def round_half_even(v):
+    """torch.round for |v| < 2**22 (callers clamp first)."""
+    return (v + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def load_rows(x_ptr, rows, rmask, cols, D):
+    """(BT, K) float32 tile of x rows at columns cols; masked entries are 0."""
+    mask = rmask[:, None] & (cols < D)[None, :]
+    return tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def unit_rows(y):
+    """(y / ||y||, ||y||) per row; rows with norm 0 become 0."""
+    n = tl.sqrt_rn(tl.sum(y * y, axis=1))
+    safe = tl.where(n > 0, n, 1.0)
+    return tl.where(n[:, None] > 0, tl.math.div_rn(y, safe[:, None]), 0.0), n
+
+
+@triton.jit
+def load_transformed(x_ptr, r_ptr, rows, rmask, D,
+                     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr,
+                     NSEP: tl.constexpr, HAS_ROT: tl.constexpr):
+    """Apply the pipeline's transforms to rows of x (N, D): returns (y (BT, DP) fp32, norm (BT,)).
+
+    NSEP: 0 none, 1 before the rotation, 2 after it. The rotation y = x @ R is an fp32 ("ieee")
+    tl.dot over BK-wide chunks of the reduction dim, R (D, D) row-major fp32.
+    """
+    cols = tl.arange(0, DP)
+    n = tl.zeros((BT,), tl.float32)
+    if HAS_ROT:
+        if NSEP == 1:
+            _, n = unit_rows(load_rows(x_ptr, rows, rmask, cols, D))
+            safe = tl.where(n > 0, n, 1.0)
+        y = tl.zeros((BT, DP), tl.float32)
+        for k0 in tl.static_range(0, DP, BK):
+            kc = k0 + tl.arange(0, BK)
+            xk = load_rows(x_ptr, rows, rmask, kc, D)
+            if NSEP == 1:
+                xk = tl.where(n[:, None] > 0, tl.math.div_rn(xk, safe[:, None]), 0.0)
+            rmat = tl.load(r_ptr + kc[:, None] * D + cols[None, :],
+                           mask=(kc < D)[:, None] & (cols < D)[None, :], other=0.0)
+            y += tl.dot(xk, rmat, input_precision="ieee")
+        if NSEP == 2:
+            y, n = unit_rows(y)
+    else:
+        y = load_rows(x_ptr, rows, rmask, cols, D)
+        if NSEP != 0:
+            y, n = unit_rows(y)
+    return y, n
+
+
+@triton.jit
+def nonfinite_count(x_ptr, rows, rmask, D, DP: tl.constexpr):
+    """Number of NaN/Inf entries in rows of x (checked on the raw input)."""
+    x = load_rows(x_ptr, rows, rmask, tl.arange(0, DP), D)
+    bad = (x != x) | (tl.abs(x) == float("inf"))
+    return tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
+def quantize_codes(y, s32, z32, BITS: tl.constexpr, ASYM: tl.constexpr):
+    """Unsigned integer codes (int32) of y given float32 scale s32 and zero z32 (broadcastable).
+
+    sym: round(y / s).clamp(-qmax, qmax) + qmax; asym: round((y - z) / s).clamp(0, 2**b - 1);
+    s == 0 divides by 1.
+    """
+    safe = tl.where(s32 == 0, 1.0, s32)
+    if ASYM:
+        levels: tl.constexpr = (1 << BITS) - 1
+        v = tl.math.div_rn(y - z32, safe)
+        v = tl.minimum(tl.maximum(v, -1.0), levels + 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(v), 0.0), levels * 1.0)
+    else:
+        qmax: tl.constexpr = (1 << (BITS - 1)) - 1
+        v = tl.math.div_rn(y, safe)
+        v = tl.minimum(tl.maximum(v, -qmax - 1.0), qmax + 1.0)
+        q = tl.minimum(tl.maximum(round_half_even(v), -qmax * 1.0), qmax * 1.0) + qmax
+    return q.to(tl.int32)
+
+
+@triton.jit
+def dequantize_codes(u, s32, z32, BITS: tl.constexpr, ASYM: tl.constexpr):
+    """float32 values of codes u: (u - qmax) * s (sym) or u * s + z (asym)."""
+    if ASYM:
+        return u.to(tl.float32) * s32 + z32
+    else:
+        qmax: tl.constexpr = (1 << (BITS - 1)) - 1
+        return (u - qmax).to(tl.float32) * s32
+
+
+@triton.jit
+def pack_store(codes_ptr, rows, rmask, u, RB,
+               BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
+    """Bit-pack codes u (BT, DP) int32 into rows of codes (N, RB) uint8 (contract layout).
+
+    Every 8 consecutive codes form one little-endian BITS*8-bit word = BITS bytes; u must be 0
+    on padded channels. BITS 8 stores bytes as they are.
+    """
+    if BITS == 8:
+        cols = tl.arange(0, DP)
+        mask = rmask[:, None] & (cols < RB)[None, :]
+        tl.store(codes_ptr + rows[:, None] * RB + cols[None, :], u.to(tl.uint8), mask=mask)
+    else:
+        u3 = tl.reshape(u, (BT, DP // 8, 8))
+        shifts = tl.arange(0, 8) * BITS
+        word = tl.sum(u3 << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
+        jb = tl.arange(0, 4)
+        byte = (word[:, :, None] >> (jb * 8)[None, None, :]) & 255
+        k8 = tl.arange(0, DP // 8)
+        offs = rows[:, None, None] * RB + (k8 * BITS)[None, :, None] + jb[None, None, :]
+        mask = rmask[:, None, None] & (k8 * BITS < RB)[None, :, None] & (jb < BITS)[None, None, :]
+        tl.store(codes_ptr + offs, byte.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def unpack_load(codes_ptr, rows, rmask, cols, D, RB, BITS: tl.constexpr):
+    """Codes (BT, K) int32 of rows at channels cols from the packed (N, RB) uint8 rows."""
+    bit = cols * BITS
+    byte = bit >> 3
+    cmask = rmask[:, None] & (cols < D)[None, :]
+    base = codes_ptr + rows[:, None] * RB + byte[None, :]
+    lo = tl.load(base, mask=cmask, other=0).to(tl.int32)
+    if BITS == 3:  # a code may straddle two bytes
+        hi = tl.load(base + 1, mask=cmask & ((byte + 1) < RB)[None, :], other=0).to(tl.int32)
+        lo = lo | (hi << 8)
+    return (lo >> (bit & 7)[None, :]) & ((1 << BITS) - 1)

@@ -1,0 +1,63 @@
+"""KernelPlan: the flat description of a pipeline that the Triton kernels execute.
+
+A plan holds only what the kernels need (constexpr switches, dtypes, the rotation matrix), so the
+kernels never look at pipeline step models. `KernelPlan.from_pipeline` builds one or raises
+`Unsupported` with the reason, which `TritonBackend.why_unsupported` reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+Granularity = Literal["ptok", "pchan", "group_channel", "group_token"]
+
+MAX_HEAD_DIM = 512
+TOKEN_AXIS = ("pchan", "group_token")
+
+
+class Unsupported(Exception):
+    """The pipeline (or input) cannot run on the Triton kernels; the message says why."""
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One quantize/dequantize pipeline, flattened for the kernels.
+
+    nsep: 0 = no norm separation, 1 = before the rotation (or no rotation), 2 = after the rotation.
+    rot: None, or a function head_dim -> (D, D) float32 orthonormal R (the reference's own matrix).
+    gran / group: granularity; group is g for group(g, channel|token), else 0.
+    bits / asym: integer quantizer. meta_dtype: scale and zero dtype; norm_dtype: nsep norm dtype.
+    """
+
+    bits: int
+    asym: bool = False
+    gran: Granularity = "ptok"
+    group: int = 0
+    nsep: int = 0
+    renorm: bool = True
+    rot: Callable[[int], torch.Tensor] | None = None
+    meta_dtype: torch.dtype = torch.float16
+    norm_dtype: torch.dtype = torch.float16
+    check_finite: bool = True
+
+    @property
+    def token_axis(self) -> bool:
+        """Scales are statistics over tokens (pchan, group(g, token))."""
+        return self.gran in TOKEN_AXIS
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise Unsupported when the kernels cannot take x (B, H, T, D)."""
+        if x.dim() != 4:
+            raise Unsupported(f"expects x of shape (batch, kv_heads, seq, head_dim), got {tuple(x.shape)}")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise Unsupported(f"dtype {x.dtype} is not float16/bfloat16/float32")
+        d = x.shape[-1]
+        if d > MAX_HEAD_DIM:
+            raise Unsupported(f"head_dim {d} > {MAX_HEAD_DIM} (one row must fit in a tile)")
+        if self.gran == "group_channel":
+            g = self.group
+            if g & (g - 1) or g > d or d % g:
+                raise Unsupported(f"group({g}, channel) needs a power-of-two group dividing head_dim {d}")

@@ -1,0 +1,205 @@
+"""Fused transform + quantize + bit-pack kernels and their host launcher.
+
+Two kernels share the helpers in `common`:
+- `_quantize_rows_kernel`: statistics within a row (ptok; group(g, channel)). One program = BT
+  rows of x viewed as (B*H*T, D); single pass.
+- `_quantize_tokens_kernel`: statistics over tokens (pchan over all T; group(g, token) over blocks
+  of g tokens). One program = one (b, h, token block); pass 1 reduces per-channel min/max/absmax
+  over the block in BT-token tiles, pass 2 recomputes the transforms and quantizes (one pass when
+  the block fits in one tile).
+Each program also writes a status word: bit 0 = non-finite input, bit 1 = norm overflows its dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvq.backends.triton.common import (
+    is_interpreted, load_transformed, nonfinite_count, pack_store, padded_dim, quantize_codes,
+    row_bytes,
+)
+from kvq.backends.triton.plan import KernelPlan
+
+
+@triton.jit
+def _status(x_ptr, norm_ptr, rows, rmask, n, D, DP: tl.constexpr, NSEP: tl.constexpr,
+            CHECK: tl.constexpr):
+    """Store the norms (nsep) and return the status bits of these rows."""
+    status = tl.full((), 0, tl.int32)
+    if CHECK:
+        status = (nonfinite_count(x_ptr, rows, rmask, D, DP) > 0).to(tl.int32)
+    if NSEP != 0:
+        n_m = n.to(norm_ptr.dtype.element_ty)
+        tl.store(norm_ptr + rows, n_m, mask=rmask)
+        over = tl.sum(((n_m.to(tl.float32) == float("inf")) & rmask).to(tl.int32), axis=0)
+        status = status | ((over > 0).to(tl.int32) << 1)
+    return status
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, status_ptr, N, D, RB,
+    BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
+    NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
+    CHECK: tl.constexpr,
+):
+    """x (N, D) -> codes (N, RB), scale/zero (N, D // GS), norm (N,); GS = group along channels."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < N
+    y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
+    status = _status(x_ptr, norm_ptr, rows, rmask, n, D, DP, NSEP, CHECK)
+
+    NG: tl.constexpr = DP // GS
+    col3 = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS)
+    valid3 = (col3 < D)[None, :, :]
+    y3 = tl.reshape(y, (BT, NG, GS))
+    if ASYM:
+        mn = tl.min(tl.where(valid3, y3, float("inf")), axis=2)
+        mx = tl.max(tl.where(valid3, y3, -float("inf")), axis=2)
+        s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
+        z_m = mn.to(zero_ptr.dtype.element_ty)
+        z32 = z_m.to(tl.float32)
+    else:
+        s = tl.math.div_rn(tl.max(tl.abs(y3), axis=2), (1 << (BITS - 1)) - 1.0)
+        z32 = tl.zeros((BT, NG), tl.float32)
+    s_m = s.to(scale_ptr.dtype.element_ty)
+    u3 = quantize_codes(y3, s_m.to(tl.float32)[:, :, None], z32[:, :, None], BITS, ASYM)
+    u = tl.reshape(tl.where(valid3, u3, 0), (BT, DP))
+    pack_store(codes_ptr, rows, rmask, u, RB, BT, DP, BITS)
+
+    g = tl.arange(0, NG)
+    ng = D // GS
+    moffs = rows[:, None] * ng + g[None, :]
+    mmask = rmask[:, None] & (g < ng)[None, :]
+    tl.store(scale_ptr + moffs, s_m, mask=mmask)
+    if ASYM:
+        tl.store(zero_ptr + moffs, z_m, mask=mmask)
+    tl.store(status_ptr + tl.program_id(0), status)
+
+
+@triton.jit
+def _tile_stats(y, rmask, amax, mn, mx):
+    """Fold a (BT, DP) tile into per-channel absmax / min / max (masked rows ignored)."""
+    amax = tl.maximum(amax, tl.max(tl.where(rmask[:, None], tl.abs(y), 0.0), axis=0))
+    mn = tl.minimum(mn, tl.min(tl.where(rmask[:, None], y, float("inf")), axis=0))
+    mx = tl.maximum(mx, tl.max(tl.where(rmask[:, None], y, -float("inf")), axis=0))
+    return amax, mn, mx
+
+
+@triton.jit
+def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constexpr,
+                 ASYM: tl.constexpr):
+    """Store the block's per-channel scale (and zero); return them as float32 (s32, z32)."""
+    if ASYM:
+        s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
+        z_m = mn.to(zero_ptr.dtype.element_ty)
+        tl.store(zero_ptr + offs, z_m, mask=mask)
+        z32 = z_m.to(tl.float32)
+    else:
+        s = tl.math.div_rn(amax, (1 << (BITS - 1)) - 1.0)
+        z32 = tl.zeros_like(amax)
+    s_m = s.to(scale_ptr.dtype.element_ty)
+    tl.store(scale_ptr + offs, s_m, mask=mask)
+    return s_m.to(tl.float32), z32
+
+
+@triton.jit
+def _quantize_tokens_kernel(
+    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, status_ptr, T, D, RB, TG,
+    BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr,
+    NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
+    CHECK: tl.constexpr, ONE_TILE: tl.constexpr,
+):
+    """x (B*H, T, D) -> codes, per-channel scale/zero (B*H, ceil(T / TG), D) over TG-token blocks."""
+    bh = tl.program_id(0)
+    blk = tl.program_id(1)
+    t_start = blk * TG
+    t_end = tl.minimum(t_start + TG, T)
+    cols = tl.arange(0, DP)
+    cmask = cols < D
+    moffs = (bh * tl.num_programs(1) + blk) * D + cols
+    amax = tl.zeros((DP,), tl.float32)
+    mn = tl.full((DP,), float("inf"), tl.float32)
+    mx = tl.full((DP,), -float("inf"), tl.float32)
+    if ONE_TILE:  # the block fits in one tile: load and transform once
+        t = t_start + tl.arange(0, BT)
+        rmask = t < t_end
+        rows = bh * T + t
+        y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
+        status = _status(x_ptr, norm_ptr, rows, rmask, n, D, DP, NSEP, CHECK)
+        amax, mn, mx = _tile_stats(y, rmask, amax, mn, mx)
+        s32, z32 = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
+        u = quantize_codes(y, s32[None, :], z32[None, :], BITS, ASYM)
+        pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
+    else:  # pass 1: statistics; pass 2: recompute the transforms, quantize, pack
+        status = tl.full((), 0, tl.int32)
+        for t0 in range(t_start, t_end, BT):
+            t = t0 + tl.arange(0, BT)
+            rmask = t < t_end
+            rows = bh * T + t
+            y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
+            status = status | _status(x_ptr, norm_ptr, rows, rmask, n, D, DP, NSEP, CHECK)
+            amax, mn, mx = _tile_stats(y, rmask, amax, mn, mx)
+        s32, z32 = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
+        for t0 in range(t_start, t_end, BT):
+            t = t0 + tl.arange(0, BT)
+            rmask = t < t_end
+            rows = bh * T + t
+            y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
+            u = quantize_codes(y, s32[None, :], z32[None, :], BITS, ASYM)
+            pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
+    tl.store(status_ptr + bh * tl.num_programs(1) + blk, status)
+
+
+def _tiles(plan: KernelPlan, n_rows: int, dp: int, interpreted: bool) -> tuple[int, int]:
+    """(BT, BK). Interpreter: large tiles (fewer numpy calls); GPU: ~4K fp32 per tile row block."""
+    if interpreted:
+        return max(16, min(128, triton.next_power_of_2(n_rows))), dp
+    return max(16, min(64, 4096 // dp)), min(dp, 32)
+
+
+def quantize_pack(plan: KernelPlan, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Run the plan on x (B, H, T, D) -> (codes (B, H, T, RB) uint8, meta, status bits).
+
+    meta holds "norm" (B, H, T, 1) for nsep, "scale" and, when asymmetric, "zero" in the
+    granularity's shape. Status: bit 0 = non-finite input, bit 1 = norm overflow (host raises).
+    """
+    B, H, T, D = x.shape
+    x = x.contiguous()
+    dp, rb, dev = padded_dim(D), row_bytes(D, plan.bits), x.device
+    codes = torch.empty((B, H, T, rb), dtype=torch.uint8, device=dev)
+    meta: dict[str, torch.Tensor] = {}
+    norm = torch.empty((B, H, T, 1), dtype=plan.norm_dtype, device=dev) if plan.nsep else codes
+    if plan.nsep:
+        meta["norm"] = norm
+    rmat = plan.rot(D).to(device=dev, dtype=torch.float32).contiguous() if plan.rot else x
+    common = dict(DP=dp, NSEP=plan.nsep, HAS_ROT=plan.rot is not None, BITS=plan.bits,
+                  ASYM=plan.asym, CHECK=plan.check_finite)
+    if plan.token_axis:
+        tg = T if plan.gran == "pchan" else plan.group
+        nblk = -(-T // tg)
+        mshape = (B, H, nblk, D)
+        kernel = _quantize_tokens_kernel
+        bt, bk = _tiles(plan, tg, dp, is_interpreted(kernel))
+        grid = (B * H, nblk)
+        extra = dict(TG=tg, ONE_TILE=tg <= bt)
+        args_tail = (T, D, rb)
+    else:
+        gs = dp if plan.gran == "ptok" else plan.group
+        mshape = (B, H, T, 1 if plan.gran == "ptok" else D // gs)
+        kernel = _quantize_rows_kernel
+        bt, bk = _tiles(plan, B * H * T, dp, is_interpreted(kernel))
+        grid = (triton.cdiv(B * H * T, bt),)
+        extra = dict(GS=gs)
+        args_tail = (B * H * T, D, rb)
+    scale = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
+    meta["scale"] = scale
+    zero = torch.empty(mshape, dtype=plan.meta_dtype, device=dev) if plan.asym else scale
+    if plan.asym:
+        meta["zero"] = zero
+    status = torch.zeros(grid[0] * (grid[1] if len(grid) > 1 else 1), dtype=torch.int32, device=dev)
+    kernel[grid](x, rmat, codes, norm, scale, zero, status, *args_tail, BT=bt, BK=bk, **common, **extra)
+    flags = torch.stack([(status & 1).any(), (status & 2).any()]).tolist()  # one host sync
+    return codes, meta, int(flags[0]) | (int(flags[1]) << 1)

@@ -1,0 +1,44 @@
+"""The built-in components, registered through the same hooks third-party plugins use."""
+
+from __future__ import annotations
+
+from kvq.hookspecs import hookimpl
+
+STEPS = {
+    "nsep": ("kvq.transforms.nsep:NormSeparation", None),
+    "rot": ("kvq.transforms.rot:Rotation", None),
+    "ptok": ("kvq.granularity.ptok:PerToken", None),
+    "pchan": ("kvq.granularity.pchan:PerChannel", None),
+    "group": ("kvq.granularity.group:Group", None),
+    "int": ("kvq.quantizers.integer:IntQuantizer", None),
+    "int2": ("kvq.quantizers.integer:IntQuantizer", {"bits": 2}),
+    "int3": ("kvq.quantizers.integer:IntQuantizer", {"bits": 3}),
+    "int4": ("kvq.quantizers.integer:IntQuantizer", {"bits": 4}),
+    "int8": ("kvq.quantizers.integer:IntQuantizer", {"bits": 8}),
+    "none": ("kvq.quantizers.none:NoQuantizer", None),
+}
+
+BACKENDS = {
+    "torch": "kvq.backends.torch_backend:TorchBackend",
+    "triton": "kvq.backends.triton.backend:TritonBackend",
+}
+
+
+@hookimpl
+def kvq_register_steps(register):
+    for name, (target, defaults) in STEPS.items():
+        register(name, target, defaults=defaults)
+
+
+@hookimpl
+def kvq_register_backends(register):
+    for name, target in BACKENDS.items():
+        register(name, target)
+
+
+@hookimpl
+def kvq_register_presets(register):
+    from kvq.presets import builtin_presets
+
+    for name, factory in builtin_presets().items():
+        register(name, factory)

@@ -1,0 +1,202 @@
+"""Pipeline: a validated chain of steps for one K or V tensor.
+
+``transforms... > [granularity] > quantizer``. Built from a spec string (``kvq.build``), a
+list of steps or a dict; serialises to a canonical spec string, YAML and JSON.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
+
+from kvq.errors import KVQError, NumericsError, SpecError
+from kvq.granularity import Granularity, PerToken
+from kvq.quantized import QuantizedTensor
+from kvq.quantizers import Quantizer, packed_row_bytes
+from kvq.spec import Step, parse
+from kvq.spec.build import make_step, check_structure
+from kvq.transforms import Transform
+
+
+class Pipeline(BaseModel):
+    """Steps applied left to right on quantize and right to left on dequantize."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: list[SerializeAsAny[Step]]
+    check_finite: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"steps": _steps_from_spec(data)}
+        if isinstance(data, list):
+            data = {"steps": data}
+        if isinstance(data, dict) and isinstance(data.get("steps"), str):
+            data = {**data, "steps": _steps_from_spec(data["steps"])}
+        if isinstance(data, dict) and isinstance(data.get("steps"), list):
+            data = {**data, "steps": [make_step(s, i) for i, s in enumerate(data["steps"])]}
+        return data
+
+    @model_validator(mode="after")
+    def _structure(self) -> Pipeline:
+        check_structure(self.steps)
+        return self
+
+    # construction ------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: str | list | dict | Pipeline) -> Pipeline:
+        """Build from a spec string, step list or dict; errors are one-line :class:`SpecError`."""
+        if isinstance(spec, Pipeline):
+            return spec
+        if isinstance(spec, str):
+            return cls(steps=_steps_from_spec(spec))
+        try:
+            return cls.model_validate(spec)
+        except ValidationError as exc:
+            raise unwrap(exc) from None
+
+    # structure -----------------------------------------------------------------------------
+    @cached_property
+    def transforms(self) -> list[Transform]:
+        return [s for s in self.steps if s.role == "transform"]  # type: ignore[misc]
+
+    @cached_property
+    def granularity(self) -> Granularity:
+        found = [s for s in self.steps if s.role == "granularity"]
+        return found[0] if found else PerToken()  # type: ignore[return-value]
+
+    @cached_property
+    def quantizer(self) -> Quantizer:
+        return self.steps[-1]  # type: ignore[return-value]
+
+    @property
+    def bits(self) -> int:
+        return self.quantizer.bits
+
+    @property
+    def is_identity(self) -> bool:
+        """True for the ``none`` quantizer: K/V stored unchanged."""
+        return self.quantizer.type == "none"  # type: ignore[attr-defined]
+
+    @property
+    def token_axis_stats(self) -> bool:
+        """True when some statistic is taken over tokens: stream in blocks, never per token."""
+        return self.granularity.token_axis or any(t.token_axis for t in self.transforms)
+
+    @property
+    def token_block(self) -> int | None:
+        """Tokens per statistic when fixed by the pipeline (e.g. ``group(32,token)``: 32)."""
+        return self.granularity.token_block()
+
+    def to_spec(self) -> str:
+        """Canonical spec string (round-trips through :func:`kvq.build`)."""
+        return ">".join(s.to_spec() for s in self.steps)
+
+    def __str__(self) -> str:
+        return self.to_spec()
+
+    # sizes -------------------------------------------------------------------------------------
+    def nbytes(self, seq: int, head_dim: int) -> float:
+        """Bytes stored for one head's (seq, head_dim) block: codes, norms, scales, zeros."""
+        if self.is_identity:
+            return seq * head_dim * 2
+        code_bits = packed_row_bytes(head_dim, self.bits) * 8 * seq
+        meta = sum(t.meta_bits(seq, head_dim) for t in self.transforms)
+        meta += self.quantizer.meta_bits(self.granularity.groups(seq, head_dim))
+        return (code_bits + meta) / 8
+
+    def bits_per_element(self, head_dim: int, seq: int) -> float:
+        """Average stored bits per K/V element, metadata included (16 for ``none`` at fp16)."""
+        return self.nbytes(seq, head_dim) * 8 / (seq * head_dim)
+
+    # running -----------------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise :class:`KVQError` for a wrong rank/dtype, a shape the steps can't take, NaN/Inf."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise KVQError(f"expected a (batch, kv_heads, seq, head_dim) tensor, got {shape}")
+        if not x.is_floating_point():
+            raise KVQError(f"expected a floating-point tensor, got {x.dtype}")
+        if x.shape[-2] == 0:
+            raise KVQError("cannot quantize an empty sequence (seq=0)")
+        if not self.is_identity:
+            self.granularity.check(x.shape)
+        if self.check_finite and not self.is_identity and not torch.isfinite(x).all():
+            raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite K/V "
+                                "(fix the model or build the pipeline with check_finite=False)")
+
+    def quantize(self, x: torch.Tensor, backend: str = "auto") -> QuantizedTensor:
+        """x: (batch, kv_heads, seq, head_dim) fp32/fp16/bf16 -> bit-packed QuantizedTensor."""
+        from kvq.backends import resolve_backend
+
+        self.check_input(x)
+        return resolve_backend(backend, self, x).quantize(self, x)
+
+    def dequantize(self, q: QuantizedTensor, backend: str = "auto") -> torch.Tensor:
+        """QuantizedTensor -> (batch, kv_heads, seq, head_dim) tensor in the original dtype."""
+        from kvq.backends import resolve_backend
+
+        return resolve_backend(backend, self, q.codes).dequantize(self, q)
+
+    def roundtrip(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """dequantize(quantize(x)): what attention sees."""
+        return self.dequantize(self.quantize(x, backend), backend)
+
+
+def _steps_from_spec(spec: str) -> list[Step]:
+    from kvq.registry import PRESETS
+
+    parsed = parse(spec)
+    if len(parsed) == 1 and not parsed[0].args and not parsed[0].kwargs and parsed[0].name in PRESETS:
+        cfg = PRESETS.get(parsed[0].name)()
+        if cfg.keys != cfg.values:
+            raise SpecError(f"preset {spec!r} has different key and value pipelines",
+                            suggestion=f"use kvq.kv({spec!r}) for a K/V configuration")
+        return list(cfg.keys.steps)
+    steps = []
+    for i, p in enumerate(parsed):
+        try:
+            steps.append(make_step(p, i))
+        except SpecError as err:
+            raise err.at(spec, p.pos) from None
+    try:
+        check_structure(steps)
+    except SpecError as err:
+        raise err.at(spec, parsed[getattr(err, "step", 0)].pos) from None
+    return steps
+
+
+def unwrap(exc: ValidationError) -> KVQError:
+    """Turn a pydantic ValidationError into the kvq error it wraps, or a one-line SpecError."""
+    err = exc.errors()[0]
+    inner = (err.get("ctx") or {}).get("error")
+    where = ".".join(str(p) for p in err["loc"])
+    if isinstance(inner, KVQError):
+        if where and isinstance(inner, SpecError) and inner.spec is None:
+            return SpecError(f"{where}: {inner.reason}", suggestion=inner.suggestion)
+        return inner
+    if err["type"] == "extra_forbidden":
+        import difflib
+
+        model = exc.title
+        return SpecError(f"unknown key {err['loc'][-1]!r} in {model} at {where!r}",
+                         suggestion=_key_hint(str(err["loc"][-1]), model))
+    return SpecError(f"{where or exc.title}: {err['msg']} (got {err.get('input')!r})")
+
+
+def _key_hint(key: str, model: str) -> str | None:
+    import difflib
+
+    from kvq.kvconfig import KVConfig, LayerOverride
+
+    fields = {"Pipeline": Pipeline, "KVConfig": KVConfig, "LayerOverride": LayerOverride}.get(model)
+    if fields is None:
+        return None
+    names = list(fields.model_fields) + (["kv"] if model != "Pipeline" else [])
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(names)

@@ -1,0 +1,58 @@
+"""QuantizedTensor: what a pipeline stores for one K or V tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class QuantizedTensor:
+    """Bit-packed codes plus metadata for a (batch, kv_heads, seq, head_dim) tensor.
+
+    codes: uint8 (batch, kv_heads, seq, ceil(head_dim / 8) * bits), see
+        :mod:`kvq.quantizers.packing`; for the ``none`` quantizer, the tensor itself.
+    meta: named metadata tensors at their storage dtype, e.g. ``norm`` (B, H, T, 1),
+        ``scale`` / ``zero`` in the granularity's layout.
+    """
+
+    codes: torch.Tensor
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float16
+    bits: int = 16
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes really held: packed codes and every metadata tensor."""
+        tensors = [self.codes, *self.meta.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def seq_len(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def to(self, device) -> QuantizedTensor:
+        meta = {k: v.to(device) for k, v in self.meta.items()}
+        return QuantizedTensor(self.codes.to(device), meta, self.shape, self.dtype, self.bits)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
+        """Select along batch (dim 0) or kv_heads (dim 1); metadata follows the codes."""
+        if dim not in (0, 1):
+            raise ValueError("QuantizedTensor.index_select supports the batch and head dims only")
+        meta = {k: v.index_select(dim, index.to(v.device)) for k, v in self.meta.items()}
+        shape = list(self.shape)
+        shape[dim] = len(index)
+        codes = self.codes.index_select(dim, index.to(self.codes.device))
+        return QuantizedTensor(codes, meta, tuple(shape), self.dtype, self.bits)
+
+    def __repr__(self) -> str:
+        metas = ", ".join(f"{k}{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}"
+                          for k, v in self.meta.items())
+        return (f"QuantizedTensor(shape={self.shape}, bits={self.bits}, nbytes={self.nbytes}, "
+                f"codes{tuple(self.codes.shape)}, {metas})")

@@ -1,0 +1,32 @@
+"""Base class of quantizers."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from kvq.granularity.base import Granularity
+from kvq.spec.step import Step
+
+
+class Quantizer(Step):
+    """Turns fp32 (batch, kv_heads, seq, head_dim) into integer codes plus metadata.
+
+    ``quantize`` returns unsigned codes (uint8, same shape as x) and metadata tensors in the
+    granularity's layout; ``dequantize`` inverts it.
+    """
+
+    role: ClassVar[str] = "quantizer"
+
+    def quantize(self, x: torch.Tensor, granularity: Granularity
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def dequantize(self, codes: torch.Tensor, meta: dict[str, torch.Tensor],
+                   granularity: Granularity) -> torch.Tensor:
+        raise NotImplementedError
+
+    def meta_bits(self, groups: int) -> float:
+        """Bits of metadata for ``groups`` scale groups."""
+        return 0.0

@@ -1,0 +1,89 @@
+"""Base class of every pipeline step: a frozen pydantic model that knows its spec spelling."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kvq.errors import SpecError
+from kvq.spec.grammar import ParsedStep, format_value
+
+
+class Step(BaseModel):
+    """A pipeline step. Subclasses declare ``type: Literal["name"]`` and their parameters.
+
+    ``role`` is ``"transform"``, ``"granularity"`` or ``"quantizer"``; ``positional`` names the
+    fields that may be given without ``key=`` in a spec string, in order.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: ClassVar[str] = "transform"
+    positional: ClassVar[tuple[str, ...]] = ()
+
+    def spec_name(self) -> str:
+        """The name this step is written with in a spec string."""
+        return self.type  # type: ignore[attr-defined]
+
+    def spec_fixed(self) -> dict[str, Any]:
+        """Fields implied by :meth:`spec_name` (``int4`` implies ``bits=4``)."""
+        return {}
+
+    def to_spec(self) -> str:
+        """Canonical spelling: only non-default arguments, positional ones first."""
+        fixed = self.spec_fixed()
+        changed = {k: v for k, v in self.model_dump(exclude={"type"}).items()
+                   if k not in fixed and v != type(self).model_fields[k].default}
+        parts, positional = [], True
+        for name in self.positional:
+            if name in fixed:
+                continue
+            if name in changed and positional:
+                parts.append(format_value(changed.pop(name)))
+            else:
+                positional = False
+        parts += [f"{k}={format_value(v)}" for k, v in changed.items()]
+        return self.spec_name() + (f"({','.join(parts)})" if parts else "")
+
+    @classmethod
+    def from_parsed(cls, parsed: ParsedStep, defaults: dict[str, Any]) -> Step:
+        """Build from a parsed spec step (positional args mapped through ``positional``)."""
+        names = [n for n in cls.positional if n not in defaults]
+        if len(parsed.args) > len(names):
+            raise SpecError(f"{parsed.name!r} takes at most {len(names)} positional argument(s), "
+                            f"got {len(parsed.args)}",
+                            suggestion=_usage(cls, parsed.name, names))
+        data = dict(defaults)
+        for name, value in zip(names, parsed.args):
+            data[name] = value
+        for key, value in parsed.kwargs.items():
+            if key in defaults:
+                raise SpecError(f"{key!r} is fixed by the name {parsed.name!r}")
+            if key in data:
+                raise SpecError(f"{key!r} given both by position and by name")
+            data[key] = value
+        return cls.validated(data, parsed.name)
+
+    @classmethod
+    def validated(cls, data: dict[str, Any], name: str) -> Step:
+        """``model_validate`` with pydantic's errors turned into one-line :class:`SpecError`."""
+        try:
+            return cls.model_validate({"type": cls.model_fields["type"].default, **data})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or name
+            raise SpecError(f"bad argument {field}={err.get('input')!r} for {name!r}: {err['msg']}",
+                            suggestion=_usage(cls, name)) from None
+
+
+def _usage(cls: type[Step], name: str, names: list[str] | None = None) -> str:
+    from kvq.registry import STEPS
+
+    fixed = STEPS.entry(name).defaults if name in STEPS else {}
+    fields = [f for f in cls.model_fields if f != "type" and f not in fixed]
+    if not fields:
+        return f"{name!r} takes no arguments"
+    shown = [f if cls.model_fields[f].is_required() else f"{f}={cls.model_fields[f].default!r}"
+             for f in fields]
+    return f"usage: {name}({', '.join(shown)})"

@@ -1,0 +1,62 @@
+"""Rotation of head_dim (QuaRot / QuIP# style incoherence processing).
+
+An orthonormal rotation spreads outlier channels over all channels before quantization:
+the normalised Sylvester Hadamard matrix when head_dim is a power of two, otherwise a seeded
+random orthogonal matrix. Nothing is stored: the matrix is a function of (head_dim, seed).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+
+from kvq.transforms.base import Transform
+
+
+class Rotation(Transform):
+    """x -> x @ R with R (head_dim, head_dim) orthonormal; inverse x @ R.T.
+
+    ``kind="auto"`` uses Hadamard for power-of-two head_dim and a random orthogonal matrix
+    (``seed``) otherwise; ``kind="random"`` always uses the random one.
+    """
+
+    type: Literal["rot"] = "rot"
+    kind: Literal["auto", "hadamard", "random"] = "auto"
+    seed: int = 0
+
+    positional = ("kind",)
+
+    def matrix(self, head_dim: int, device=None) -> torch.Tensor:
+        """R: (head_dim, head_dim) fp32."""
+        return rotation_matrix(head_dim, self.kind, self.seed).to(device)
+
+    def forward(self, x):
+        return x @ self.matrix(x.shape[-1], x.device), {}
+
+    def inverse(self, x, meta):
+        return x @ self.matrix(x.shape[-1], x.device).T
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.lru_cache(maxsize=32)
+def rotation_matrix(head_dim: int, kind: str = "auto", seed: int = 0) -> torch.Tensor:
+    """Orthonormal (head_dim, head_dim) fp32 matrix; see :class:`Rotation`."""
+    if kind == "hadamard" or (kind == "auto" and is_power_of_two(head_dim)):
+        if not is_power_of_two(head_dim):
+            from kvq.errors import KVQError
+
+            raise KVQError(f"rot(hadamard) needs a power-of-two head_dim, got {head_dim}; "
+                           "use 'rot' (auto) or 'rot(random)'")
+        h = torch.ones(1, 1)
+        while h.shape[0] < head_dim:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h / head_dim**0.5
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.float()
