@@ -26,6 +26,16 @@ def padded_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def tiles(n_rows: int, dp: int, interpreted: bool) -> tuple[int, int]:
+    """(BT tokens per tile, BK reduction chunk of the rotation dot).
+
+    Interpreter: big tiles, fewer numpy calls. GPU: about 4K fp32 values per tile (not tuned).
+    """
+    if interpreted:
+        return max(16, min(128, triton.next_power_of_2(n_rows))), dp
+    return max(16, min(64, 4096 // dp)), min(dp, 32)
+
+
 def row_bytes(d: int, bits: int) -> int:
     """Bytes of one packed row: ceil(d / 8) * bits."""
     return -(-d // 8) * bits

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kvq.backends.triton.common import (
     is_interpreted, load_transformed, nonfinite_count, pack_store, padded_dim, quantize_codes,
-    row_bytes,
+    row_bytes, tiles,
 )
 from kvq.backends.triton.plan import KernelPlan
 
@@ -40,12 +40,15 @@ def _status(x_ptr, norm_ptr, rows, rmask, n, D, DP: tl.constexpr, NSEP: tl.const
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, status_ptr, N, D, RB,
+    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, status_ptr, N, D, RB, NM,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
     CHECK: tl.constexpr,
 ):
-    """x (N, D) -> codes (N, RB), scale/zero (N, D // GS), norm (N,); GS = group along channels."""
+    """x (N, D) -> codes (N, RB), scale/zero (N, NM), norm (N,); GS = group along channels.
+
+    NM = D // GS meta columns (1 for ptok, where GS = DP covers the whole padded row).
+    """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < N
     y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
@@ -56,8 +59,9 @@ def _quantize_rows_kernel(
     valid3 = (col3 < D)[None, :, :]
     y3 = tl.reshape(y, (BT, NG, GS))
     if ASYM:
-        mn = tl.min(tl.where(valid3, y3, float("inf")), axis=2)
-        mx = tl.max(tl.where(valid3, y3, -float("inf")), axis=2)
+        gvalid = (tl.arange(0, NG) < NM)[None, :]  # all-padding groups: keep them finite
+        mn = tl.where(gvalid, tl.min(tl.where(valid3, y3, float("inf")), axis=2), 0.0)
+        mx = tl.where(gvalid, tl.max(tl.where(valid3, y3, -float("inf")), axis=2), 0.0)
         s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
         z_m = mn.to(zero_ptr.dtype.element_ty)
         z32 = z_m.to(tl.float32)
@@ -70,9 +74,8 @@ def _quantize_rows_kernel(
     pack_store(codes_ptr, rows, rmask, u, RB, BT, DP, BITS)
 
     g = tl.arange(0, NG)
-    ng = D // GS
-    moffs = rows[:, None] * ng + g[None, :]
-    mmask = rmask[:, None] & (g < ng)[None, :]
+    moffs = rows[:, None] * NM + g[None, :]
+    mmask = rmask[:, None] & (g < NM)[None, :]
     tl.store(scale_ptr + moffs, s_m, mask=mmask)
     if ASYM:
         tl.store(zero_ptr + moffs, z_m, mask=mmask)
@@ -93,6 +96,8 @@ def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constex
                  ASYM: tl.constexpr):
     """Store the block's per-channel scale (and zero); return them as float32 (s32, z32)."""
     if ASYM:
+        mn = tl.where(mask, mn, 0.0)  # padded channels: keep them finite
+        mx = tl.where(mask, mx, 0.0)
         s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
         z_m = mn.to(zero_ptr.dtype.element_ty)
         tl.store(zero_ptr + offs, z_m, mask=mask)
@@ -153,13 +158,6 @@ def _quantize_tokens_kernel(
     tl.store(status_ptr + bh * tl.num_programs(1) + blk, status)
 
 
-def _tiles(plan: KernelPlan, n_rows: int, dp: int, interpreted: bool) -> tuple[int, int]:
-    """(BT, BK). Interpreter: large tiles (fewer numpy calls); GPU: ~4K fp32 per tile row block."""
-    if interpreted:
-        return max(16, min(128, triton.next_power_of_2(n_rows))), dp
-    return max(16, min(64, 4096 // dp)), min(dp, 32)
-
-
 def quantize_pack(plan: KernelPlan, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Run the plan on x (B, H, T, D) -> (codes (B, H, T, RB) uint8, meta, status bits).
 
@@ -182,7 +180,7 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor) -> tuple[torch.Tensor, dict
         nblk = -(-T // tg)
         mshape = (B, H, nblk, D)
         kernel = _quantize_tokens_kernel
-        bt, bk = _tiles(plan, tg, dp, is_interpreted(kernel))
+        bt, bk = tiles(tg, dp, is_interpreted(kernel))
         grid = (B * H, nblk)
         extra = dict(TG=tg, ONE_TILE=tg <= bt)
         args_tail = (T, D, rb)
@@ -190,10 +188,10 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor) -> tuple[torch.Tensor, dict
         gs = dp if plan.gran == "ptok" else plan.group
         mshape = (B, H, T, 1 if plan.gran == "ptok" else D // gs)
         kernel = _quantize_rows_kernel
-        bt, bk = _tiles(plan, B * H * T, dp, is_interpreted(kernel))
+        bt, bk = tiles(B * H * T, dp, is_interpreted(kernel))
         grid = (triton.cdiv(B * H * T, bt),)
         extra = dict(GS=gs)
-        args_tail = (B * H * T, D, rb)
+        args_tail = (B * H * T, D, rb, mshape[-1])
     scale = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
     meta["scale"] = scale
     zero = torch.empty(mshape, dtype=plan.meta_dtype, device=dev) if plan.asym else scale
