@@ -1,0 +1,138 @@
+"""KVQCache: a transformers ``Cache`` that stores K/V quantized by kvq pipelines.
+
+>>> cache = KVQCache.from_spec("nsep>pchan>int4", model.config)          # doctest: +SKIP
+>>> out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+>>> print(cache.memory_report())                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from kvq.errors import KVQError
+from kvq.hf.geometry import KVGeometry, kv_geometry
+from kvq.hf.layer import KVQLayer, PrefillMode
+from kvq.hf.memory import MemoryReport, memory_report
+from kvq.kvconfig import KVConfig
+from kvq.loading import build, kv
+
+
+class KVQCache(Cache):
+    """Quantize-on-write KV cache for any transformers decoder with standard attention.
+
+    Args:
+        config: the K/V configuration: a :class:`kvq.KVConfig`, spec string
+            (``"nsep>pchan>int4"``), preset name (``"kivi4"``), YAML/JSON path or dict. Per-layer
+            overrides apply (``cfg.for_layer(i)``).
+        model_config: the model's ``config`` (gives layers, head_dim, layer types).
+        keys, values: spec strings replacing the keys / values pipelines of ``config`` (either
+            may be given alone, or both without ``config``).
+        prefill: ``"quantized"`` (default): the prefill forward's attention sees dequantized K/V
+            and every prompt token is quantized; ``"exact"``: it sees exact K/V, as HF's
+            ``QuantizedCache``. See :class:`~kvq.hf.layer.KVQLayer`.
+        residual: newest tokens kept exact (default 128).
+        block: tokens per quantized block (default 32): token-axis statistics are taken per
+            block; a multiple of every pipeline's ``token_block``.
+        backend: kvq backend for quantize/dequantize (``"auto"``, ``"torch"``, ``"triton"``).
+        keep_dequantized: keep a dequantized copy of the blocks for fast decode (costs memory,
+            reported by :meth:`memory_report`).
+    """
+
+    def __init__(self, config: Any = None, model_config=None, *, keys: Any = None,
+                 values: Any = None, prefill: PrefillMode = "quantized", residual: int = 128,
+                 block: int = 32, backend: str = "auto", keep_dequantized: bool = False):
+        cfg = _kv_config(config, keys, values)
+        geom = kv_geometry(model_config)
+        cfg.check(num_layers=geom.num_layers, head_dim=geom.head_dim)
+        _check_options(cfg, geom, prefill, residual, block)
+        self.kv_config, self.geometry = cfg, geom
+        self.options = dict(prefill=prefill, residual=residual, block=block, backend=backend,
+                            keep_dequantized=keep_dequantized)
+        layers = [KVQLayer(*cfg.for_layer(i), layer_idx=i, **self.options)
+                  for i in range(geom.num_layers)]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_spec(cls, spec: Any, model_config, **options) -> KVQCache:
+        """``KVQCache(spec, model_config, **options)``: spec string, preset, path, dict or KVConfig."""
+        return cls(spec, model_config, **options)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"KVQCache({self.kv_config.label!r}, layers={len(self.layers)}, {opts})"
+
+    # padding ---------------------------------------------------------------------------------------
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Tell the cache which positions are padding: ``attention_mask`` (batch, N), 1 = token,
+        0 = pad, for positions 0..N-1 (later positions are real tokens). Pad rows are then kept
+        out of token-axis statistics. Call it before the forward / ``generate`` that writes those
+        positions, or use :meth:`watch`. ``None`` forgets the mask; ``reset()`` too."""
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise KVQError(f"set_padding expects a 2D (batch, seq) attention mask, got shape "
+                           f"{tuple(attention_mask.shape)}")
+        for layer in self.layers:
+            layer.set_padding(attention_mask)
+
+    @contextmanager
+    def watch(self, model: torch.nn.Module):
+        """Within the block, read the 2D ``attention_mask`` of every ``model(...)`` call (as made
+        by ``generate``) and pass it to :meth:`set_padding`. A forward pre-hook, removed on exit."""
+
+        def hook(_module, _args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if torch.is_tensor(mask) and mask.dim() == 2:
+                self.set_padding(mask)
+
+        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    # sizes -----------------------------------------------------------------------------------------
+    def memory_report(self) -> MemoryReport:
+        """Bytes held per layer and in total (quantized blocks with metadata, residual window,
+        working copy) vs an fp16 cache of the same tokens; ``print()`` it for a table."""
+        return memory_report(self)
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes really held by all layers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+
+def _kv_config(config: Any, keys: Any, values: Any) -> KVConfig:
+    if config is None:
+        if keys is None or values is None:
+            raise KVQError("give a K/V config (spec, preset, path, KVConfig) or both keys= and "
+                           "values=")
+        return KVConfig(keys=build(keys), values=build(values))
+    cfg = kv(config)
+    if keys is not None or values is not None:
+        cfg = cfg.model_copy(update={k: build(v) for k, v in (("keys", keys), ("values", values))
+                                     if v is not None})
+    return cfg
+
+
+def _check_options(cfg: KVConfig, geom: KVGeometry, prefill: str, residual: int,
+                   block: int) -> None:
+    if prefill not in ("quantized", "exact"):
+        raise KVQError(f"prefill={prefill!r}: use 'quantized' (prefill attention sees the "
+                       "dequantized K/V) or 'exact' (it sees the exact K/V)")
+    if not isinstance(residual, int) or residual < 0:
+        raise KVQError(f"residual={residual!r}: expected a number of tokens >= 0")
+    if not isinstance(block, int) or block < 1:
+        raise KVQError(f"block={block!r}: expected a number of tokens >= 1")
+    for i in range(geom.num_layers):
+        for role, p in zip(("keys", "values"), cfg.for_layer(i)):
+            tb = p.token_block
+            if tb and block % tb:
+                raise KVQError(f"block={block} is not a multiple of the token group {tb} of the "
+                               f"{role} pipeline {p.to_spec()!r} (layer {i}); use block={tb * max(1, block // tb)}")
+            if p.token_axis_stats and block < 2:
+                raise KVQError(f"block={block}: the {role} pipeline {p.to_spec()!r} takes "
+                               "statistics over tokens, so blocks need at least 2 tokens")

@@ -1,0 +1,265 @@
+"""KVQLayer: one layer of a :class:`~kvq.hf.KVQCache`, on transformers' ``DynamicLayer``.
+
+What it holds, per layer, for keys and values (each (batch, kv_heads, seq, head_dim) in order):
+
+    [ quantized blocks (bit-packed, :class:`~kvq.hf.blocks.BlockStore`) | residual window (exact) ]
+
+New tokens enter the residual window. Whenever the window holds ``residual + block`` tokens or
+more, its oldest whole blocks of ``block`` tokens are quantized (statistics over that block only)
+and leave the window; quantized blocks are never quantized again. ``update`` returns the
+dequantized blocks followed by the window, which the model's attention then uses.
+
+The first write of a sequence (the prefill) is special, see ``prefill`` in :class:`KVQLayer`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from kvq.errors import KVQError
+from kvq.hf.blocks import BlockStore
+
+PrefillMode = Literal["quantized", "exact"]
+
+
+class KVQLayer(DynamicLayer):
+    """Quantize-on-write cache layer.
+
+    Args:
+        keys, values: the :class:`kvq.Pipeline` for this layer's keys and values.
+        prefill: ``"quantized"``: every prompt token is quantized in the prefill forward and the
+            prefill attention already sees the dequantized K/V (needed for single-pass
+            perplexity). ``"exact"``: the prefill attention sees the exact K/V (as HF's
+            ``QuantizedCache``); the prompt is then stored like decode tokens (exact window of the
+            newest ``residual`` tokens, older ones quantized in blocks).
+        residual: tokens kept exact in the residual window (0: quantize as soon as a block fills).
+        block: tokens per quantized block; a multiple of the pipelines' ``token_block``; at least 2
+            for pipelines with token-axis statistics.
+        backend: kvq backend name (``"auto"``, ``"torch"``, ``"triton"``).
+        keep_dequantized: also keep a dequantized working copy of the quantized blocks, so a
+            decode step does not dequantize the whole cache (faster, but holds model-dtype K/V
+            beside the packed blocks; :meth:`memory` counts it).
+        layer_idx: for error messages.
+
+    ``self.keys`` / ``self.values`` are the residual window (as in HF's ``QuantizedLayer``).
+    """
+
+    def __init__(self, keys, values, *, prefill: PrefillMode = "quantized", residual: int = 128,
+                 block: int = 32, backend: str = "auto", keep_dequantized: bool = False,
+                 layer_idx: int | None = None):
+        super().__init__()
+        self.key_pipeline, self.value_pipeline = keys, values
+        self.prefill, self.residual, self.block = prefill, residual, block
+        self.keep_dequantized, self.layer_idx = keep_dequantized, layer_idx
+        self.token_axis = keys.token_axis_stats or values.token_axis_stats
+        self.k_store, self.v_store = BlockStore(keys, backend), BlockStore(values, backend)
+        self._kdq: torch.Tensor | None = None  # working copy (keep_dequantized)
+        self._vdq: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # (batch, N) bool: real tokens at positions < N
+
+    def __repr__(self) -> str:
+        return (f"KVQLayer(keys={self.key_pipeline.to_spec()!r}, values="
+                f"{self.value_pipeline.to_spec()!r}, prefill={self.prefill!r}, "
+                f"residual={self.residual}, block={self.block})")
+
+    # transformers CacheLayerMixin API ------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h = key_states.shape[:2]
+        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, H, T, D) K/V; return every cached token, (B, H, seq, D), in the input dtype."""
+        if not self.is_initialized:
+            self._check_pair(key_states, value_states)
+            self.lazy_initialization(key_states, value_states)
+        else:
+            self._check(key_states, value_states)
+        first = self.get_seq_length() == 0
+        if first and self.prefill == "quantized":
+            self._write_prefill(key_states, value_states)
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self._flush()
+        if first and self.prefill == "exact":
+            return key_states, value_states
+        return self._read()
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return len(self.k_store) + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        super().reset()
+        self.k_store.clear()
+        self.v_store.clear()
+        self._kdq = self._vdq = self._valid = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the newest ``-tokens_to_remove`` tokens (negative, as in ``DynamicLayer``)."""
+        if tokens_to_remove > 0:
+            raise KVQError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        drop = -tokens_to_remove
+        res = self.keys.shape[-2]
+        cut = min(drop, res)
+        self.keys, self.values = self.keys[:, :, :res - cut], self.values[:, :, :res - cut]
+        if drop > cut:
+            self.k_store.crop(drop - cut)
+            self.v_store.crop(drop - cut)
+            if self._kdq is not None:
+                n = len(self.k_store)
+                self._kdq, self._vdq = self._kdq[:, :, :n], self._vdq[:, :, :n]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    # padding ---------------------------------------------------------------------------------------
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Mark real tokens: ``attention_mask`` (batch, N), 1 = token, 0 = pad, for absolute
+        positions 0..N-1 of this layer; later positions count as real. ``None`` clears it."""
+        self._valid = None if attention_mask is None else attention_mask.to(torch.bool)
+
+    # sizes -----------------------------------------------------------------------------------------
+    def memory(self) -> dict[str, int]:
+        """Bytes and tokens really held (K and V together)."""
+        if not self.is_initialized:
+            return dict(quantized_tokens=0, residual_tokens=0, quantized_bytes=0,
+                        residual_bytes=0, working_bytes=0, fp16_bytes=0, elements_quantized=0)
+        b, h, r, d = self.keys.shape
+        dv = self.values.shape[-1]
+        nq = len(self.k_store)
+        working = sum(t.numel() * t.element_size() for t in (self._kdq, self._vdq) if t is not None)
+        return dict(
+            quantized_tokens=nq, residual_tokens=r,
+            quantized_bytes=self.k_store.nbytes + self.v_store.nbytes,
+            residual_bytes=sum(t.numel() * t.element_size() for t in (self.keys, self.values)),
+            working_bytes=working,
+            fp16_bytes=2 * b * h * (nq + r) * (d + dv),
+            elements_quantized=b * h * nq * (d + dv))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes really held: packed blocks with metadata, residual window, working copy."""
+        m = self.memory()
+        return m["quantized_bytes"] + m["residual_bytes"] + m["working_bytes"]
+
+    # internals -------------------------------------------------------------------------------------
+    def _write_prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize every prompt token: whole blocks, then the tail as one shorter block. A lone
+        tail token joins the last block (token statistics need two tokens); a one-token prompt
+        stays in the window when the pipeline takes statistics over tokens."""
+        t, blk = k.shape[-2], self.block
+        n, tail = divmod(t, blk)
+        if self.token_axis and tail == 1:
+            if n == 0:
+                self.keys, self.values = k, v
+                return
+            n, tail = n - 1, tail + blk
+        if n:
+            self._quantize(k[:, :, :n * blk], v[:, :, :n * blk], blk)
+        if tail:
+            self._quantize(k[:, :, n * blk:], v[:, :, n * blk:], tail)
+
+    def _flush(self) -> None:
+        """Quantize the oldest whole blocks while the window holds ``residual + block`` tokens."""
+        excess = self.keys.shape[-2] - self.residual
+        m = (excess // self.block) * self.block
+        if m <= 0:
+            return
+        self._quantize(self.keys[:, :, :m], self.values[:, :, :m], self.block)
+        self.keys, self.values = self.keys[:, :, m:].clone(), self.values[:, :, m:].clone()
+
+    def _quantize(self, k: torch.Tensor, v: torch.Tensor, block: int) -> None:
+        valid = self._valid_slice(len(self.k_store), k.shape[-2], k.shape[0])
+        qk = self.k_store.append(k.contiguous(), block, valid)
+        qv = self.v_store.append(v.contiguous(), block, valid)
+        if self.keep_dequantized:
+            h = k.shape[1]
+            dk, dv = self.k_store.unfold(qk, h), self.v_store.unfold(qv, h)
+            self._kdq = dk if self._kdq is None else torch.cat([self._kdq, dk], dim=-2)
+            self._vdq = dv if self._vdq is None else torch.cat([self._vdq, dv], dim=-2)
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keep_dequantized:
+            ks = [] if self._kdq is None else [self._kdq]
+            vs = [] if self._vdq is None else [self._vdq]
+        else:
+            ks, vs = self.k_store.dequantize(), self.v_store.dequantize()
+        if not ks:
+            return self.keys, self.values
+        return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+
+    def _valid_slice(self, start: int, length: int, batch: int) -> torch.Tensor | None:
+        """Real-token mask (batch, length) for absolute positions start.., or None (all real)."""
+        m = self._valid
+        if m is None or start >= m.shape[1] or not self.token_axis:
+            return None
+        if m.shape[0] != batch:
+            if batch % m.shape[0]:
+                raise KVQError(f"padding mask has batch {m.shape[0]} but the K/V have batch "
+                               f"{batch}; call cache.set_padding with the mask of this batch")
+            m = self._valid = m.repeat_interleave(batch // m.shape[0], dim=0)  # beam expansion
+        out = m[:, start:start + length]
+        if out.shape[1] < length:
+            out = torch.cat([out, out.new_ones(batch, length - out.shape[1])], dim=1)
+        return out
+
+    def _map_batch(self, fn) -> None:
+        """Apply one batch-axis op to every tensor held (the padding mask too, when it is at the
+        cache's batch; a mask still at the pre-beam batch is expanded when next used)."""
+        if not self.is_initialized:
+            return
+        if self._valid is not None and self._valid.shape[0] == self.keys.shape[0]:
+            self._valid = fn(self._valid)
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.k_store.map_batch(fn)
+        self.v_store.map_batch(fn)
+        if self._kdq is not None:
+            self._kdq, self._vdq = fn(self._kdq), fn(self._vdq)
+
+    def _check_pair(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        where = f"layer {self.layer_idx}: " if self.layer_idx is not None else ""
+        if k.dtype != v.dtype or k.device != v.device:
+            raise KVQError(f"{where}keys are {k.dtype} on {k.device} but values are {v.dtype} on "
+                           f"{v.device}; pass K and V of one dtype and device")
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise KVQError(f"{where}expected K/V of shape (batch, kv_heads, seq, head_dim), got "
+                           f"{tuple(k.shape)} and {tuple(v.shape)}")
+
+    def _check(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._check_pair(k, v)
+        where = f"layer {self.layer_idx}: " if self.layer_idx is not None else ""
+        if k.dtype != self.dtype:
+            raise KVQError(f"{where}the cache holds {self.dtype} K/V but got {k.dtype}; a KVQCache "
+                           "serves one model dtype: call cache.reset() or build a new cache")
+        if k.device != self.device:
+            raise KVQError(f"{where}the cache holds K/V on {self.device} but got them on "
+                           f"{k.device}; call cache.reset() or build a new cache on that device")
+        want = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3], self.values.shape[3])
+        got = (k.shape[0], k.shape[1], k.shape[3], v.shape[3])
+        if want != got:
+            raise KVQError(f"{where}cached K/V have (batch, kv_heads, head_dim K, head_dim V) = "
+                           f"{want} but new ones {got}; change the batch with reorder_cache / "
+                           "batch_select_indices / batch_repeat_interleave, or reset() the cache")
