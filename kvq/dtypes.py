@@ -21,8 +21,8 @@ def store(x: torch.Tensor, dtype: MetaDtype, what: str) -> torch.Tensor:
     x: fp32 tensor of any shape. Returns the stored tensor (dtype ``dtype``).
     """
     out = x.to(TORCH_DTYPES[dtype])
-    if dtype == "fp16" and not torch.isfinite(out).all():
-        big = x.abs().max().item()
+    if dtype == "fp16" and (torch.isinf(out) & torch.isfinite(x)).any():
+        big = x[torch.isfinite(x)].abs().max().item()
         raise NumericsError(f"{what} {big:.4g} overflows float16 (max 65504); store it as bf16 or "
                             f"fp32 instead, e.g. 'nsep(dtype=fp32)' or 'int4(dtype=bf16)'")
     return out

@@ -23,6 +23,25 @@ from kvq.errors import KVQError, SpecError
 from kvq.pipeline import Pipeline, unwrap
 
 
+def _split_kv(data: Any) -> Any:
+    """Expand ``kv:`` into keys and values; a preset name in ``keys:``/``values:`` gives the
+    preset's pipeline for that role (``values: kivi2`` -> KIVI's value pipeline)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if "kv" in data:
+        both = data.pop("kv")
+        data.setdefault("keys", both)
+        data.setdefault("values", both)
+    from kvq.registry import PRESETS
+
+    for role in ("keys", "values"):
+        value = data.get(role)
+        if isinstance(value, str) and value.strip() in PRESETS:
+            data[role] = getattr(PRESETS.get(value.strip())(), role)
+    return data
+
+
 class LayerOverride(BaseModel):
     """Pipelines replacing the defaults on one layer (either may be left out)."""
 
@@ -35,13 +54,8 @@ class LayerOverride(BaseModel):
     @classmethod
     def _kv(cls, data: Any) -> Any:
         if isinstance(data, str):
-            return {"keys": data, "values": data}
-        if isinstance(data, dict) and "kv" in data:
-            data = dict(data)
-            both = data.pop("kv")
-            data.setdefault("keys", both)
-            data.setdefault("values", both)
-        return data
+            data = {"kv": data}
+        return _split_kv(data)
 
 
 class KVConfig(BaseModel):
@@ -57,12 +71,7 @@ class KVConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _kv(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "kv" in data:
-            data = dict(data)
-            both = data.pop("kv")
-            data.setdefault("keys", both)
-            data.setdefault("values", both)
-        return data
+        return _split_kv(data)
 
     # construction ------------------------------------------------------------------------
     @classmethod

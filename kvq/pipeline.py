@@ -173,16 +173,17 @@ def _steps_from_spec(spec: str) -> list[Step]:
 
 def unwrap(exc: ValidationError) -> KVQError:
     """Turn a pydantic ValidationError into the kvq error it wraps, or a one-line SpecError."""
-    err = exc.errors()[0]
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     inner = (err.get("ctx") or {}).get("error")
     where = ".".join(str(p) for p in err["loc"])
     if isinstance(inner, KVQError):
         if where and isinstance(inner, SpecError) and inner.spec is None:
             return SpecError(f"{where}: {inner.reason}", suggestion=inner.suggestion)
         return inner
+    if err["type"] == "missing":
+        return SpecError(f"missing key {where!r} in {exc.title}")
     if err["type"] == "extra_forbidden":
-        import difflib
-
         model = exc.title
         return SpecError(f"unknown key {err['loc'][-1]!r} in {model} at {where!r}",
                          suggestion=_key_hint(str(err["loc"][-1]), model))

@@ -17,8 +17,11 @@ from kvq.granularity.base import Granularity, amax_reduce
 
 
 class Group(Granularity):
-    """Metadata: (batch, kv_heads, seq, head_dim // size) along channels, or
-    (batch, kv_heads, ceil(seq / size), head_dim) along tokens."""
+    """Groups of ``size`` channels (per token) or ``size`` tokens (per channel).
+
+    Metadata: (batch, kv_heads, seq, head_dim // size) along channels, or
+    (batch, kv_heads, ceil(seq / size), head_dim) along tokens.
+    """
 
     type: Literal["group"] = "group"
     size: int = Field(gt=0, description="elements per group")

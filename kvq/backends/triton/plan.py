@@ -41,7 +41,6 @@ class KernelPlan:
     rot: Callable[[int], torch.Tensor] | None = None
     meta_dtype: torch.dtype = torch.float16
     norm_dtype: torch.dtype = torch.float16
-    check_finite: bool = True
 
     @property
     def token_axis(self) -> bool:

@@ -7,7 +7,9 @@ Two kernels share the helpers in `common`:
   of g tokens). One program = one (b, h, token block); pass 1 reduces per-channel min/max/absmax
   over the block in BT-token tiles, pass 2 recomputes the transforms and quantizes (one pass when
   the block fits in one tile).
-Each program also writes a status word: bit 0 = non-finite input, bit 1 = norm overflows its dtype.
+Each program writes an overflow flag: 1 when a stored norm/scale/zero is not finite (e.g. it
+overflows float16); the backend then lets the torch reference raise its error. NaN/Inf input is
+rejected before (``Pipeline.check_input``).
 """
 
 from __future__ import annotations
@@ -17,33 +19,35 @@ import triton
 import triton.language as tl
 
 from kvq.backends.triton.common import (
-    is_interpreted, load_transformed, nonfinite_count, pack_store, padded_dim, quantize_codes,
+    is_interpreted, load_transformed, pack_store, padded_dim, quantize_codes,
     row_bytes, tiles,
 )
 from kvq.backends.triton.plan import KernelPlan
 
 
 @triton.jit
-def _status(x_ptr, norm_ptr, rows, rmask, n, D, DP: tl.constexpr, NSEP: tl.constexpr,
-            CHECK: tl.constexpr):
-    """Store the norms (nsep) and return the status bits of these rows."""
-    status = tl.full((), 0, tl.int32)
-    if CHECK:
-        status = (nonfinite_count(x_ptr, rows, rmask, D, DP) > 0).to(tl.int32)
+def _overflow(v, mask):
+    """1 (int32) when a stored metadata value under mask is not finite, else 0."""
+    bad = (tl.abs(v.to(tl.float32)) == float("inf")) | (v != v)
+    return tl.max(tl.ravel(tl.where(mask, bad, 0).to(tl.int32)), axis=0)
+
+
+@triton.jit
+def _store_norm(norm_ptr, rows, rmask, n, NSEP: tl.constexpr):
+    """Store the nsep norms of these rows; return the overflow flag."""
+    flag = tl.full((), 0, tl.int32)
     if NSEP != 0:
         n_m = n.to(norm_ptr.dtype.element_ty)
         tl.store(norm_ptr + rows, n_m, mask=rmask)
-        over = tl.sum(((n_m.to(tl.float32) == float("inf")) & rmask).to(tl.int32), axis=0)
-        status = status | ((over > 0).to(tl.int32) << 1)
-    return status
+        flag = _overflow(n_m, rmask)
+    return flag
 
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, status_ptr, N, D, RB, NM,
+    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, flag_ptr, N, D, RB, NM,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
-    CHECK: tl.constexpr,
 ):
     """x (N, D) -> codes (N, RB), scale/zero (N, NM), norm (N,); GS = group along channels.
 
@@ -52,7 +56,7 @@ def _quantize_rows_kernel(
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < N
     y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-    status = _status(x_ptr, norm_ptr, rows, rmask, n, D, DP, NSEP, CHECK)
+    flag = _store_norm(norm_ptr, rows, rmask, n, NSEP)
 
     NG: tl.constexpr = DP // GS
     col3 = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS)
@@ -77,9 +81,11 @@ def _quantize_rows_kernel(
     moffs = rows[:, None] * NM + g[None, :]
     mmask = rmask[:, None] & (g < NM)[None, :]
     tl.store(scale_ptr + moffs, s_m, mask=mmask)
+    flag = flag | _overflow(s_m, mmask)
     if ASYM:
         tl.store(zero_ptr + moffs, z_m, mask=mmask)
-    tl.store(status_ptr + tl.program_id(0), status)
+        flag = flag | _overflow(z_m, mmask)
+    tl.store(flag_ptr + tl.program_id(0), flag)
 
 
 @triton.jit
@@ -94,28 +100,30 @@ def _tile_stats(y, rmask, amax, mn, mx):
 @triton.jit
 def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constexpr,
                  ASYM: tl.constexpr):
-    """Store the block's per-channel scale (and zero); return them as float32 (s32, z32)."""
+    """Store the block's per-channel scale (and zero); return (s32, z32, overflow flag)."""
+    flag = tl.full((), 0, tl.int32)
     if ASYM:
         mn = tl.where(mask, mn, 0.0)  # padded channels: keep them finite
         mx = tl.where(mask, mx, 0.0)
         s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
         z_m = mn.to(zero_ptr.dtype.element_ty)
         tl.store(zero_ptr + offs, z_m, mask=mask)
+        flag = _overflow(z_m, mask)
         z32 = z_m.to(tl.float32)
     else:
         s = tl.math.div_rn(amax, (1 << (BITS - 1)) - 1.0)
         z32 = tl.zeros_like(amax)
     s_m = s.to(scale_ptr.dtype.element_ty)
     tl.store(scale_ptr + offs, s_m, mask=mask)
-    return s_m.to(tl.float32), z32
+    return s_m.to(tl.float32), z32, flag | _overflow(s_m, mask)
 
 
 @triton.jit
 def _quantize_tokens_kernel(
-    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, status_ptr, T, D, RB, TG,
+    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, flag_ptr, T, D, RB, TG,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
-    CHECK: tl.constexpr, ONE_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     """x (B*H, T, D) -> codes, per-channel scale/zero (B*H, ceil(T / TG), D) over TG-token blocks."""
     bh = tl.program_id(0)
@@ -133,21 +141,21 @@ def _quantize_tokens_kernel(
         rmask = t < t_end
         rows = bh * T + t
         y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-        status = _status(x_ptr, norm_ptr, rows, rmask, n, D, DP, NSEP, CHECK)
+        flag = _store_norm(norm_ptr, rows, rmask, n, NSEP)
         amax, mn, mx = _tile_stats(y, rmask, amax, mn, mx)
-        s32, z32 = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
+        s32, z32, f = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
         u = quantize_codes(y, s32[None, :], z32[None, :], BITS, ASYM)
         pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
     else:  # pass 1: statistics; pass 2: recompute the transforms, quantize, pack
-        status = tl.full((), 0, tl.int32)
+        flag = tl.full((), 0, tl.int32)
         for t0 in range(t_start, t_end, BT):
             t = t0 + tl.arange(0, BT)
             rmask = t < t_end
             rows = bh * T + t
             y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-            status = status | _status(x_ptr, norm_ptr, rows, rmask, n, D, DP, NSEP, CHECK)
+            flag = flag | _store_norm(norm_ptr, rows, rmask, n, NSEP)
             amax, mn, mx = _tile_stats(y, rmask, amax, mn, mx)
-        s32, z32 = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
+        s32, z32, f = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
         for t0 in range(t_start, t_end, BT):
             t = t0 + tl.arange(0, BT)
             rmask = t < t_end
@@ -155,49 +163,44 @@ def _quantize_tokens_kernel(
             y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
             u = quantize_codes(y, s32[None, :], z32[None, :], BITS, ASYM)
             pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
-    tl.store(status_ptr + bh * tl.num_programs(1) + blk, status)
+    tl.store(flag_ptr + bh * tl.num_programs(1) + blk, flag | f)
 
 
-def quantize_pack(plan: KernelPlan, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Run the plan on x (B, H, T, D) -> (codes (B, H, T, RB) uint8, meta, status bits).
+def quantize_pack(plan: KernelPlan, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """Run the plan on x (B, H, T, D) -> (codes (B, H, T, RB) uint8, meta, overflow).
 
     meta holds "norm" (B, H, T, 1) for nsep, "scale" and, when asymmetric, "zero" in the
-    granularity's shape. Status: bit 0 = non-finite input, bit 1 = norm overflow (host raises).
+    granularity's layout. overflow: some stored float16 metadata is not finite (one host sync,
+    only when some metadata is stored as float16).
     """
     B, H, T, D = x.shape
     x = x.contiguous()
     dp, rb, dev = padded_dim(D), row_bytes(D, plan.bits), x.device
     codes = torch.empty((B, H, T, rb), dtype=torch.uint8, device=dev)
     meta: dict[str, torch.Tensor] = {}
-    norm = torch.empty((B, H, T, 1), dtype=plan.norm_dtype, device=dev) if plan.nsep else codes
     if plan.nsep:
-        meta["norm"] = norm
+        meta["norm"] = torch.empty((B, H, T, 1), dtype=plan.norm_dtype, device=dev)
     rmat = plan.rot(D).to(device=dev, dtype=torch.float32).contiguous() if plan.rot else x
-    common = dict(DP=dp, NSEP=plan.nsep, HAS_ROT=plan.rot is not None, BITS=plan.bits,
-                  ASYM=plan.asym, CHECK=plan.check_finite)
     if plan.token_axis:
         tg = T if plan.gran == "pchan" else plan.group
         nblk = -(-T // tg)
-        mshape = (B, H, nblk, D)
-        kernel = _quantize_tokens_kernel
+        kernel, mshape, grid = _quantize_tokens_kernel, (B, H, nblk, D), (B * H, nblk)
         bt, bk = tiles(tg, dp, is_interpreted(kernel))
-        grid = (B * H, nblk)
-        extra = dict(TG=tg, ONE_TILE=tg <= bt)
-        args_tail = (T, D, rb)
+        args, extra = (T, D, rb, tg), dict(ONE_TILE=tg <= bt)
     else:
         gs = dp if plan.gran == "ptok" else plan.group
-        mshape = (B, H, T, 1 if plan.gran == "ptok" else D // gs)
-        kernel = _quantize_rows_kernel
+        nm = 1 if plan.gran == "ptok" else D // gs
+        kernel, mshape = _quantize_rows_kernel, (B, H, T, nm)
         bt, bk = tiles(B * H * T, dp, is_interpreted(kernel))
         grid = (triton.cdiv(B * H * T, bt),)
-        extra = dict(GS=gs)
-        args_tail = (B * H * T, D, rb, mshape[-1])
-    scale = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
-    meta["scale"] = scale
-    zero = torch.empty(mshape, dtype=plan.meta_dtype, device=dev) if plan.asym else scale
+        args, extra = (B * H * T, D, rb, nm), dict(GS=gs)
+    meta["scale"] = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
     if plan.asym:
-        meta["zero"] = zero
-    status = torch.zeros(grid[0] * (grid[1] if len(grid) > 1 else 1), dtype=torch.int32, device=dev)
-    kernel[grid](x, rmat, codes, norm, scale, zero, status, *args_tail, BT=bt, BK=bk, **common, **extra)
-    flags = torch.stack([(status & 1).any(), (status & 2).any()]).tolist()  # one host sync
-    return codes, meta, int(flags[0]) | (int(flags[1]) << 1)
+        meta["zero"] = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
+    flags = torch.zeros(grid[0] * (grid[1] if len(grid) > 1 else 1), dtype=torch.int32, device=dev)
+    kernel[grid](x, rmat, codes, meta.get("norm", codes), meta["scale"], meta.get("zero", codes),
+                 flags, *args, BT=bt, DP=dp, BK=bk, NSEP=plan.nsep, HAS_ROT=plan.rot is not None,
+                 BITS=plan.bits, ASYM=plan.asym, **extra)
+    fp16_meta = any(m.dtype == torch.float16 for m in meta.values())
+    return codes, meta, fp16_meta and bool(flags.any())

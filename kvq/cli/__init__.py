@@ -1,0 +1,1 @@
+"""The ``kvq`` command line: one subcommand per file."""

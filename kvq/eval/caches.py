@@ -1,0 +1,25 @@
+"""The one place where evaluation builds K/V caches and reads a model's K/V geometry."""
+
+from __future__ import annotations
+
+from kvq.kvconfig import KVConfig
+
+
+def make_cache(cfg: KVConfig, model_config, prefill: str = "quantized", **options):
+    """A fresh :class:`kvq.hf.KVQCache` for one forward or one ``generate`` call."""
+    from kvq.hf import KVQCache
+
+    return KVQCache(cfg, model_config, prefill=prefill, **options)
+
+
+def geometry(model_config) -> tuple[int, int, int]:
+    """``(num_layers, kv_heads, head_dim)`` of a transformers model config."""
+    from kvq.hf.geometry import kv_geometry
+
+    g = kv_geometry(model_config)
+    return g.num_layers, g.kv_heads, g.head_dim
+
+
+def is_identity(cfg: KVConfig) -> bool:
+    """True when no pipeline of ``cfg`` quantizes (the ``fp16`` reference)."""
+    return all(p.is_identity for p in cfg.pipelines())

