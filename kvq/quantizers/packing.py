@@ -21,9 +21,9 @@ def packed_row_bytes(head_dim: int, bits: int) -> int:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: uint8 (..., D) with values < 2**bits -> uint8 (..., ceil(D/8) * bits)."""
     _check_bits(bits)
-    if bits == 8:
-        return codes.contiguous()
     codes = _pad8(codes)
+    if bits == 8:
+        return codes
     if bits in (2, 4):
         per = 8 // bits
         g = codes.view(*codes.shape[:-1], -1, per)

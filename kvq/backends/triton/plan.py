@@ -12,6 +12,8 @@ from typing import Callable, Literal
 
 import torch
 
+from kvq.dtypes import TORCH_DTYPES
+
 Granularity = Literal["ptok", "pchan", "group_channel", "group_token"]
 
 MAX_HEAD_DIM = 512
@@ -42,13 +44,46 @@ class KernelPlan:
     meta_dtype: torch.dtype = torch.float16
     norm_dtype: torch.dtype = torch.float16
 
+    @classmethod
+    def from_pipeline(cls, pipeline) -> KernelPlan:
+        """The plan of a :class:`kvq.Pipeline`; raises Unsupported naming the step it can't run.
+
+        Runs: at most one ``nsep`` and one ``rot`` (either order), then ``ptok``, ``pchan``,
+        ``group(g, channel)`` or ``group(g, token)``, then ``int2/3/4/8`` (sym or asym).
+        """
+        names = [t.type for t in pipeline.transforms]
+        if any(n not in ("nsep", "rot") for n in names) or len(set(names)) != len(names):
+            raise Unsupported(f"transforms {'>'.join(names)}: the kernels run at most one nsep "
+                              "and one rot (in either order)")
+        quant = pipeline.quantizer
+        if quant.type != "int":
+            raise Unsupported(f"quantizer {quant.to_spec()!r} has no kernel (int2/3/4/8 only)")
+        gran = pipeline.granularity
+        if gran.type == "group":
+            kind, group = ("group_channel" if gran.axis == "channel" else "group_token"), gran.size
+        elif gran.type in ("ptok", "pchan"):
+            kind, group = gran.type, 0
+        else:
+            raise Unsupported(f"granularity {gran.to_spec()!r} has no kernel")
+        nsep = next((t for t in pipeline.transforms if t.type == "nsep"), None)
+        rot = next((t for t in pipeline.transforms if t.type == "rot"), None)
+        nsep_pos = 0 if nsep is None else (2 if rot and names.index("rot") < names.index("nsep") else 1)
+        return cls(bits=quant.bits, asym=quant.scheme == "asym", gran=kind, group=group,
+                   nsep=nsep_pos, renorm=nsep.renorm if nsep else True,
+                   rot=rot.matrix if rot else None, meta_dtype=TORCH_DTYPES[quant.dtype],
+                   norm_dtype=TORCH_DTYPES[nsep.dtype] if nsep else torch.float16)
+
     @property
     def token_axis(self) -> bool:
         """Scales are statistics over tokens (pchan, group(g, token))."""
         return self.gran in TOKEN_AXIS
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise Unsupported when the kernels cannot take x (B, H, T, D)."""
+        """Raise Unsupported when the kernels cannot take x (B, H, T, D) or its packed codes."""
+        if x.dtype == torch.uint8:  # dequantize: codes (B, H, T, RB); any group size works
+            if x.dim() != 4 or x.shape[-1] * 8 // self.bits > MAX_HEAD_DIM:
+                raise Unsupported(f"packed codes of shape {tuple(x.shape)} do not fit the kernels")
+            return
         if x.dim() != 4:
             raise Unsupported(f"expects x of shape (batch, kv_heads, seq, head_dim), got {tuple(x.shape)}")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):

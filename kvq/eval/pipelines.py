@@ -1,0 +1,65 @@
+"""Turn ``--pipelines`` and ``--bits`` into the labelled K/V configurations a comparison runs.
+
+A name is a preset (``naive4``), an inline spec (``'nsep>pchan>int4'``) or a YAML/JSON file.
+With bit widths, each entry is taken at every width: presets by family (``naive4`` ->
+``naive3``), specs and files by rewriting every ``int<b>`` quantizer. The ``fp16`` reference
+(no quantization) is always run first, once, as the baseline for ΔPPL.
+"""
+
+from __future__ import annotations
+
+import re
+
+import kvq
+from kvq.errors import KVQError
+from kvq.eval.errors import EvalError
+from kvq.kvconfig import KVConfig
+from kvq.presets import FAMILIES
+
+BASELINE = "fp16"
+DEFAULT_FAMILIES = ("naive", "nsep-pchan", "kivi", "quanto", "quarot")
+DEFAULT_BITS = (4, 3)
+_INT = re.compile(r"\bint[2348]\b")
+
+
+def expand(names: list[str], bits: list[int] | None) -> dict[str, KVConfig]:
+    """``{label: KVConfig}``, baseline first, in the order given (bits inner)."""
+    out = {BASELINE: kvq.kv(BASELINE)}
+    for name in names:
+        for b in bits or [None]:
+            label, cfg = _one(name, b)
+            out.setdefault(label, cfg)
+    return out
+
+
+def default_names(bits: list[int] | None) -> list[str]:
+    """The default pipelines: one preset per default family (bits are applied by :func:`expand`)."""
+    return [f"{family}{(bits or [4])[0]}" for family in DEFAULT_FAMILIES]
+
+
+def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
+    name = name.strip()
+    if name == BASELINE:
+        return BASELINE, kvq.kv(BASELINE)
+    family = name.rstrip("0123456789")
+    try:
+        if family in FAMILIES and family != name:
+            preset = f"{family}{bits}" if bits else name
+            return preset, kvq.kv(preset)
+        cfg = kvq.kv(name)
+        if bits is None:
+            return cfg.label, cfg
+        data = _rewrite(cfg.to_dict(), bits)
+        data.pop("name", None)
+        cfg = KVConfig.from_dict(data, source=name)
+        return f"{cfg.label}", cfg
+    except KVQError as err:
+        raise EvalError(f"pipeline {name!r}: {err}") from None
+
+
+def _rewrite(data, bits: int):
+    if isinstance(data, str):
+        return _INT.sub(f"int{bits}", data)
+    if isinstance(data, dict):
+        return {k: _rewrite(v, bits) for k, v in data.items()}
+    return data
