@@ -48,6 +48,18 @@ def round_half_even(v):
 
 
 @triton.jit
+def cast_rne(v, dtype: tl.constexpr):
+    """float32 v -> dtype, round to nearest even. bfloat16 is rounded with integer ops because
+    the interpreter truncates fp32 -> bf16 casts (the GPU rounds; both now agree with torch)."""
+    if dtype == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def load_rows(x_ptr, rows, rmask, cols, D):
     """(BT, K) float32 tile of x rows at columns cols; masked entries are 0."""
     mask = rmask[:, None] & (cols < D)[None, :]

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kvq.backends.triton.common import (
-    is_interpreted, load_transformed, pack_store, padded_dim, quantize_codes,
+    cast_rne, is_interpreted, load_transformed, pack_store, padded_dim, quantize_codes,
     row_bytes, tiles,
 )
 from kvq.backends.triton.plan import KernelPlan
@@ -37,7 +37,7 @@ def _store_norm(norm_ptr, rows, rmask, n, NSEP: tl.constexpr):
     """Store the nsep norms of these rows; return the overflow flag."""
     flag = tl.full((), 0, tl.int32)
     if NSEP != 0:
-        n_m = n.to(norm_ptr.dtype.element_ty)
+        n_m = cast_rne(n, norm_ptr.dtype.element_ty)
         tl.store(norm_ptr + rows, n_m, mask=rmask)
         flag = _overflow(n_m, rmask)
     return flag
@@ -67,12 +67,12 @@ def _quantize_rows_kernel(
         mn = tl.where(gvalid, tl.min(tl.where(valid3, y3, float("inf")), axis=2), 0.0)
         mx = tl.where(gvalid, tl.max(tl.where(valid3, y3, -float("inf")), axis=2), 0.0)
         s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
-        z_m = mn.to(zero_ptr.dtype.element_ty)
+        z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
         z32 = z_m.to(tl.float32)
     else:
         s = tl.math.div_rn(tl.max(tl.abs(y3), axis=2), (1 << (BITS - 1)) - 1.0)
         z32 = tl.zeros((BT, NG), tl.float32)
-    s_m = s.to(scale_ptr.dtype.element_ty)
+    s_m = cast_rne(s, scale_ptr.dtype.element_ty)
     u3 = quantize_codes(y3, s_m.to(tl.float32)[:, :, None], z32[:, :, None], BITS, ASYM)
     u = tl.reshape(tl.where(valid3, u3, 0), (BT, DP))
     pack_store(codes_ptr, rows, rmask, u, RB, BT, DP, BITS)
@@ -106,14 +106,14 @@ def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constex
         mn = tl.where(mask, mn, 0.0)  # padded channels: keep them finite
         mx = tl.where(mask, mx, 0.0)
         s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
-        z_m = mn.to(zero_ptr.dtype.element_ty)
+        z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
         tl.store(zero_ptr + offs, z_m, mask=mask)
         flag = _overflow(z_m, mask)
         z32 = z_m.to(tl.float32)
     else:
         s = tl.math.div_rn(amax, (1 << (BITS - 1)) - 1.0)
         z32 = tl.zeros_like(amax)
-    s_m = s.to(scale_ptr.dtype.element_ty)
+    s_m = cast_rne(s, scale_ptr.dtype.element_ty)
     tl.store(scale_ptr + offs, s_m, mask=mask)
     return s_m.to(tl.float32), z32, flag | _overflow(s_m, mask)
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kvq.backends.triton.common import (
-    dequantize_codes, is_interpreted, padded_dim, row_bytes, tiles, unit_rows, unpack_load,
+    cast_rne, dequantize_codes, is_interpreted, padded_dim, row_bytes, tiles, unit_rows, unpack_load,
 )
 from kvq.backends.triton.plan import KernelPlan
 
@@ -63,7 +63,7 @@ def _dequantize_kernel(
             y, _ = unit_rows(y)
         y = y * n[:, None]
     mask = rmask[:, None] & (cols < D)[None, :]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
 
 
 def unpack_dequantize(plan: KernelPlan, codes: torch.Tensor, meta: dict[str, torch.Tensor],
