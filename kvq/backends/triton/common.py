@@ -27,13 +27,30 @@ def padded_dim(d: int) -> int:
 
 
 def tiles(n_rows: int, dp: int, interpreted: bool) -> tuple[int, int]:
-    """(BT tokens per tile, BK reduction chunk of the rotation dot).
+    """(BT rows per tile, BK reduction chunk of the rotation dot) for n_rows rows of width dp.
 
-    Interpreter: big tiles, fewer numpy calls. GPU: about 4K fp32 values per tile (not tuned).
+    Interpreter: one big tile (up to 2**18 values; its cost is per op, not per element).
+    GPU: about 4K fp32 values per tile, rotation in 32-wide chunks (reasonable, not tuned).
     """
     if interpreted:
-        return max(16, min(128, triton.next_power_of_2(n_rows))), dp
+        return max(16, min(triton.next_power_of_2(n_rows), 2**18 // dp)), dp
     return max(16, min(64, 4096 // dp)), min(dp, 32)
+
+
+def token_tiles(t: int, tg: int, dp: int, interpreted: bool) -> tuple[int, int, bool]:
+    """(BT, G, single) for statistics over blocks of tg tokens out of t (pchan: tg = t).
+
+    single: one tile holds BT // G whole blocks of G tokens (tg a power of two, or the whole
+    sequence), so one pass suffices; otherwise blocks are streamed in BT-token tiles twice.
+    """
+    bt = tiles(t, dp, interpreted)[0]
+    cap = 2**18 if interpreted else 2**15
+    if tg >= t and triton.next_power_of_2(t) * dp <= cap:  # the whole sequence is one block
+        g = max(16, triton.next_power_of_2(t))
+        return g, g, True
+    if tg < t and tg & (tg - 1) == 0 and tg * dp <= cap:
+        return max(bt, tg), tg, True
+    return bt, tg, False
 
 
 def row_bytes(d: int, bits: int) -> int:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kvq.backends.triton.common import (
     cast_rne, is_interpreted, load_transformed, pack_store, padded_dim, quantize_codes,
-    row_bytes, tiles,
+    row_bytes, tiles, token_tiles,
 )
 from kvq.backends.triton.plan import KernelPlan
 
@@ -89,11 +89,11 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _tile_stats(y, rmask, amax, mn, mx):
-    """Fold a (BT, DP) tile into per-channel absmax / min / max (masked rows ignored)."""
-    amax = tl.maximum(amax, tl.max(tl.where(rmask[:, None], tl.abs(y), 0.0), axis=0))
-    mn = tl.minimum(mn, tl.min(tl.where(rmask[:, None], y, float("inf")), axis=0))
-    mx = tl.maximum(mx, tl.max(tl.where(rmask[:, None], y, -float("inf")), axis=0))
+def _fold_stats(y, m, AXIS: tl.constexpr):
+    """absmax / min / max of y over AXIS, ignoring entries where the broadcast mask m is False."""
+    amax = tl.max(tl.where(m, tl.abs(y), 0.0), axis=AXIS)
+    mn = tl.min(tl.where(m, y, float("inf")), axis=AXIS)
+    mx = tl.max(tl.where(m, y, -float("inf")), axis=AXIS)
     return amax, mn, mx
 
 
@@ -120,33 +120,42 @@ def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constex
 
 @triton.jit
 def _quantize_tokens_kernel(
-    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, flag_ptr, T, D, RB, TG,
-    BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr,
+    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, flag_ptr, T, D, RB, TG, NBLK,
+    BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
-    """x (B*H, T, D) -> codes, per-channel scale/zero (B*H, ceil(T / TG), D) over TG-token blocks."""
+    """x (B*H, T, D) -> codes, per-channel scale/zero (B*H, NBLK, D) over TG-token blocks.
+
+    SINGLE: program (bh, i) quantizes tokens [i*BT, (i+1)*BT) = BT // G whole blocks of G = TG
+    tokens (pchan: one block, G = BT >= T) in one pass. Otherwise program (bh, i) owns block i
+    and streams it in BT-token tiles twice (statistics, then quantize + pack).
+    """
     bh = tl.program_id(0)
-    blk = tl.program_id(1)
-    t_start = blk * TG
-    t_end = tl.minimum(t_start + TG, T)
     cols = tl.arange(0, DP)
     cmask = cols < D
-    moffs = (bh * tl.num_programs(1) + blk) * D + cols
-    amax = tl.zeros((DP,), tl.float32)
-    mn = tl.full((DP,), float("inf"), tl.float32)
-    mx = tl.full((DP,), -float("inf"), tl.float32)
-    if ONE_TILE:  # the block fits in one tile: load and transform once
-        t = t_start + tl.arange(0, BT)
-        rmask = t < t_end
+    if SINGLE:
+        NB: tl.constexpr = BT // G
+        t = tl.program_id(1) * BT + tl.arange(0, BT)
+        rmask = t < T
         rows = bh * T + t
         y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
         flag = _store_norm(norm_ptr, rows, rmask, n, NSEP)
-        amax, mn, mx = _tile_stats(y, rmask, amax, mn, mx)
-        s32, z32, f = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
-        u = quantize_codes(y, s32[None, :], z32[None, :], BITS, ASYM)
+        y3 = tl.reshape(y, (NB, G, DP))
+        amax, mn, mx = _fold_stats(y3, tl.reshape(rmask, (NB, G))[:, :, None], 1)
+        blk = tl.program_id(1) * NB + tl.arange(0, NB)
+        offs = (bh * NBLK + blk)[:, None] * D + cols[None, :]
+        mask = (blk < NBLK)[:, None] & cmask[None, :]
+        s32, z32, f = _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS, ASYM)
+        u = tl.reshape(quantize_codes(y3, s32[:, None, :], z32[:, None, :], BITS, ASYM), (BT, DP))
         pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
-    else:  # pass 1: statistics; pass 2: recompute the transforms, quantize, pack
+    else:
+        blk = tl.program_id(1)
+        t_start = blk * TG
+        t_end = tl.minimum(t_start + TG, T)
+        amax = tl.zeros((DP,), tl.float32)
+        mn = tl.full((DP,), float("inf"), tl.float32)
+        mx = tl.full((DP,), -float("inf"), tl.float32)
         flag = tl.full((), 0, tl.int32)
         for t0 in range(t_start, t_end, BT):
             t = t0 + tl.arange(0, BT)
@@ -154,8 +163,10 @@ def _quantize_tokens_kernel(
             rows = bh * T + t
             y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
             flag = flag | _store_norm(norm_ptr, rows, rmask, n, NSEP)
-            amax, mn, mx = _tile_stats(y, rmask, amax, mn, mx)
-        s32, z32, f = _block_scale(scale_ptr, zero_ptr, moffs, cmask, amax, mn, mx, BITS, ASYM)
+            a, lo, hi = _fold_stats(y, rmask[:, None], 0)
+            amax, mn, mx = tl.maximum(amax, a), tl.minimum(mn, lo), tl.maximum(mx, hi)
+        offs = (bh * NBLK + blk) * D + cols
+        s32, z32, f = _block_scale(scale_ptr, zero_ptr, offs, cmask, amax, mn, mx, BITS, ASYM)
         for t0 in range(t_start, t_end, BT):
             t = t0 + tl.arange(0, BT)
             rmask = t < t_end
@@ -163,7 +174,7 @@ def _quantize_tokens_kernel(
             y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
             u = quantize_codes(y, s32[None, :], z32[None, :], BITS, ASYM)
             pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
-    tl.store(flag_ptr + bh * tl.num_programs(1) + blk, flag | f)
+    tl.store(flag_ptr + bh * tl.num_programs(1) + tl.program_id(1), flag | f)
 
 
 def quantize_pack(plan: KernelPlan, x: torch.Tensor
@@ -183,11 +194,13 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
         meta["norm"] = torch.empty((B, H, T, 1), dtype=plan.norm_dtype, device=dev)
     rmat = plan.rot(D).to(device=dev, dtype=torch.float32).contiguous() if plan.rot else x
     if plan.token_axis:
+        kernel = _quantize_tokens_kernel
         tg = T if plan.gran == "pchan" else plan.group
         nblk = -(-T // tg)
-        kernel, mshape, grid = _quantize_tokens_kernel, (B, H, nblk, D), (B * H, nblk)
-        bt, bk = tiles(tg, dp, is_interpreted(kernel))
-        args, extra = (T, D, rb, tg), dict(ONE_TILE=tg <= bt)
+        bt, g, single = token_tiles(T, tg, dp, is_interpreted(kernel))
+        bk = tiles(1, dp, is_interpreted(kernel))[1]
+        mshape, grid = (B, H, nblk, D), (B * H, triton.cdiv(T, bt) if single else nblk)
+        args, extra = (T, D, rb, tg, nblk), dict(G=g, SINGLE=single)
     else:
         gs = dp if plan.gran == "ptok" else plan.group
         nm = 1 if plan.gran == "ptok" else D // gs
