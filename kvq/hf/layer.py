@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvq.errors import KVQError
 from kvq.hf.blocks import BlockStore
+from kvq.hf.working import WorkingCopy
 
 PrefillMode = Literal["quantized", "exact"]
 
@@ -56,8 +57,7 @@ class KVQLayer(DynamicLayer):
         self.keep_dequantized, self.layer_idx = keep_dequantized, layer_idx
         self.token_axis = keys.token_axis_stats or values.token_axis_stats
         self.k_store, self.v_store = BlockStore(keys, backend), BlockStore(values, backend)
-        self._kdq: torch.Tensor | None = None  # working copy (keep_dequantized)
-        self._vdq: torch.Tensor | None = None
+        self.k_work, self.v_work = WorkingCopy(), WorkingCopy()  # keep_dequantized only
         self._valid: torch.Tensor | None = None  # (batch, N) bool: real tokens at positions < N
 
     def __repr__(self) -> str:
@@ -81,7 +81,11 @@ class KVQLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         else:
             self._check(key_states, value_states)
-        first = self.get_seq_length() == 0
+        start = self.get_seq_length()
+        first = start == 0
+        if self.keep_dequantized:
+            self.k_work.write(start, key_states)
+            self.v_work.write(start, value_states)
         if first and self.prefill == "quantized":
             self._write_prefill(key_states, value_states)
         else:
@@ -107,7 +111,9 @@ class KVQLayer(DynamicLayer):
         super().reset()
         self.k_store.clear()
         self.v_store.clear()
-        self._kdq = self._vdq = self._valid = None
+        self.k_work.clear()
+        self.v_work.clear()
+        self._valid = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the newest ``-tokens_to_remove`` tokens (negative, as in ``DynamicLayer``)."""
@@ -122,9 +128,6 @@ class KVQLayer(DynamicLayer):
         if drop > cut:
             self.k_store.crop(drop - cut)
             self.v_store.crop(drop - cut)
-            if self._kdq is not None:
-                n = len(self.k_store)
-                self._kdq, self._vdq = self._kdq[:, :, :n], self._vdq[:, :, :n]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -150,7 +153,7 @@ class KVQLayer(DynamicLayer):
         b, h, r, d = self.keys.shape
         dv = self.values.shape[-1]
         nq = len(self.k_store)
-        working = sum(t.numel() * t.element_size() for t in (self._kdq, self._vdq) if t is not None)
+        working = self.k_work.nbytes + self.v_work.nbytes
         return dict(
             quantized_tokens=nq, residual_tokens=r,
             quantized_bytes=self.k_store.nbytes + self.v_store.nbytes,
@@ -174,7 +177,7 @@ class KVQLayer(DynamicLayer):
         n, tail = divmod(t, blk)
         if self.token_axis and tail == 1:
             if n == 0:
-                self.keys, self.values = k, v
+                self.keys, self.values = k.clone(), v.clone()
                 return
             n, tail = n - 1, tail + blk
         if n:
@@ -192,21 +195,20 @@ class KVQLayer(DynamicLayer):
         self.keys, self.values = self.keys[:, :, m:].clone(), self.values[:, :, m:].clone()
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor, block: int) -> None:
-        valid = self._valid_slice(len(self.k_store), k.shape[-2], k.shape[0])
+        start = len(self.k_store)
+        valid = self._valid_slice(start, k.shape[-2], k.shape[0])
         qk = self.k_store.append(k.contiguous(), block, valid)
         qv = self.v_store.append(v.contiguous(), block, valid)
         if self.keep_dequantized:
             h = k.shape[1]
-            dk, dv = self.k_store.unfold(qk, h), self.v_store.unfold(qv, h)
-            self._kdq = dk if self._kdq is None else torch.cat([self._kdq, dk], dim=-2)
-            self._vdq = dv if self._vdq is None else torch.cat([self._vdq, dv], dim=-2)
+            self.k_work.write(start, self.k_store.unfold(qk, h))
+            self.v_work.write(start, self.v_store.unfold(qv, h))
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keep_dequantized:
-            ks = [] if self._kdq is None else [self._kdq]
-            vs = [] if self._vdq is None else [self._vdq]
-        else:
-            ks, vs = self.k_store.dequantize(), self.v_store.dequantize()
+            n = self.get_seq_length()
+            return self.k_work.view(n), self.v_work.view(n)
+        ks, vs = self.k_store.dequantize(), self.v_store.dequantize()
         if not ks:
             return self.keys, self.values
         return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
@@ -236,8 +238,8 @@ class KVQLayer(DynamicLayer):
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.k_store.map_batch(fn)
         self.v_store.map_batch(fn)
-        if self._kdq is not None:
-            self._kdq, self._vdq = fn(self._kdq), fn(self._vdq)
+        self.k_work.map_batch(fn)
+        self.v_work.map_batch(fn)
 
     def _check_pair(self, k: torch.Tensor, v: torch.Tensor) -> None:
         where = f"layer {self.layer_idx}: " if self.layer_idx is not None else ""
