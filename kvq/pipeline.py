@@ -116,7 +116,7 @@ class Pipeline(BaseModel):
 
     # running -----------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise :class:`KVQError` for a wrong rank/dtype, a shape the steps can't take, NaN/Inf."""
+        """Raise :class:`KVQError` for a wrong rank or dtype, or a shape the steps can't take."""
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise KVQError(f"expected a (batch, kv_heads, seq, head_dim) tensor, got {shape}")
@@ -126,16 +126,27 @@ class Pipeline(BaseModel):
             raise KVQError("cannot quantize an empty sequence (seq=0)")
         if not self.is_identity:
             self.granularity.check(x.shape)
-        if self.check_finite and not self.is_identity and not torch.isfinite(x).all():
-            raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite K/V "
-                                "(fix the model or build the pipeline with check_finite=False)")
+
+    def check_output(self, q: QuantizedTensor) -> None:
+        """Raise :class:`NumericsError` if the input held NaN/Inf.
+
+        Every norm, scale and zero is a max/min/sum over its group, so a non-finite input
+        element shows up in the (small) metadata: checking it costs nothing.
+        """
+        if self.check_finite and not self.is_identity:
+            if not all(bool(torch.isfinite(m).all()) for m in q.meta.values()):
+                raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite "
+                                    "K/V (fix the model or build the pipeline with "
+                                    "check_finite=False)")
 
     def quantize(self, x: torch.Tensor, backend: str = "auto") -> QuantizedTensor:
         """x: (batch, kv_heads, seq, head_dim) fp32/fp16/bf16 -> bit-packed QuantizedTensor."""
         from kvq.backends import resolve_backend
 
         self.check_input(x)
-        return resolve_backend(backend, self, x).quantize(self, x)
+        q = resolve_backend(backend, self, x).quantize(self, x)
+        self.check_output(q)
+        return q
 
     def dequantize(self, q: QuantizedTensor, backend: str = "auto") -> torch.Tensor:
         """QuantizedTensor -> (batch, kv_heads, seq, head_dim) tensor in the original dtype."""

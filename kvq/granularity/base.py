@@ -25,11 +25,36 @@ class Granularity(Step):
         """True when a statistic is taken over several tokens (streaming needs token blocks)."""
         return False
 
+    #: dim of :meth:`view` that a statistic reduces over
+    reduce_dim: ClassVar[int] = -1
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, kv_heads, seq, head_dim) -> grouped view; groups run along ``reduce_dim``."""
+        return x
+
+    def unview(self, xg: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`view` back to ``shape``."""
+        return xg.reshape(shape)
+
+    def to_meta(self, stat: torch.Tensor) -> torch.Tensor:
+        """Statistic of the grouped view (reduce_dim kept) -> stored metadata layout."""
+        return stat
+
+    def from_meta(self, meta: torch.Tensor) -> torch.Tensor:
+        """Stored metadata -> tensor broadcasting against the grouped view."""
+        return meta
+
     def reduce(self, x: torch.Tensor, op: Reduction) -> torch.Tensor:
-        raise NotImplementedError
+        """Statistic ``op`` of every group of x (B, H, T, D), in the metadata layout."""
+        return self.to_meta(amax_reduce(self.view(x), op, self.reduce_dim))
+
+    def view_shape(self, shape: torch.Size) -> tuple[int, ...]:
+        """Shape of :meth:`view` for an input of ``shape``."""
+        return tuple(shape)
 
     def expand(self, stat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        raise NotImplementedError
+        """Metadata broadcast back to a full (B, H, T, D) tensor."""
+        return self.unview(self.from_meta(stat).expand(self.view_shape(shape)), shape)
 
     def groups(self, seq: int, head_dim: int) -> int:
         """Number of scale entries for one head's (seq, head_dim) block."""

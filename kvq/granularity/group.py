@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from kvq.errors import KVQError
-from kvq.granularity.base import Granularity, amax_reduce
+from kvq.granularity.base import Granularity
 
 
 class Group(Granularity):
@@ -33,23 +33,38 @@ class Group(Granularity):
     def token_axis(self) -> bool:
         return self.axis == "token"
 
+    @property
+    def reduce_dim(self) -> int:
+        return -1 if self.axis == "channel" else -2
+
     def check(self, shape):
         if self.axis == "channel" and shape[-1] % self.size:
             raise KVQError(f"group size {self.size} does not divide head_dim {shape[-1]}; "
                            f"use a divisor such as {_divisor_near(shape[-1], self.size)}")
         super().check(shape)
 
-    def reduce(self, x, op):
-        b, h, t, d = x.shape
+    def view_shape(self, shape):
+        b, h, t, d = shape
         if self.axis == "channel":
-            return amax_reduce(x.view(b, h, t, d // self.size, self.size), op, -1).squeeze(-1)
-        x = _pad_tokens(x, self.size)
-        return amax_reduce(x.view(b, h, -1, self.size, d), op, -2).squeeze(-2)
+            return (b, h, t, d // self.size, self.size)
+        return (b, h, -(-t // self.size), self.size, d)
 
-    def expand(self, stat, shape):
+    def view(self, x):
+        if self.axis == "token":
+            x = _pad_tokens(x, self.size)
+        return x.reshape(self.view_shape(x.shape))
+
+    def unview(self, xg, shape):
+        b, h, t, d = shape
         if self.axis == "channel":
-            return stat.repeat_interleave(self.size, dim=-1)
-        return stat.repeat_interleave(self.size, dim=-2)[..., : shape[-2], :]
+            return xg.reshape(shape)
+        return xg.reshape(b, h, -1, d)[..., :t, :]
+
+    def to_meta(self, stat):
+        return stat.squeeze(self.reduce_dim)
+
+    def from_meta(self, meta):
+        return meta.unsqueeze(self.reduce_dim)
 
     def groups(self, seq, head_dim):
         if self.axis == "channel":

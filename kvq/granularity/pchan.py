@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kvq.granularity.base import Granularity, amax_reduce
+from kvq.granularity.base import Granularity
 
 
 class PerChannel(Granularity):
@@ -19,11 +19,7 @@ class PerChannel(Granularity):
     def token_axis(self) -> bool:
         return True
 
-    def reduce(self, x, op):
-        return amax_reduce(x, op, -2)
-
-    def expand(self, stat, shape):
-        return stat
+    reduce_dim = -2
 
     def groups(self, seq, head_dim):
         return head_dim

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kvq.granularity.base import Granularity, amax_reduce
+from kvq.granularity.base import Granularity
 
 
 class PerToken(Granularity):
@@ -12,11 +12,7 @@ class PerToken(Granularity):
 
     type: Literal["ptok"] = "ptok"
 
-    def reduce(self, x, op):
-        return amax_reduce(x, op, -1)
-
-    def expand(self, stat, shape):
-        return stat
+    reduce_dim = -1
 
     def groups(self, seq, head_dim):
         return seq

@@ -43,25 +43,30 @@ class IntQuantizer(Quantizer):
         return 2**self.bits - 1
 
     def quantize(self, x, granularity):
+        g = granularity
+        xg, dim = g.view(x), g.reduce_dim
         if self.scheme == "sym":
-            scale = dtypes.store(granularity.reduce(x, "absmax") / self.qmax, self.dtype, "scale")
-            s = _safe(granularity.expand(scale.float(), x.shape))
-            codes = torch.round(x / s).clamp_(-self.qmax, self.qmax).add_(self.qmax)
-            return codes.to(torch.uint8), {"scale": scale}
-        lo, hi = granularity.reduce(x, "min"), granularity.reduce(x, "max")
-        scale = dtypes.store((hi - lo) / self.levels, self.dtype, "scale")
-        zero = dtypes.store(lo, self.dtype, "zero point")
-        s = _safe(granularity.expand(scale.float(), x.shape))
-        z = granularity.expand(zero.float(), x.shape)
-        codes = torch.round((x - z) / s).clamp_(0, self.levels)
-        return codes.to(torch.uint8), {"scale": scale, "zero": zero}
+            absmax = xg.abs().amax(dim=dim, keepdim=True)
+            scale = dtypes.store(g.to_meta(absmax / self.qmax), self.dtype, "scale")
+            codes = torch.round(xg / _safe(g.from_meta(scale).float()))
+            codes = codes.clamp_(-self.qmax, self.qmax).add_(self.qmax)
+            return g.unview(codes.to(torch.uint8), x.shape), {"scale": scale}
+        lo, hi = xg.amin(dim=dim, keepdim=True), xg.amax(dim=dim, keepdim=True)
+        scale = dtypes.store(g.to_meta((hi - lo) / self.levels), self.dtype, "scale")
+        zero = dtypes.store(g.to_meta(lo), self.dtype, "zero point")
+        s, z = _safe(g.from_meta(scale).float()), g.from_meta(zero).float()
+        codes = torch.round((xg - z) / s).clamp_(0, self.levels)
+        return g.unview(codes.to(torch.uint8), x.shape), {"scale": scale, "zero": zero}
 
     def dequantize(self, codes, meta, granularity):
-        shape = codes.shape
-        s = granularity.expand(meta["scale"].float(), shape)
+        g = granularity
+        cg = g.view(codes).float()
+        s = g.from_meta(meta["scale"].float())
         if self.scheme == "sym":
-            return (codes.float() - self.qmax) * s
-        return codes.float() * s + granularity.expand(meta["zero"].float(), shape)
+            out = cg.sub_(self.qmax).mul_(s)
+        else:
+            out = cg.mul_(s).add_(g.from_meta(meta["zero"].float()))
+        return g.unview(out, codes.shape)
 
     def meta_bits(self, groups):
         per = dtypes.BITS[self.dtype] * (1 if self.scheme == "sym" else 2)

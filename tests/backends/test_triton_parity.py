@@ -1,0 +1,202 @@
+"""Triton backend vs the torch reference: same codes, same metadata, same dequantized values.
+
+Runs the kernels in the Triton interpreter on CPU (tests/backends/conftest.py sets
+TRITON_INTERPRET=1); with TRITON_INTERPRET=0 on a CUDA machine the same tests run on the GPU.
+The interpreter is slow, so the seed pipeline gets the full shape matrix and every other
+pipeline a diagonal through it.
+
+Parity rules: metadata within one ulp of its dtype (8 ulp for float32 metadata, still far inside
+one float16 ulp); integer codes identical, except that a code
+may move by one where the reference's value before rounding sits within 1e-3 of a tie (float32
+reductions and matmuls are summed in another order); dequantizing the same codes agrees within
+a per-dtype tolerance.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kvq  # noqa: E402
+from kvq.backends import get_backend  # noqa: E402
+from kvq.errors import BackendError, NumericsError  # noqa: E402
+from kvq.quantizers.packing import pack, unpack  # noqa: E402
+from kvq.testing import HEAD_DIMS, kv_like  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SEQS = (1, 7, 33, 1000)
+INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+META_ULPS = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 8}
+
+FULL = "nsep>pchan>int4"
+DIAGONAL = [
+    "ptok>int4", "ptok>int2(asym)", "ptok>int8", "ptok>int3(asym)",
+    "nsep>ptok>int3", "nsep(renorm=false)>ptok>int2(asym)",
+    "pchan>int8(asym)", "pchan>int2", "nsep>pchan>int3(asym)",
+    "group(16)>int4(asym)", "group(32)>int2", "group(16)>int8(asym)",
+    "group(32,token)>int4(asym)", "group(32,token)>int2", "group(64,token)>int8",
+    "rot>ptok>int4(asym)", "rot(random)>ptok>int8", "nsep>rot>pchan>int3",
+    "rot>nsep>group(16)>int2(asym)", "nsep(bf16)>pchan>int4(dtype=bf16)",
+    "nsep(fp32)>ptok>int4(asym,dtype=fp32)",
+]
+
+
+def _shape_id(d, t, b, dtype):
+    return f"D{d}-T{t}-B{b}-{str(dtype).removeprefix('torch.')}"
+
+
+def _full_cases():
+    for d in HEAD_DIMS:
+        for t in SEQS[1:]:  # pchan needs >= 2 tokens
+            for b in (1, 3):
+                for dtype in DTYPES:
+                    yield pytest.param(FULL, d, t, b, dtype, id=f"{FULL}-{_shape_id(d, t, b, dtype)}")
+
+
+def _diagonal_cases(per_pipeline=3):
+    """Each pipeline meets `per_pipeline` shapes, cycling head_dim, seq, batch and dtype."""
+    for i, spec in enumerate(DIAGONAL):
+        p = kvq.build(spec)
+        seqs = SEQS[1:] if p.token_axis_stats else SEQS
+        group = p.granularity.size if p.granularity.type == "group" else 1
+        for j in range(per_pipeline):
+            k = i + 2 * j
+            d = next(d for d in HEAD_DIMS[k % 5:] + HEAD_DIMS if d % group == 0)
+            t, b, dtype = seqs[(i + j) % len(seqs)], (1, 3)[(i + j) % 2], DTYPES[(i + j) % 3]
+            yield pytest.param(spec, d, t, b, dtype, id=f"{spec}-{_shape_id(d, t, b, dtype)}")
+
+
+def _pre_round(p, x, meta):
+    """The reference's values just before rounding (codes are round(v) before offset/clamp)."""
+    h = x.float()
+    for t in p.transforms:
+        h, _ = t.forward(h)
+    g = p.granularity
+    s = g.expand(meta["scale"].float(), h.shape)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    if "zero" in meta:
+        return (h - g.expand(meta["zero"].float(), h.shape)) / s
+    return h / s
+
+
+def _ordered(t):
+    """Float bit patterns mapped to integers that are consecutive for adjacent floats."""
+    i = t.view(INT_VIEW[t.dtype]).long()
+    sign = torch.iinfo(INT_VIEW[t.dtype]).max
+    return torch.where(i < 0, -(i & sign), i)
+
+
+def assert_parity(p, x):
+    ref = p.quantize(x, backend="torch")
+    tri = p.quantize(x, backend="triton")
+    assert (tri.shape, tri.dtype, tri.bits) == (ref.shape, ref.dtype, ref.bits)
+    assert tri.codes.shape == ref.codes.shape and tri.codes.dtype == torch.uint8
+    assert list(tri.meta) == list(ref.meta)
+    for k in ref.meta:
+        a, b = tri.meta[k], ref.meta[k]
+        assert a.shape == b.shape and a.dtype == b.dtype, k
+        ulps = (_ordered(a) - _ordered(b)).abs().max().item()
+        assert ulps <= META_ULPS[a.dtype], f"{k} differs by {ulps} ulp"
+
+    d = x.shape[-1]
+    u_tri, u_ref = unpack(tri.codes, p.bits, d).int(), unpack(ref.codes, p.bits, d).int()
+    assert torch.equal(pack(u_tri.to(torch.uint8), p.bits), tri.codes), "padding codes not zero"
+    moved = u_tri != u_ref
+    if moved.any():
+        assert (u_tri - u_ref).abs().max() == 1
+        v = _pre_round(p, x, ref.meta)[moved]
+        gap = ((v - v.floor()) - 0.5).abs()
+        assert (gap < 1e-3).all(), f"codes differ away from a rounding tie: {gap.max():.3g}"
+        assert moved.float().mean() < 1e-3
+
+    # dequantizing the same codes
+    out, exp = p.dequantize(ref, backend="triton"), p.dequantize(ref, backend="torch")
+    assert out.dtype == x.dtype and out.shape == x.shape
+    tol = RTOL[x.dtype]
+    torch.testing.assert_close(out.float(), exp.float(), rtol=tol,
+                               atol=tol * exp.float().abs().max().item())
+
+
+@pytest.mark.parametrize("spec,d,t,b,dtype", [*_full_cases(), *_diagonal_cases()])
+def test_parity(spec, d, t, b, dtype):
+    x = kv_like(b, 1 if t == 1000 else 2, t, d, dtype=dtype, seed=d + t + b).to(DEVICE)
+    assert_parity(kvq.build(spec), x)
+
+
+def _preset_specs():
+    specs = set()
+    for cfg in kvq.presets().values():
+        specs |= {cfg.keys.to_spec(), cfg.values.to_spec()}
+    return sorted(specs)
+
+
+@pytest.mark.parametrize("spec", _preset_specs())
+def test_presets(spec):
+    p = kvq.build(spec)
+    x = kv_like(2, 2, 40, 64, dtype=torch.float16, seed=1).to(DEVICE)
+    reason = get_backend("triton").why_unsupported(p, x)
+    if any(t.type not in ("nsep", "rot") for t in p.transforms):  # e.g. a plugin's transform
+        assert reason and "transforms" in reason
+        assert p.quantize(x).codes.shape == p.quantize(x, backend="torch").codes.shape
+        return
+    assert reason is None
+    if p.is_identity:
+        assert torch.equal(p.roundtrip(x, backend="triton"), x)
+    else:
+        assert_parity(p, x)
+
+
+def test_ties_round_half_to_even():
+    # absmax 7 -> scale exactly 1: values land exactly on .5 ties
+    row = torch.tensor([7.0, 0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 4.5, -5.5, 6.5, 0.0, 5.0, 3.0,
+                        -6.5, 1.0])
+    x = row.repeat(1, 1, 3, 4).to(DEVICE)
+    p = kvq.build("ptok>int4")
+    tri = p.quantize(x, backend="triton")
+    assert torch.equal(tri.codes, p.quantize(x, backend="torch").codes)
+    assert torch.equal(p.dequantize(tri, backend="triton")[0, 0, 0, :16], torch.round(row).to(DEVICE))
+
+
+@pytest.mark.parametrize("spec", ["nsep>pchan>int4", "group(16)>int4(asym)", "rot>nsep>ptok>int3"])
+def test_zero_and_constant_groups(spec):
+    x = kv_like(1, 2, 9, 64, seed=3)
+    x[0, 0, 2] = 0  # a zero token: norm 0, scale 0
+    x[0, 1, :, 5] = 0.25  # a constant channel: zero range for per-channel asym
+    assert_parity(kvq.build(spec), x.to(DEVICE))
+
+
+def test_unsupported_pipeline_raises_why():
+    x = kv_like(1, 1, 8, 48).to(DEVICE)
+    with pytest.raises(BackendError, match="power-of-two group"):
+        kvq.build("group(24)>int4").quantize(x, backend="triton")
+    with pytest.raises(BackendError, match="head_dim 640"):
+        kvq.build("ptok>int4").quantize(kv_like(1, 1, 4, 640).to(DEVICE), backend="triton")
+
+
+def test_dequantize_any_channel_group():
+    # group(24) has no quantize kernel, but the dequantize kernel reads any channel group
+    p, x = kvq.build("group(24)>int4(asym)"), kv_like(2, 1, 5, 48, seed=2).to(DEVICE)
+    q = p.quantize(x, backend="torch")
+    torch.testing.assert_close(p.dequantize(q, backend="triton"), p.dequantize(q, backend="torch"))
+
+
+def test_cpu_tensor_without_interpreter_says_why(monkeypatch):
+    backend = get_backend("triton")
+    monkeypatch.setattr(type(backend), "interpreted", property(lambda self: False))
+    reason = backend.why_unsupported(kvq.build("ptok>int4"), torch.zeros(1, 1, 2, 64))
+    assert "CUDA" in reason and "TRITON_INTERPRET" in reason
+
+
+@pytest.mark.parametrize("spec,value", [("nsep>pchan>int4", 1e4), ("ptok>int8", 1e7)])
+def test_float16_metadata_overflow_raises_like_reference(spec, value):
+    x = torch.full((1, 1, 4, 64), value).to(DEVICE)
+    with pytest.raises(NumericsError, match="overflows float16"):
+        kvq.build(spec).quantize(x, backend="triton")
