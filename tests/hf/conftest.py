@@ -1,65 +1,11 @@
-"""Tiny random models (2 layers, hidden 64) of every family KVQCache is tested with.
-
-Real sizes for orientation: SmolLM2-135M (Llama) 30 layers, hidden 576, 9 heads, 3 KV heads.
-"""
+"""Fixtures for the kvq.hf tests; the tiny models live in hf_models.py."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-import transformers as tf
-
-VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def family_configs() -> dict:
-    """Family name -> config; head_dim 16 everywhere, grouped/multi-query KV where the family has it."""
-    llama_like = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=96, **COMMON)
-    return {
-        "gpt2": tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, **COMMON),
-        "opt": tf.OPTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                            ffn_dim=96, word_embed_proj_dim=64, max_position_embeddings=128,
-                            **COMMON),
-        "gpt_neox": tf.GPTNeoXConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                     intermediate_size=96, rotary_pct=0.25,
-                                     max_position_embeddings=128, **COMMON),
-        "qwen2": tf.Qwen2Config(**llama_like),
-        "llama": tf.LlamaConfig(**llama_like),
-        "mistral": tf.MistralConfig(**llama_like, sliding_window=12),
-        "falcon": tf.FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                                  **COMMON),  # multi-query: one KV head
-        "gptj": tf.GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=128,
-                              **COMMON),
-        "phi3": tf.Phi3Config(**llama_like),
-        "gemma": tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}, head_dim=16),
-    }
-
-
-_MODELS: dict = {}
-
-
-def tiny_model(family: str):
-    """A seeded random model in eval mode (built once per session)."""
-    if family not in _MODELS:
-        torch.manual_seed(0)
-        config = family_configs()[family]
-        config._attn_implementation = "sdpa"
-        _MODELS[family] = tf.AutoModelForCausalLM.from_config(config).eval()
-    return _MODELS[family]
+from hf_models import tiny_model
 
 
 @pytest.fixture
 def llama():
     return tiny_model("llama")
-
-
-def left_padded(batch: int = 2, seq: int = 20, pads=(0, 5), seed: int = 0):
-    """(input_ids, attention_mask) with ``pads[i]`` left pad tokens in row i."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    for i, p in enumerate(pads[:batch]):
-        ids[i, :p], mask[i, :p] = 0, 0
-    return ids, mask
