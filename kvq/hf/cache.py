@@ -52,8 +52,8 @@ class KVQCache(Cache):
         self.kv_config, self.geometry = cfg, geom
         self.options = dict(prefill=prefill, residual=residual, block=block, backend=backend,
                             keep_dequantized=keep_dequantized)
-        layers = [KVQLayer(*cfg.for_layer(i), layer_idx=i, **self.options)
-                  for i in range(geom.num_layers)]
+        layers = [KVQLayer(*cfg.for_layer(i), layer_idx=i, sliding_window=geom.sliding_windows[i],
+                           **self.options) for i in range(geom.num_layers)]
         super().__init__(layers=layers)
 
     @classmethod

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from kvq.errors import KVQError
 
-#: Layer types a :class:`~kvq.hf.KVQCache` can hold. Sliding-window layers keep every token and
-#: rely on the model's sliding-window mask (see docs/hf-cache.md).
+#: Layer types a :class:`~kvq.hf.KVQCache` can hold. Sliding-window layers show attention the same
+#: window as transformers' ``DynamicSlidingWindowLayer`` but keep older tokens (see docs/hf-cache.md).
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -20,6 +20,7 @@ class KVGeometry:
     kv_heads: int
     layer_types: tuple[str, ...]
     model_type: str
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; None for full attention
 
 
 def kv_geometry(model_config) -> KVGeometry:
@@ -42,7 +43,7 @@ def kv_geometry(model_config) -> KVGeometry:
                        f"(num_attention_heads={heads}, num_hidden_layers={layers}); "
                        "KVQCache only holds (batch, kv_heads, seq, head_dim) attention K/V")
     try:
-        layer_types, _ = get_layer_types_and_kwargs(cfg)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(cfg)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds here
         raise KVQError(f"cannot read the layer types of model type {mtype!r}: {err}") from None
     bad = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
@@ -54,4 +55,7 @@ def kv_geometry(model_config) -> KVGeometry:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
         kv_heads = 1  # Falcon multi-query
-    return KVGeometry(int(layers), int(head_dim), int(kv_heads), tuple(layer_types), mtype)
+    windows = tuple(kw.get("sliding_window") if t == "sliding_attention" else None
+                    for t, kw in zip(layer_types, layer_kwargs))
+    return KVGeometry(int(layers), int(head_dim), int(kv_heads), tuple(layer_types), mtype,
+                      windows)

@@ -43,6 +43,10 @@ class KVQLayer(DynamicLayer):
         keep_dequantized: also keep a dequantized working copy of the quantized blocks, so a
             decode step does not dequantize the whole cache (faster, but holds model-dtype K/V
             beside the packed blocks; :meth:`memory` counts it).
+        sliding_window: for sliding-window attention layers (Mistral...): ``update`` returns and
+            ``get_mask_sizes`` announces the same window as ``DynamicSlidingWindowLayer``
+            (``sliding_window - 1`` past tokens plus the new ones); older tokens are kept, not
+            evicted, so memory is not bounded by the window.
         layer_idx: for error messages.
 
     ``self.keys`` / ``self.values`` are the residual window (as in HF's ``QuantizedLayer``).
@@ -50,8 +54,10 @@ class KVQLayer(DynamicLayer):
 
     def __init__(self, keys, values, *, prefill: PrefillMode = "quantized", residual: int = 128,
                  block: int = 32, backend: str = "auto", keep_dequantized: bool = False,
-                 layer_idx: int | None = None):
+                 sliding_window: int | None = None, layer_idx: int | None = None):
         super().__init__()
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.key_pipeline, self.value_pipeline = keys, values
         self.prefill, self.residual, self.block = prefill, residual, block
         self.keep_dequantized, self.layer_idx = keep_dequantized, layer_idx
@@ -94,7 +100,11 @@ class KVQLayer(DynamicLayer):
             self._flush()
         if first and self.prefill == "exact":
             return key_states, value_states
-        return self._read()
+        keys, values = self._read()
+        if self.sliding_window is not None and not first:
+            visible = min(start, self.sliding_window - 1) + key_states.shape[-2]
+            keys, values = keys[:, :, -visible:], values[:, :, -visible:]
+        return keys, values
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -102,10 +112,14 @@ class KVQLayer(DynamicLayer):
         return len(self.k_store) + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        seen = self.get_seq_length()
+        if self.sliding_window is None:
+            return seen + query_length, 0
+        offset = max(seen - self.sliding_window + 1, 0)
+        return min(seen, self.sliding_window - 1) + query_length, offset
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         super().reset()

@@ -43,9 +43,7 @@ def tiny_model(family: str):
     """A seeded random model in eval mode (built once per session)."""
     if family not in _MODELS:
         torch.manual_seed(0)
-        config = family_configs()[family]
-        config._attn_implementation = "sdpa"
-        _MODELS[family] = tf.AutoModelForCausalLM.from_config(config).eval()
+        _MODELS[family] = tf.AutoModelForCausalLM.from_config(family_configs()[family]).eval()
     return _MODELS[family]
 
 
