@@ -59,9 +59,19 @@ def test_schema(capsys):
     (["explain", "int4", "--head-dim", "0"], ["--head-dim must be at least 1"]),
     (["explain", "group(64)>int4", "--head-dim", "80"], ["does not divide head_dim 80"]),
     (["validate", "missing.yaml"], ["no such pipeline file"]),
+])
+def test_bad_input_exits_2_with_one_line(capsys, argv, words):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["explain", "nsep>pchan>int9"], ["bit width 9"]),
     (["frobnicate"], ["invalid choice"]),
 ])
-def test_bad_input_exits_2_without_traceback(argv, words):
+def test_installed_command_exits_2_without_traceback(argv, words):
     proc = subprocess.run([sys.executable, "-m", "kvq.cli.main", *argv], capture_output=True,
                           text=True)
     assert proc.returncode == 2

@@ -41,10 +41,19 @@ def test_did_you_mean():
 
 
 def test_explicit_triton_request_explains_itself():
-    import torch
+    """On a CPU tensor without the interpreter, asking for Triton names the reason."""
+    import os
+    import subprocess
+    import sys
 
-    with pytest.raises(kvq.KVQError, match="triton"):
-        kvq.build("ptok>int4").quantize(torch.randn(1, 1, 4, 64), backend="triton")
+    code = ("import torch, kvq\n"
+            "try:\n"
+            "    kvq.build('ptok>int4').quantize(torch.randn(1, 1, 4, 64), backend='triton')\n"
+            "except kvq.BackendError as e:\n"
+            "    print('BackendError:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "BackendError: backend 'triton' cannot run 'ptok>int4'" in proc.stdout, proc.stderr
 
 
 def test_import_has_no_side_effects():
