@@ -4,7 +4,7 @@ With ``keep_dequantized=True`` a layer keeps, besides its packed blocks, one (B,
 buffer per stream: positions [0, quantized) hold the dequantized blocks (written once, when a block
 is quantized), the rest the exact residual tokens. A decode step writes its new token in place and
 returns a view of the first ``n`` positions, so nothing is copied or dequantized per step. The cost
-is memory: the buffer is as large as an uncompressed cache (capacity grows by doubling).
+is memory: the buffer is as large as an uncompressed cache (plus up to 25% spare capacity).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class WorkingCopy:
         """Store x (B, H, T, D) at positions [pos, pos + T), growing the buffer if needed."""
         end = pos + x.shape[-2]
         if self.buf is None or end > self.buf.shape[-2]:
-            cap = max(end, 256 if self.buf is None else 2 * self.buf.shape[-2])
+            cap = end + max(256, end // 4)  # amortised growth, at most 25% (or 256 tokens) spare
             new = x.new_empty((*x.shape[:2], cap, x.shape[-1]))
             if self.buf is not None:
                 new[:, :, :pos] = self.buf[:, :, :pos]
