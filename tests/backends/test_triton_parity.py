@@ -58,7 +58,8 @@ def _full_cases():
         for t in SEQS[1:]:  # pchan needs >= 2 tokens
             for b in (1, 3):
                 for dtype in DTYPES:
-                    yield pytest.param(FULL, d, t, b, dtype, id=f"{FULL}-{_shape_id(d, t, b, dtype)}")
+                    yield pytest.param(FULL, d, t, b, dtype,
+                                       id=f"{FULL}-{_shape_id(d, t, b, dtype)}")
 
 
 def _diagonal_cases(per_pipeline=3):
@@ -162,7 +163,8 @@ def test_ties_round_half_to_even():
     p = kvq.build("ptok>int4")
     tri = p.quantize(x, backend="triton")
     assert torch.equal(tri.codes, p.quantize(x, backend="torch").codes)
-    assert torch.equal(p.dequantize(tri, backend="triton")[0, 0, 0, :16], torch.round(row).to(DEVICE))
+    out = p.dequantize(tri, backend="triton")[0, 0, 0, :16]
+    assert torch.equal(out, torch.round(row).to(DEVICE))
 
 
 @pytest.mark.parametrize("spec", ["nsep>pchan>int4", "group(16)>int4(asym)", "rot>nsep>ptok>int3"])

@@ -13,7 +13,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 # 1.5 * 2**23: adding and subtracting it rounds a float32 |v| < 2**22 to an integer, half to even
 # (the IEEE default rounding mode), exactly like torch.round. Callers clamp v first.
-_RNE_MAGIC = 12582912.0
+_RNE_MAGIC = tl.constexpr(12582912.0)
 
 
 def is_interpreted(kernel) -> bool:
@@ -30,11 +30,11 @@ def tiles(n_rows: int, dp: int, interpreted: bool) -> tuple[int, int]:
     """(BT rows per tile, BK reduction chunk of the rotation dot) for n_rows rows of width dp.
 
     Interpreter: one big tile (up to 2**18 values; its cost is per op, not per element).
-    GPU: about 4K fp32 values per tile, rotation in 32-wide chunks (reasonable, not tuned).
+    GPU: about 2K fp32 values per tile, rotation in 16/32-wide chunks (reasonable, not tuned).
     """
     if interpreted:
         return max(16, min(triton.next_power_of_2(n_rows), 2**18 // dp)), dp
-    return max(16, min(64, 4096 // dp)), min(dp, 32)
+    return max(16, min(64, 2048 // dp)), min(dp, 16 if dp >= 256 else 32)
 
 
 def token_tiles(t: int, tg: int, dp: int, interpreted: bool) -> tuple[int, int, bool]:
@@ -44,13 +44,19 @@ def token_tiles(t: int, tg: int, dp: int, interpreted: bool) -> tuple[int, int, 
     sequence), so one pass suffices; otherwise blocks are streamed in BT-token tiles twice.
     """
     bt = tiles(t, dp, interpreted)[0]
-    cap = 2**18 if interpreted else 2**15
+    cap = 2**18 if interpreted else 2**13
     if tg >= t and triton.next_power_of_2(t) * dp <= cap:  # the whole sequence is one block
         g = max(16, triton.next_power_of_2(t))
         return g, g, True
     if tg < t and tg & (tg - 1) == 0 and tg * dp <= cap:
         return max(bt, tg), tg, True
     return bt, tg, False
+
+
+def launch_options(bt: int, dp: int) -> dict:
+    """Launch options: 8 warps for tiles over 4K values; no fused multiply-add, so every product
+    and sum is rounded as in the torch reference."""
+    return dict(num_warps=8 if bt * dp > 4096 else 4, enable_fp_fusion=False)
 
 
 def row_bytes(d: int, bits: int) -> int:
@@ -168,23 +174,30 @@ def pack_store(codes_ptr, rows, rmask, u, RB,
                BT: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr):
     """Bit-pack codes u (BT, DP) int32 into rows of codes (N, RB) uint8 (contract layout).
 
-    Every 8 consecutive codes form one little-endian BITS*8-bit word = BITS bytes; u must be 0
-    on padded channels. BITS 8 stores bytes as they are.
+    u must be 0 on padded channels. int8: one code per byte; int2/int4: 8 // BITS codes per byte,
+    one dense (BT, DP * BITS // 8) store; int3: every 8 codes form a little-endian 24-bit word
+    stored as 3 bytes.
     """
     if BITS == 8:
         cols = tl.arange(0, DP)
-        mask = rmask[:, None] & (cols < RB)[None, :]
-        tl.store(codes_ptr + rows[:, None] * RB + cols[None, :], u.to(tl.uint8), mask=mask)
-    else:
+        tl.store(codes_ptr + rows[:, None] * RB + cols[None, :], u.to(tl.uint8),
+                 mask=rmask[:, None] & (cols < RB)[None, :])
+    elif BITS == 3:
         u3 = tl.reshape(u, (BT, DP // 8, 8))
-        shifts = tl.arange(0, 8) * BITS
-        word = tl.sum(u3 << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
+        word = tl.sum(u3 << (tl.arange(0, 8) * 3)[None, None, :], axis=2)
         jb = tl.arange(0, 4)
         byte = (word[:, :, None] >> (jb * 8)[None, None, :]) & 255
         k8 = tl.arange(0, DP // 8)
-        offs = rows[:, None, None] * RB + (k8 * BITS)[None, :, None] + jb[None, None, :]
-        mask = rmask[:, None, None] & (k8 * BITS < RB)[None, :, None] & (jb < BITS)[None, None, :]
+        offs = rows[:, None, None] * RB + (k8 * 3)[None, :, None] + jb[None, None, :]
+        mask = rmask[:, None, None] & (k8 * 3 < RB)[None, :, None] & (jb < 3)[None, None, :]
         tl.store(codes_ptr + offs, byte.to(tl.uint8), mask=mask)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        u3 = tl.reshape(u, (BT, DP // PER, PER))
+        byte = tl.sum(u3 << (tl.arange(0, PER) * BITS)[None, None, :], axis=2)  # sum == or
+        cols = tl.arange(0, DP // PER)
+        tl.store(codes_ptr + rows[:, None] * RB + cols[None, :], byte.to(tl.uint8),
+                 mask=rmask[:, None] & (cols < RB)[None, :])
 
 
 @triton.jit

@@ -7,8 +7,9 @@ kernels never look at pipeline step models. `KernelPlan.from_pipeline` builds on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -67,7 +68,8 @@ class KernelPlan:
             raise Unsupported(f"granularity {gran.to_spec()!r} has no kernel")
         nsep = next((t for t in pipeline.transforms if t.type == "nsep"), None)
         rot = next((t for t in pipeline.transforms if t.type == "rot"), None)
-        nsep_pos = 0 if nsep is None else (2 if rot and names.index("rot") < names.index("nsep") else 1)
+        after_rot = names == ["rot", "nsep"]
+        nsep_pos = 0 if nsep is None else (2 if after_rot else 1)
         return cls(bits=quant.bits, asym=quant.scheme == "asym", gran=kind, group=group,
                    nsep=nsep_pos, renorm=nsep.renorm if nsep else True,
                    rot=rot.matrix if rot else None, meta_dtype=TORCH_DTYPES[quant.dtype],
@@ -85,7 +87,7 @@ class KernelPlan:
                 raise Unsupported(f"packed codes of shape {tuple(x.shape)} do not fit the kernels")
             return
         if x.dim() != 4:
-            raise Unsupported(f"expects x of shape (batch, kv_heads, seq, head_dim), got {tuple(x.shape)}")
+            raise Unsupported(f"expects (batch, kv_heads, seq, head_dim), got {tuple(x.shape)}")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise Unsupported(f"dtype {x.dtype} is not float16/bfloat16/float32")
         d = x.shape[-1]
@@ -94,4 +96,5 @@ class KernelPlan:
         if self.gran == "group_channel":
             g = self.group
             if g & (g - 1) or g > d or d % g:
-                raise Unsupported(f"group({g}, channel) needs a power-of-two group dividing head_dim {d}")
+                raise Unsupported(f"group({g}, channel) needs a power-of-two group dividing "
+                                  f"head_dim {d}")

@@ -19,8 +19,16 @@ import triton
 import triton.language as tl
 
 from kvq.backends.triton.common import (
-    cast_rne, is_interpreted, load_transformed, pack_store, padded_dim, quantize_codes,
-    row_bytes, tiles, token_tiles,
+    cast_rne,
+    is_interpreted,
+    launch_options,
+    load_transformed,
+    pack_store,
+    padded_dim,
+    quantize_codes,
+    row_bytes,
+    tiles,
+    token_tiles,
 )
 from kvq.backends.triton.plan import KernelPlan
 
@@ -214,6 +222,6 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
     flags = torch.zeros(grid[0] * (grid[1] if len(grid) > 1 else 1), dtype=torch.int32, device=dev)
     kernel[grid](x, rmat, codes, meta.get("norm", codes), meta["scale"], meta.get("zero", codes),
                  flags, *args, BT=bt, DP=dp, BK=bk, NSEP=plan.nsep, HAS_ROT=plan.rot is not None,
-                 BITS=plan.bits, ASYM=plan.asym, **extra)
+                 BITS=plan.bits, ASYM=plan.asym, **extra, **launch_options(bt, dp))
     fp16_meta = any(m.dtype == torch.float16 for m in meta.values())
     return codes, meta, fp16_meta and bool(flags.any())

@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 
 from kvq.backends.triton.common import (
-    cast_rne, dequantize_codes, is_interpreted, padded_dim, row_bytes, tiles, unit_rows, unpack_load,
+    cast_rne,
+    dequantize_codes,
+    is_interpreted,
+    launch_options,
+    padded_dim,
+    row_bytes,
+    tiles,
+    unit_rows,
+    unpack_load,
 )
 from kvq.backends.triton.plan import KernelPlan
 
@@ -63,7 +71,8 @@ def _dequantize_kernel(
             y, _ = unit_rows(y)
         y = y * n[:, None]
     mask = rmask[:, None] & (cols < D)[None, :]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], cast_rne(y, out_ptr.dtype.element_ty), mask=mask)
+    out = cast_rne(y, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out, mask=mask)
 
 
 def unpack_dequantize(plan: KernelPlan, codes: torch.Tensor, meta: dict[str, torch.Tensor],
@@ -89,6 +98,6 @@ def unpack_dequantize(plan: KernelPlan, codes: torch.Tensor, meta: dict[str, tor
     _dequantize_kernel[(triton.cdiv(n, bt),)](
         codes.contiguous(), norm, scale, zero, rmat, out, n, T, D, rb, nt, nc, tgs, cgs,
         BT=bt, DP=dp, BK=bk, NSEP=plan.nsep, RENORM=plan.renorm, HAS_ROT=plan.rot is not None,
-        BITS=plan.bits, ASYM=plan.asym,
+        BITS=plan.bits, ASYM=plan.asym, **launch_options(bt, dp),
     )
     return out
