@@ -1,4 +1,4 @@
-"""Decode speed and bytes at rest: DynamicCache vs KVQCache vs transformers' QuantizedCache (quanto).
+"""Decode speed and bytes at rest: DynamicCache vs KVQCache vs transformers' QuantizedCache.
 
 SmolLM2-135M-Instruct (kvq's default evaluation model), CPU, fp32. For each prompt length: one
 prefill forward, then greedy decode of ``--new`` tokens, each cache measured in the same run, so
@@ -48,7 +48,7 @@ def run_interleaved(model, caches: dict, prompt: torch.Tensor, steps: dict) -> d
         state[name] = dict(prefill_s=time.perf_counter() - t0, decode_s=0.0, new=steps[name],
                            tokens=[], nxt=out.logits[:, -1:].argmax(-1), cache=cache)
     for i in range(max(steps.values())):
-        for name, st in state.items():
+        for st in state.values():
             if i >= st["new"]:
                 continue
             st["tokens"].append(int(st["nxt"]))
@@ -72,7 +72,8 @@ def prompt_ids(tokenizer, n: int) -> torch.Tensor:
             return ids
     except Exception as err:  # noqa: BLE001 - any failure falls back to random ids
         print(f"# corpus unavailable ({err}); random prompt ids")
-    return torch.randint(0, tokenizer.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, tokenizer.vocab_size, (1, n), generator=g)
 
 
 def tensor_bytes(obj) -> int:

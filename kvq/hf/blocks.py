@@ -76,7 +76,8 @@ class BlockStore:
         """Bytes really held: packed codes and all metadata (cropped tokens included)."""
         return sum(s.q.nbytes for s in self.segments)
 
-    def append(self, x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> QuantizedTensor:
+    def append(self, x: torch.Tensor, block: int,
+               valid: torch.Tensor | None = None) -> QuantizedTensor:
         """Quantize ``x`` (B, H, n*block, D) as ``n`` blocks and append them.
 
         ``valid`` (B, n*block) bool marks real tokens; pad rows are excluded from token-axis

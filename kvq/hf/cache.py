@@ -58,14 +58,14 @@ class KVQCache(Cache):
 
     @classmethod
     def from_spec(cls, spec: Any, model_config, **options) -> KVQCache:
-        """``KVQCache(spec, model_config, **options)``: spec string, preset, path, dict or KVConfig."""
+        """Same as ``KVQCache(spec, model_config, **options)``."""
         return cls(spec, model_config, **options)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"KVQCache({self.kv_config.label!r}, layers={len(self.layers)}, {opts})"
 
-    # padding ---------------------------------------------------------------------------------------
+    # padding ----------------------------------------------------------------------------------
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Tell the cache which positions are padding: ``attention_mask`` (batch, N), 1 = token,
         0 = pad, for positions 0..N-1 (later positions are real tokens). Pad rows are then kept
@@ -93,7 +93,7 @@ class KVQCache(Cache):
         finally:
             handle.remove()
 
-    # sizes -----------------------------------------------------------------------------------------
+    # sizes ----------------------------------------------------------------------------------
     def memory_report(self) -> MemoryReport:
         """Bytes held per layer and in total (quantized blocks with metadata, residual window,
         working copy) vs an fp16 cache of the same tokens; ``print()`` it for a table."""
@@ -132,7 +132,8 @@ def _check_options(cfg: KVConfig, geom: KVGeometry, prefill: str, residual: int,
             tb = p.token_block
             if tb and block % tb:
                 raise KVQError(f"block={block} is not a multiple of the token group {tb} of the "
-                               f"{role} pipeline {p.to_spec()!r} (layer {i}); use block={tb * max(1, block // tb)}")
+                               f"{role} pipeline {p.to_spec()!r} (layer {i}); use "
+                               f"block={tb * max(1, block // tb)}")
             if p.token_axis_stats and block < 2:
                 raise KVQError(f"block={block}: the {role} pipeline {p.to_spec()!r} takes "
                                "statistics over tokens, so blocks need at least 2 tokens")

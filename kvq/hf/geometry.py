@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from kvq.errors import KVQError
 
 #: Layer types a :class:`~kvq.hf.KVQCache` can hold. Sliding-window layers show attention the same
-#: window as transformers' ``DynamicSlidingWindowLayer`` but keep older tokens (see docs/hf-cache.md).
+#: window as transformers' ``DynamicSlidingWindowLayer`` but keep older tokens (docs/hf-cache.md).
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 

@@ -71,7 +71,7 @@ class KVQLayer(DynamicLayer):
                 f"{self.value_pipeline.to_spec()!r}, prefill={self.prefill!r}, "
                 f"residual={self.residual}, block={self.block})")
 
-    # transformers CacheLayerMixin API ------------------------------------------------------------
+    # transformers CacheLayerMixin API ----------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h = key_states.shape[:2]
@@ -152,13 +152,13 @@ class KVQLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
 
-    # padding ---------------------------------------------------------------------------------------
+    # padding ----------------------------------------------------------------------------------
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
         """Mark real tokens: ``attention_mask`` (batch, N), 1 = token, 0 = pad, for absolute
         positions 0..N-1 of this layer; later positions count as real. ``None`` clears it."""
         self._valid = None if attention_mask is None else attention_mask.to(torch.bool)
 
-    # sizes -----------------------------------------------------------------------------------------
+    # sizes ----------------------------------------------------------------------------------
     def memory(self) -> dict[str, int]:
         """Bytes and tokens really held (K and V together)."""
         if not self.is_initialized:
@@ -182,7 +182,7 @@ class KVQLayer(DynamicLayer):
         m = self.memory()
         return m["quantized_bytes"] + m["residual_bytes"] + m["working_bytes"]
 
-    # internals -------------------------------------------------------------------------------------
+    # internals ----------------------------------------------------------------------------------
     def _write_prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize every prompt token: whole blocks, then the tail as one shorter block. A lone
         tail token joins the last block (token statistics need two tokens); a one-token prompt

@@ -13,7 +13,8 @@ COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def family_configs() -> dict:
-    """Family name -> config; head_dim 16 everywhere, grouped/multi-query KV where the family has it."""
+    """Family name -> config; head_dim 16 everywhere; grouped / multi-query KV where the family
+    has it."""
     llama_like = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=96, **COMMON)
     return {

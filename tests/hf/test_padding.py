@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 import transformers as tf
+from hf_models import left_padded
 
 import kvq
 from kvq.hf import KVQCache
 from kvq.hf.padding import fill_pads
-
-from hf_models import left_padded
 
 CFG = tf.LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
                      num_key_value_heads=2, intermediate_size=64, vocab_size=64)  # head_dim 32

@@ -180,3 +180,14 @@ def test_lengths_masks_reset_and_bytes():
     assert cache.get_seq_length() == 0 and cache.nbytes == 0
     cache.update(*kv(t=3), 0)
     assert cache.get_seq_length() == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_kv_come_back_in_their_dtype(dtype):
+    cache = KVQCache(SPEC, CFG, residual=2, block=4, keep_dequantized=True)
+    k, v = (t.to(dtype) for t in kv(t=9))
+    out_k, out_v = cache.update(k, v, 0)
+    assert out_k.dtype == out_v.dtype == dtype and out_k.shape == k.shape
+    out_k, _ = cache.update(*(t.to(dtype) for t in kv(seed=3)), 0)
+    assert out_k.dtype == dtype and out_k.shape[-2] == 10
+    assert cache.memory_report().total.residual_bytes == 2 * 2 * 64 * 1 * 2  # 1 token, 2 bytes
