@@ -1,0 +1,106 @@
+"""Triton quantize+pack and unpack+dequantize throughput vs a device-to-device copy and vs torch.
+
+    python benchmarks/bench_triton.py                       # CUDA: (8, 32, 4096, 128) fp16
+    python benchmarks/bench_triton.py --shape 1,8,4096,128 --pipelines "nsep>pchan>int4;ptok>int8"
+    TRITON_INTERPRET=1 python benchmarks/bench_triton.py    # CPU interpreter: correctness only
+
+Per pipeline it prints the time of the Triton backend's quantize (transforms + quantize + pack)
+and dequantize (unpack + dequantize + inverse transforms), their effective bandwidth (bytes read
+plus bytes written: the fp16 input and the packed codes with metadata) as a fraction of the
+bandwidth of ``y.copy_(x)`` measured in the same run, the speed-up over the torch backend on the
+same device, and whether the codes equal the torch reference's. Under the interpreter the
+figures only show that it runs: it is a numpy emulation, not a performance measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+PIPELINES = ["ptok>int4", "nsep>pchan>int4", "nsep>pchan>int3", "nsep>pchan>int2",
+             "group(32,token)>int4(asym)", "group(32)>int4(asym)", "rot>ptok>int4(asym)",
+             "ptok>int8"]
+
+
+def _timer(device: str, repeats: int):
+    """ms of fn(): triton.testing.do_bench on CUDA (median, L2 flushed), wall clock otherwise."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=max(repeats, 100), return_mode="median")
+
+    def wall(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    return wall
+
+
+def _measure(bench, backend, p, x, q) -> tuple[float, float]:
+    """(quantize ms, dequantize ms) of one backend."""
+    return bench(lambda: backend.quantize(p, x)), bench(lambda: backend.dequantize(p, q))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default=None, help="B,H,T,D (CUDA default 8,32,4096,128; "
+                    "interpreter default 1,2,256,128)")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--pipelines", default=";".join(PIPELINES), help="';'-separated specs")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
+    if not torch.cuda.is_available() and not interpreted:
+        print("bench_triton: no CUDA device, nothing to measure. The Triton kernels need a GPU; "
+              "set TRITON_INTERPRET=1 to run them in the (slow, correctness-only) interpreter.")
+        return 0
+    import kvq
+    from kvq.backends import get_backend
+
+    device = "cpu" if interpreted else "cuda"
+    shape = tuple(int(s) for s in (args.shape or ("1,2,256,128" if interpreted
+                                                  else "8,32,4096,128")).split(","))
+    x = torch.randn(shape, dtype=getattr(torch, args.dtype), device=device)
+    y = torch.empty_like(x)
+    bench = _timer(device, args.repeats)
+    t_copy = bench(lambda: y.copy_(x))
+    copy_gbs = 2 * x.nbytes / t_copy / 1e6
+    triton, ref = get_backend("triton"), get_backend("torch")
+    where = "Triton interpreter on CPU (not a performance figure)" if interpreted else \
+        torch.cuda.get_device_name()
+    print(f"shape {shape} {args.dtype} on {where}; torch {torch.__version__}")
+    print(f"baseline y.copy_(x): {t_copy:.3f} ms, {copy_gbs:.1f} GB/s (read + write)\n")
+    print(f"{'pipeline':<28} {'quant ms':>9} {'q %copy':>8} {'q vs torch':>10} "
+          f"{'deq ms':>8} {'dq %copy':>8} {'dq vs torch':>11}  codes = torch")
+    for spec in [s.strip() for s in args.pipelines.split(";") if s.strip()]:
+        p = kvq.build(spec)
+        reason = triton.why_unsupported(p, x)
+        if reason:
+            print(f"{spec:<28} skipped: {reason}")
+            continue
+        q, qr = triton.quantize(p, x), ref.quantize(p, x)
+        moved = int((q.codes != qr.codes).sum())
+        moved_txt = "yes" if moved == 0 else f"no ({moved} bytes differ)"
+        nbytes = x.nbytes + q.nbytes  # each op reads one side and writes the other
+        t_q, t_d = _measure(bench, triton, p, x, q)
+        t_qr, t_dr = _measure(bench, ref, p, x, qr)
+        frac_q = nbytes / t_q / 1e6 / copy_gbs
+        frac_d = nbytes / t_d / 1e6 / copy_gbs
+        print(f"{spec:<28} {t_q:9.3f} {100 * frac_q:7.3g}% {t_qr / t_q:9.3g}x {t_d:8.3f} "
+              f"{100 * frac_d:7.3g}% {t_dr / t_d:10.3g}x  {moved_txt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
