@@ -23,3 +23,9 @@ def geometry(model_config) -> tuple[int, int, int]:
 def is_identity(cfg: KVConfig) -> bool:
     """True when no pipeline of ``cfg`` quantizes (the ``fp16`` reference)."""
     return all(p.is_identity for p in cfg.pipelines())
+
+
+def fp16_bytes(model_config, tokens: int) -> int:
+    """Bytes of ``tokens`` tokens of K and V over all layers at 2 bytes per element."""
+    layers, kv_heads, head_dim = geometry(model_config)
+    return 2 * layers * kv_heads * head_dim * tokens * 2

@@ -8,7 +8,6 @@ from typing import Callable
 
 import torch
 
-from kvq.eval.caches import geometry
 from kvq.kvconfig import KVConfig
 
 
@@ -57,9 +56,3 @@ class Protocol:
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed cross-entropy of ``targets`` (T,) under ``logits`` (T, vocab), in float32."""
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
-
-
-def fp16_bytes(model_config, tokens: int) -> int:
-    """Bytes of ``tokens`` tokens of K and V over all layers at 2 bytes per element."""
-    layers, kv_heads, head_dim = geometry(model_config)
-    return 2 * layers * kv_heads * head_dim * tokens * 2

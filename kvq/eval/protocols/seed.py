@@ -13,8 +13,9 @@ import time
 
 import torch
 
+from kvq.eval.caches import fp16_bytes
 from kvq.eval.errors import EvalError
-from kvq.eval.protocols.base import Protocol, Score, fp16_bytes, nll_sum
+from kvq.eval.protocols.base import Protocol, Score, nll_sum
 
 
 class Seed(Protocol):

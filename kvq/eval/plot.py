@@ -1,0 +1,68 @@
+"""PNG plot of a comparison report (matplotlib, Agg backend; no display needed).
+
+Panels: ΔPPL vs context length for each protocol (one line per pipeline, symlog y axis), ΔPPL vs
+bits/element at the longest context for the first protocol, and exact match vs haystack length
+when the needle task ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_png(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    ppl = [r for r in rows if r["task"] == "ppl"]
+    needle = [r for r in rows if r["task"] == "needle"]
+    protocols = list(dict.fromkeys(r["protocol"] for r in ppl))
+    panels = len(protocols) + (1 if ppl else 0) + (1 if needle else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    for proto in protocols:
+        ax = axes.pop(0)
+        for label, pts in _series([r for r in ppl if r["protocol"] == proto], "context", "delta").items():
+            if label != "fp16":
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(title=f"ΔPPL vs context ({proto})", xlabel="context (tokens)", ylabel="ΔPPL vs fp16")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.legend(fontsize=7)
+    if ppl:
+        ax = axes.pop(0)
+        first = [r for r in ppl if r["protocol"] == protocols[0]]
+        longest = max(r["context"] for r in first)
+        for r in first:
+            if r["context"] == longest and r["pipeline"] != "fp16":
+                ax.scatter(r["bits_per_element"], r["delta"])
+                ax.annotate(r["pipeline"], (r["bits_per_element"], r["delta"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set(title=f"ΔPPL vs bits/element ({protocols[0]}, {longest} tokens)",
+               xlabel="stored bits per K/V element", ylabel="ΔPPL vs fp16")
+        ax.set_yscale("symlog", linthresh=0.1)
+    if needle:
+        ax = axes.pop(0)
+        for label, pts in _series(needle, "context", "value").items():
+            ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(title="needle-in-a-haystack", xlabel="haystack length (tokens)", ylabel="exact match",
+               ylim=(-0.05, 1.05))
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"kvq compare: {report['model']['name']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _series(rows: list[dict], x: str, y: str) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for r in rows:
+        if r[y] is not None:
+            out.setdefault(r["pipeline"], []).append((r[x], r[y]))
+    return {k: sorted(v) for k, v in out.items()}

@@ -1,0 +1,74 @@
+"""Write a comparison report (from :func:`kvq.eval.compare.run`) as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def write_json(report: dict, path: Path) -> Path:
+    """The whole report; NaN/inf become ``null``."""
+    path.write_text(json.dumps(_clean(report), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def markdown(report: dict) -> str:
+    """One table per (task, protocol): rows by context, then pipeline in run order."""
+    m = report["model"]
+    s = report["settings"]
+    head = (f"Model: {m['name']} ({m['layers']} layers, {m['kv_heads']} KV heads, head_dim "
+            f"{m['head_dim']}, {m['dtype']}); corpus: {s['corpus']}; {s['tokens']} tokens per "
+            f"context; total {report['seconds']:.0f} s on {report['machine']['threads']} threads.")
+    parts = [head]
+    for (task, protocol), rows in _groups(report["rows"]).items():
+        parts.append(f"\n**{task} / {protocol}**\n")
+        if task == "needle":
+            parts.append(_table(["length", "pipeline", "bits/elt", "exact match", "Δ vs fp16", "time s"],
+                                [[r["context"], r["pipeline"], _f(r["bits_per_element"], 2),
+                                  _f(r["value"], 2), _signed(r["delta"], 2), _f(r["seconds"], 1)] for r in rows]))
+        else:
+            parts.append(_table(["context", "pipeline", "bits/elt", "PPL", "ΔPPL", "cache KiB", "× fp16", "time s"],
+                                [[r["context"], r["pipeline"], _f(r["bits_per_element"], 2), _f(r["value"], 3),
+                                  _signed(r["delta"], 3), _f(r["cache_bytes"] / 1024, 0),
+                                  _f(r["cache_bytes"] / r["fp16_bytes"], 3) if r["fp16_bytes"] else "",
+                                  _f(r["seconds"], 1)] for r in rows]))
+    return "\n".join(parts) + "\n"
+
+
+def write_markdown(report: dict, path: Path) -> Path:
+    path.write_text(markdown(report), encoding="utf-8")
+    return path
+
+
+def _groups(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["task"], r["protocol"]), []).append(r)
+    return out
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i != 1 else ":---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _f(x, digits: int) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def _signed(x, digits: int) -> str:
+    return _f(x, digits) if x is None or not math.isfinite(x) else f"{x:+,.{digits}f}"
+
+
+def _clean(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
