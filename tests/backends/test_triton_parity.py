@@ -13,6 +13,9 @@ a per-dtype tolerance.
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +206,18 @@ def test_float16_metadata_overflow_raises_like_reference(spec, value):
     x = torch.full((1, 1, 4, 64), value).to(DEVICE)
     with pytest.raises(NumericsError, match="overflows float16"):
         kvq.build(spec).quantize(x, backend="triton")
+
+
+def test_kernels_compile_for_gpu():
+    """The interpreter accepts code the GPU compiler rejects: compile for sm_90 too (no GPU)."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("this triton build ships no ptxas")
+    from kvq.backends.triton.compile_check import PIPELINES
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "kvq.backends.triton.compile_check"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("_dequantize_kernel") == len(PIPELINES)

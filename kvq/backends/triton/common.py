@@ -16,6 +16,16 @@ from triton.runtime.interpreter import InterpretedFunction
 _RNE_MAGIC = tl.constexpr(12582912.0)
 
 
+_launch_hook = None  # set by compile_check.compile_only: launches compile instead of running
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs); inside ``compile_check.compile_only`` it only compiles."""
+    if _launch_hook is not None:
+        return _launch_hook(kernel, args, kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
 def is_interpreted(kernel) -> bool:
     """True when `kernel` runs under TRITON_INTERPRET=1 (numpy on the host)."""
     return isinstance(kernel, InterpretedFunction)

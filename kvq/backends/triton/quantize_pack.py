@@ -21,6 +21,7 @@ import triton.language as tl
 from kvq.backends.triton.common import (
     cast_rne,
     is_interpreted,
+    launch,
     launch_options,
     load_transformed,
     pack_store,
@@ -220,8 +221,9 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
     if plan.asym:
         meta["zero"] = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
     flags = torch.zeros(grid[0] * (grid[1] if len(grid) > 1 else 1), dtype=torch.int32, device=dev)
-    kernel[grid](x, rmat, codes, meta.get("norm", codes), meta["scale"], meta.get("zero", codes),
-                 flags, *args, BT=bt, DP=dp, BK=bk, NSEP=plan.nsep, HAS_ROT=plan.rot is not None,
-                 BITS=plan.bits, ASYM=plan.asym, **extra, **launch_options(bt, dp))
+    launch(kernel, grid, x, rmat, codes, meta.get("norm", codes), meta["scale"],
+           meta.get("zero", codes), flags, *args, BT=bt, DP=dp, BK=bk, NSEP=plan.nsep,
+           HAS_ROT=plan.rot is not None, BITS=plan.bits, ASYM=plan.asym, **extra,
+           **launch_options(bt, dp))
     fp16_meta = any(m.dtype == torch.float16 for m in meta.values())
     return codes, meta, fp16_meta and bool(flags.any())

@@ -18,6 +18,7 @@ from kvq.backends.triton.common import (
     cast_rne,
     dequantize_codes,
     is_interpreted,
+    launch,
     launch_options,
     padded_dim,
     row_bytes,
@@ -95,8 +96,9 @@ def unpack_dequantize(plan: KernelPlan, codes: torch.Tensor, meta: dict[str, tor
     out = torch.empty(shape, dtype=dtype, device=dev)
     n = B * H * T
     bt, bk = tiles(n, dp, is_interpreted(_dequantize_kernel))
-    _dequantize_kernel[(triton.cdiv(n, bt),)](
-        codes.contiguous(), norm, scale, zero, rmat, out, n, T, D, rb, nt, nc, tgs, cgs,
+    launch(
+        _dequantize_kernel, (triton.cdiv(n, bt),), codes.contiguous(), norm, scale, zero, rmat,
+        out, n, T, D, rb, nt, nc, tgs, cgs,
         BT=bt, DP=dp, BK=bk, NSEP=plan.nsep, RENORM=plan.renorm, HAS_ROT=plan.rot is not None,
         BITS=plan.bits, ASYM=plan.asym, **launch_options(bt, dp),
     )
