@@ -158,6 +158,23 @@ def test_presets(spec):
         assert_parity(p, x)
 
 
+@pytest.mark.parametrize("spec,d,t", [
+    ("nsep>pchan>int4", 128, 300),  # sequence streamed in tiles, two passes
+    ("nsep>rot>pchan>int3(asym)", 64, 150),  # streamed, rotation in 32-wide chunks
+    ("rot>nsep>ptok>int8", 256, 20),  # rotation in 16-wide chunks
+    ("group(16,token)>int2(asym)", 64, 70),  # several token blocks per tile, partial last one
+    ("group(24,token)>int4", 80, 60),  # token groups that are not a power of two
+    ("group(256,token)>int3", 128, 300),  # token blocks larger than a tile
+    ("group(16)>int4(asym)", 96, 50),  # many row tiles
+])
+def test_parity_with_gpu_tiles(monkeypatch, spec, d, t):
+    """The GPU tile sizes (small tiles, streaming) run under the interpreter too."""
+    from kvq.backends.triton import common
+
+    monkeypatch.setattr(common, "GPU_TILES", True)
+    assert_parity(kvq.build(spec), kv_like(1, 2, t, d, dtype=torch.float16, seed=t).to(DEVICE))
+
+
 def test_ties_round_half_to_even():
     # absmax 7 -> scale exactly 1: values land exactly on .5 ties
     row = torch.tensor([7.0, 0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 4.5, -5.5, 6.5, 0.0, 5.0, 3.0,

@@ -36,13 +36,18 @@ def padded_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+# True: the interpreter uses the GPU tile sizes too (tests run the GPU tiling paths this way:
+# streamed token blocks, several blocks per tile, chunked rotation).
+GPU_TILES = False
+
+
 def tiles(n_rows: int, dp: int, interpreted: bool) -> tuple[int, int]:
     """(BT rows per tile, BK reduction chunk of the rotation dot) for n_rows rows of width dp.
 
     Interpreter: one big tile (up to 2**18 values; its cost is per op, not per element).
     GPU: about 2K fp32 values per tile, rotation in 16/32-wide chunks (reasonable, not tuned).
     """
-    if interpreted:
+    if interpreted and not GPU_TILES:
         return max(16, min(triton.next_power_of_2(n_rows), 2**18 // dp)), dp
     return max(16, min(64, 2048 // dp)), min(dp, 16 if dp >= 256 else 32)
 
@@ -54,7 +59,7 @@ def token_tiles(t: int, tg: int, dp: int, interpreted: bool) -> tuple[int, int, 
     sequence), so one pass suffices; otherwise blocks are streamed in BT-token tiles twice.
     """
     bt = tiles(t, dp, interpreted)[0]
-    cap = 2**18 if interpreted else 2**13
+    cap = 2**18 if interpreted and not GPU_TILES else 2**13
     if tg >= t and triton.next_power_of_2(t) * dp <= cap:  # the whole sequence is one block
         g = max(16, triton.next_power_of_2(t))
         return g, g, True
