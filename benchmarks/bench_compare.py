@@ -27,7 +27,9 @@ def plain_seconds(model, windows) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--context", default="512,2048")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--pipelines", default="naive4,nsep-pchan4,kivi4,quanto4,quarot4")
@@ -42,8 +44,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     model, tok = models.load()
-    print(f"model load {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"model load {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     contexts = [int(c) for c in args.context.split(",")]
     wins = corpus.windows(corpus.token_ids(tok, corpus.load_documents()), contexts, args.tokens)
     configs = pipelines.expand(args.pipelines.split(","), None)
@@ -54,7 +58,9 @@ def main() -> None:
         for name in ("teacher-forced", "seed"):
             scores = get_protocol(name).run(model, wins[context], configs)
             for label, s in scores.items():
-                print(f"{context:>7} {name:<15} {label:<12} {s.seconds:8.2f} {s.seconds / base:8.2f}")
+                print(
+                    f"{context:>7} {name:<15} {label:<12} {s.seconds:8.2f} {s.seconds / base:8.2f}"
+                )
     if args.full:
         from kvq.eval.compare import Settings, run
 

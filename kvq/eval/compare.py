@@ -52,8 +52,11 @@ class Settings:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise EvalError(f"unknown task {bad[0]!r}; known: {', '.join(TASKS)}")
-        for name, values in (("--context", self.contexts), ("--bits", self.bits or [4]),
-                             ("--needle-lengths", self.needle_lengths)):
+        for name, values in (
+            ("--context", self.contexts),
+            ("--bits", self.bits or [4]),
+            ("--needle-lengths", self.needle_lengths),
+        ):
             if not values or any(v < 1 for v in values):
                 raise EvalError(f"{name} needs positive integers, got {values}")
         if self.bits and any(b not in (2, 3, 4, 8) for b in self.bits):
@@ -64,14 +67,20 @@ class Settings:
             get_protocol(name, **self.protocol_options()).check(min(self.contexts))
 
     def protocol_options(self) -> dict:
-        return dict(continuation=self.seed_continuation, steps=self.stream_steps,
-                    residual=self.residual, block=self.block)
+        return dict(
+            continuation=self.seed_continuation,
+            steps=self.stream_steps,
+            residual=self.residual,
+            block=self.block,
+        )
 
 
 def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     """Run the comparison; ``loaded`` = an already loaded ``(model, tokenizer)`` to reuse."""
     settings.validate()
-    configs = pipelines.expand(settings.pipelines or pipelines.default_names(settings.bits), settings.bits)
+    configs = pipelines.expand(
+        settings.pipelines or pipelines.default_names(settings.bits), settings.bits
+    )
     t0 = time.perf_counter()
     model, tokenizer = loaded or models.load(settings.model)
     load_s = time.perf_counter() - t0
@@ -92,9 +101,14 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     bar.close()
     return {
         "kvq_version": kvq.__version__,
-        "model": {"name": settings.model or models.DEFAULT_MODEL_NAME, "layers": layers,
-                  "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(model.dtype).replace("torch.", ""),
-                  "parameters": sum(p.numel() for p in model.parameters())},
+        "model": {
+            "name": settings.model or models.DEFAULT_MODEL_NAME,
+            "layers": layers,
+            "kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
         "settings": asdict(settings) | {"pipelines": list(configs)},
         "pipelines": {label: cfg.to_dict() for label, cfg in configs.items()},
         "rows": rows,
@@ -119,25 +133,44 @@ def _ppl_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
             for label, s in scores.items():
                 identity = is_identity(configs[label])
                 nbytes = s.fp16_bytes if identity else s.cache_bytes
-                rows.append({
-                    "task": "ppl", "protocol": proto_name, "context": context, "pipeline": label,
-                    "metric": "ppl", "value": s.ppl, "delta": s.ppl - base,
-                    "bits_per_element": 16.0 if identity else 16 * s.cache_bytes / max(s.fp16_bytes, 1),
-                    "cache_bytes": nbytes // max(s.windows, 1),
-                    "fp16_bytes": s.fp16_bytes // max(s.windows, 1),
-                    "seconds": round(s.seconds, 3), "tokens": s.tokens, "windows": s.windows,
-                })
+                rows.append(
+                    {
+                        "task": "ppl",
+                        "protocol": proto_name,
+                        "context": context,
+                        "pipeline": label,
+                        "metric": "ppl",
+                        "value": s.ppl,
+                        "delta": s.ppl - base,
+                        "bits_per_element": 16.0
+                        if identity
+                        else 16 * s.cache_bytes / max(s.fp16_bytes, 1),
+                        "cache_bytes": nbytes // max(s.windows, 1),
+                        "fp16_bytes": s.fp16_bytes // max(s.windows, 1),
+                        "seconds": round(s.seconds, 3),
+                        "tokens": s.tokens,
+                        "windows": s.windows,
+                    }
+                )
     return rows
 
 
 def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
     text = model_config.get_text_config(decoder=True)
-    limit = next((getattr(text, a) for a in ("max_position_embeddings", "n_positions", "n_ctx")
-                  if isinstance(getattr(text, a, None), int)), None)
+    limit = next(
+        (
+            getattr(text, a)
+            for a in ("max_position_embeddings", "n_positions", "n_ctx")
+            if isinstance(getattr(text, a, None), int)
+        ),
+        None,
+    )
     asked = max(settings.contexts + (settings.needle_lengths if "needle" in settings.tasks else []))
     if limit is not None and asked > limit:
-        raise EvalError(f"context {asked} is longer than the model's maximum of {limit} tokens; "
-                        f"use --context (and --needle-lengths) of at most {limit}")
+        raise EvalError(
+            f"context {asked} is longer than the model's maximum of {limit} tokens; "
+            f"use --context (and --needle-lengths) of at most {limit}"
+        )
     for label, cfg in configs.items():
         try:
             cfg.check(num_layers=layers, head_dim=head_dim)
@@ -148,8 +181,12 @@ def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
 def _machine() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
 
 
 class _Progress:

@@ -41,7 +41,10 @@ def load_documents(corpus: str = DEFAULT_CORPUS) -> list[str]:
     """Documents of ``corpus``: ``shakespeare[:eval|:calib]``, a .txt file, a directory of .txt
     files (sorted by name), or a .json/.jsonl file of objects with a ``text`` field."""
     if corpus == "shakespeare" or corpus.startswith("shakespeare:"):
-        docs = [p.read_text(encoding="utf-8") for p in shakespeare_split(corpus.partition(":")[2] or "eval")]
+        docs = [
+            p.read_text(encoding="utf-8")
+            for p in shakespeare_split(corpus.partition(":")[2] or "eval")
+        ]
     else:
         docs = _read_path(Path(corpus).expanduser(), corpus)
     docs = [d for d in docs if d.strip()]
@@ -64,16 +67,20 @@ def windows(ids, contexts: list[int], tokens: int) -> dict:
 
     longest = max(contexts)
     if ids.numel() < longest:
-        raise EvalError(f"the corpus has {ids.numel()} tokens, fewer than the context of {longest} "
-                        "asked for; use a shorter --context or a longer corpus")
+        raise EvalError(
+            f"the corpus has {ids.numel()} tokens, fewer than the context of {longest} "
+            "asked for; use a shorter --context or a longer corpus"
+        )
     n = max(1, min(math.ceil(tokens / longest), ids.numel() // longest))
     span = ids.numel() - longest
     starts = [j * span // (n - 1) for j in range(n)] if n > 1 else [0]
-    chunks = [ids[s:s + longest] for s in starts]
+    chunks = [ids[s : s + longest] for s in starts]
     out = {}
     for length in contexts:
         per = longest // length
-        out[length] = torch.stack([c[i * length:(i + 1) * length] for c in chunks for i in range(per)])
+        out[length] = torch.stack(
+            [c[i * length : (i + 1) * length] for c in chunks for i in range(per)]
+        )
     return out
 
 
@@ -84,11 +91,17 @@ def _read_path(path: Path, shown: str) -> list[str]:
             raise EvalError(f"corpus directory {shown!r} has no .txt files")
         return [p.read_text(encoding="utf-8") for p in files]
     if not path.is_file():
-        raise EvalError(f"corpus {shown!r} is neither 'shakespeare' nor an existing file or directory")
+        raise EvalError(
+            f"corpus {shown!r} is neither 'shakespeare' nor an existing file or directory"
+        )
     if path.suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8")
         try:
-            rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+            rows = (
+                json.loads(text)
+                if path.suffix == ".json"
+                else [json.loads(line) for line in text.splitlines() if line.strip()]
+            )
         except json.JSONDecodeError as e:
             raise EvalError(f"corpus {shown!r} is not valid JSON: {e}") from None
         if isinstance(rows, dict):

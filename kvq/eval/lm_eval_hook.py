@@ -8,9 +8,9 @@ library only; it imports neither kvq nor lm_eval nor torch): when ``lm_eval.mode
 importing, it registers ``kvq_hf`` as the lazy target ``kvq.eval.lm_eval_model:KVQLM``.
 Nothing is imported or patched in processes that never import lm-eval.
 
-The .pth line (see :data:`PTH_LINE`) finds this file through ``importlib.util.find_spec("kvq")``
-(which does not import kvq) and runs it; any failure is silent, so a broken install can never
-break Python start-up. Set ``KVQ_NO_LM_EVAL_HOOK=1`` to disable it.
+The .pth line (:data:`PTH_LINE`, running :data:`BOOT`) finds this file through
+``importlib.util.find_spec("kvq")`` (which does not import kvq) and runs it; any failure is
+silent, so a broken install can never break Python start-up. Set ``KVQ_NO_LM_EVAL_HOOK=1`` to disable it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,22 @@ import sys
 MODEL_NAME = "kvq_hf"
 TARGET = "kvq.eval.lm_eval_model:KVQLM"
 WATCHED = "lm_eval.models"
-PTH_LINE = (
-    "import os, sys; exec('try:\\n import importlib.util as u\\n s = u.find_spec(\"kvq\")\\n"
-    " p = s and s.submodule_search_locations and os.path.join(list(s.submodule_search_locations)[0],"
-    " \"eval\", \"lm_eval_hook.py\")\\n if p and os.path.exists(p) and not os.environ.get(\"KVQ_NO_LM_EVAL_HOOK\"):\\n"
-    "  m = u.module_from_spec(u.spec_from_file_location(\"_kvq_lm_eval_hook\", p))\\n"
-    "  m.__spec__.loader.exec_module(m)\\n  m.install()\\nexcept Exception:\\n pass')\n"
-)
+#: What the .pth line runs at start-up: locate this file without importing kvq, run it, install().
+BOOT = """\
+try:
+    import importlib.util as u, os
+    s = u.find_spec("kvq")
+    if s and s.submodule_search_locations and not os.environ.get("KVQ_NO_LM_EVAL_HOOK"):
+        p = os.path.join(list(s.submodule_search_locations)[0], "eval", "lm_eval_hook.py")
+        if os.path.exists(p):
+            m = u.module_from_spec(u.spec_from_file_location("_kvq_lm_eval_hook", p))
+            m.__spec__.loader.exec_module(m)
+            m.install()
+except Exception:
+    pass
+"""
+#: The whole content of ``kvq-lm-eval.pth`` (site runs .pth lines that start with ``import``).
+PTH_LINE = f"import sys; exec({BOOT!r})\n"
 
 
 def register() -> None:
@@ -73,7 +82,9 @@ class _Loader(importlib.abc.Loader):
         try:
             register()
         except Exception as err:  # noqa: BLE001 - never break lm-eval's own models
-            print(f"kvq: could not register the {MODEL_NAME!r} lm-eval model: {err}", file=sys.stderr)
+            print(
+                f"kvq: could not register the {MODEL_NAME!r} lm-eval model: {err}", file=sys.stderr
+            )
 
 
 def install() -> None:

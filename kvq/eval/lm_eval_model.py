@@ -28,8 +28,17 @@ from kvq.eval.caches import geometry, make_cache
 class KVQLM(HFLM):
     """HFLM with a quantized K/V cache (see the module docstring for the extra model args)."""
 
-    def __init__(self, pretrained="smollm2", kv=None, keys=None, values=None,
-                 prefill: str = "quantized", residual: int = 128, block: int = 32, **kwargs):
+    def __init__(
+        self,
+        pretrained="smollm2",
+        kv=None,
+        keys=None,
+        values=None,
+        prefill: str = "quantized",
+        residual: int = 128,
+        block: int = 32,
+        **kwargs,
+    ):
         import kvq
         from kvq.eval import models
 
@@ -41,7 +50,9 @@ class KVQLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         cfg = kvq.kv("fp16" if kv is None else kv)
         if keys is not None or values is not None:
-            sides = {k: kvq.build(v) for k, v in (("keys", keys), ("values", values)) if v is not None}
+            sides = {
+                k: kvq.build(v) for k, v in (("keys", keys), ("values", values)) if v is not None
+            }
             cfg = cfg.model_copy(update=sides | {"name": None})
         self.kv_config = cfg
         self.cache_options = dict(prefill=prefill, residual=int(residual), block=int(block))
@@ -68,6 +79,8 @@ class KVQLM(HFLM):
             "kvq_pipeline": cfg.label,
             "kvq_config": cfg.to_dict(),
             # statistics over tokens are taken per block of `block` tokens in the cache
-            "kvq_bits_per_element": round(cfg.bits_per_element(head_dim, self.cache_options["block"], layers), 4),
+            "kvq_bits_per_element": round(
+                cfg.bits_per_element(head_dim, self.cache_options["block"], layers), 4
+            ),
             "kvq_cache": self.cache_options,
         }

@@ -51,11 +51,15 @@ def resolve(model: str | None) -> tuple[str, dict]:
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return str(path), {"gguf_file": ggufs[0].name}
         if not (path / "config.json").exists():
-            raise EvalError(f"model directory {model} has no config.json (and not exactly one .gguf file)")
+            raise EvalError(
+                f"model directory {model} has no config.json (and not exactly one .gguf file)"
+            )
         return str(path), {}
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise EvalError(f"model path {model!r} does not exist (or is not a model directory/.gguf file); "
-                        f"use a local directory, a .gguf file, a hub id, or {DEFAULT_MODEL!r}")
+        raise EvalError(
+            f"model path {model!r} does not exist (or is not a model directory/.gguf file); "
+            f"use a local directory, a .gguf file, a hub id, or {DEFAULT_MODEL!r}"
+        )
     return model, {}
 
 
@@ -71,10 +75,15 @@ def _from_pretrained(pretrained: str, extra: dict, dtype: str, shown: str | None
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained, **extra)
-        model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, dtype), **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=getattr(torch, dtype), **extra
+        )
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = (" (offline: HF_HUB_OFFLINE is set and it is not cached)"
-                if os.environ.get("HF_HUB_OFFLINE") else "")
+        hint = (
+            " (offline: HF_HUB_OFFLINE is set and it is not cached)"
+            if os.environ.get("HF_HUB_OFFLINE")
+            else ""
+        )
         raise EvalError(f"cannot load model {shown or pretrained!r}{hint}: {first}") from None
     return model.eval(), tokenizer

@@ -18,22 +18,35 @@ from kvq.eval.tasks.needle import first_number, make_documents
 
 
 def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
-    docs = make_documents(settings.needle_lengths, settings.needle_per_length,
-                          count_tokens=lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]))
+    docs = make_documents(
+        settings.needle_lengths,
+        settings.needle_per_length,
+        count_tokens=lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"]),
+    )
     bar.total(len(docs) * len(configs))
     bar.describe("needle")
     hits: dict = {}
     for label, cfg in configs.items():
         for doc in docs:
             ids = tokenizer(doc["prompt"], return_tensors="pt")["input_ids"]
-            cache = make_cache(cfg, model.config, prefill="quantized", block=settings.block,
-                               residual=settings.residual)
+            cache = make_cache(
+                cfg,
+                model.config,
+                prefill="quantized",
+                block=settings.block,
+                residual=settings.residual,
+            )
             start = time.perf_counter()
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                     max_new_tokens=8, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    past_key_values=cache,
+                    max_new_tokens=8,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                )
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             h = hits.setdefault((doc["length"], label), [0, 0, 0.0, 0, 0])
             h[0] += first_number(text) == doc["answer"]
             h[1] += 1
@@ -47,9 +60,21 @@ def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
         for label, cfg in configs.items():
             n_hit, n, secs, nbytes, f16 = hits[(length, label)]
             identity = is_identity(cfg)
-            rows.append({"task": "needle", "protocol": "generate", "context": length, "pipeline": label,
-                         "metric": "exact_match", "value": n_hit / n, "delta": n_hit / n - base,
-                         "bits_per_element": 16.0 if identity else 16 * nbytes / max(f16, 1),
-                         "cache_bytes": (f16 if identity else nbytes) // n, "fp16_bytes": f16 // n,
-                         "seconds": round(secs, 3), "tokens": n, "windows": n})
+            rows.append(
+                {
+                    "task": "needle",
+                    "protocol": "generate",
+                    "context": length,
+                    "pipeline": label,
+                    "metric": "exact_match",
+                    "value": n_hit / n,
+                    "delta": n_hit / n - base,
+                    "bits_per_element": 16.0 if identity else 16 * nbytes / max(f16, 1),
+                    "cache_bytes": (f16 if identity else nbytes) // n,
+                    "fp16_bytes": f16 // n,
+                    "seconds": round(secs, 3),
+                    "tokens": n,
+                    "windows": n,
+                }
+            )
     return rows

@@ -25,7 +25,9 @@ def write_png(report: dict, path: Path) -> Path:
     axes = list(axes[0])
     for proto in protocols:
         ax = axes.pop(0)
-        for label, pts in _series([r for r in ppl if r["protocol"] == proto], "context", "delta").items():
+        for label, pts in _series(
+            [r for r in ppl if r["protocol"] == proto], "context", "delta"
+        ).items():
             if label != "fp16":
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set(title=f"ΔPPL vs context ({proto})", xlabel="context (tokens)", ylabel="ΔPPL vs fp16")
@@ -40,17 +42,29 @@ def write_png(report: dict, path: Path) -> Path:
         for r in first:
             if r["context"] == longest and r["pipeline"] != "fp16":
                 ax.scatter(r["bits_per_element"], r["delta"])
-                ax.annotate(r["pipeline"], (r["bits_per_element"], r["delta"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        ax.set(title=f"ΔPPL vs bits/element ({protocols[0]}, {longest} tokens)",
-               xlabel="stored bits per K/V element", ylabel="ΔPPL vs fp16")
+                ax.annotate(
+                    r["pipeline"],
+                    (r["bits_per_element"], r["delta"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set(
+            title=f"ΔPPL vs bits/element ({protocols[0]}, {longest} tokens)",
+            xlabel="stored bits per K/V element",
+            ylabel="ΔPPL vs fp16",
+        )
         ax.set_yscale("symlog", linthresh=0.1)
     if needle:
         ax = axes.pop(0)
         for label, pts in _series(needle, "context", "value").items():
             ax.plot(*zip(*pts), marker="o", label=label)
-        ax.set(title="needle-in-a-haystack", xlabel="haystack length (tokens)", ylabel="exact match",
-               ylim=(-0.05, 1.05))
+        ax.set(
+            title="needle-in-a-haystack",
+            xlabel="haystack length (tokens)",
+            ylabel="exact match",
+            ylim=(-0.05, 1.05),
+        )
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
     fig.suptitle(f"kvq compare: {report['model']['name']}", fontsize=10)

@@ -17,22 +17,59 @@ def markdown(report: dict) -> str:
     """One table per (task, protocol): rows by context, then pipeline in run order."""
     m = report["model"]
     s = report["settings"]
-    head = (f"Model: {m['name']} ({m['layers']} layers, {m['kv_heads']} KV heads, head_dim "
-            f"{m['head_dim']}, {m['dtype']}); corpus: {s['corpus']}; {s['tokens']} tokens per "
-            f"context; total {report['seconds']:.0f} s on {report['machine']['threads']} threads.")
+    head = (
+        f"Model: {m['name']} ({m['layers']} layers, {m['kv_heads']} KV heads, head_dim "
+        f"{m['head_dim']}, {m['dtype']}); corpus: {s['corpus']}; {s['tokens']} tokens per "
+        f"context; total {report['seconds']:.0f} s on {report['machine']['threads']} threads."
+    )
     parts = [head]
     for (task, protocol), rows in _groups(report["rows"]).items():
         parts.append(f"\n**{task} / {protocol}**\n")
         if task == "needle":
-            parts.append(_table(["length", "pipeline", "bits/elt", "exact match", "Δ vs fp16", "time s"],
-                                [[r["context"], r["pipeline"], _f(r["bits_per_element"], 2),
-                                  _f(r["value"], 2), _signed(r["delta"], 2), _f(r["seconds"], 1)] for r in rows]))
+            parts.append(
+                _table(
+                    ["length", "pipeline", "bits/elt", "exact match", "Δ vs fp16", "time s"],
+                    [
+                        [
+                            r["context"],
+                            r["pipeline"],
+                            _f(r["bits_per_element"], 2),
+                            _f(r["value"], 2),
+                            _signed(r["delta"], 2),
+                            _f(r["seconds"], 1),
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
         else:
-            parts.append(_table(["context", "pipeline", "bits/elt", "PPL", "ΔPPL", "cache KiB", "× fp16", "time s"],
-                                [[r["context"], r["pipeline"], _f(r["bits_per_element"], 2), _f(r["value"], 3),
-                                  _signed(r["delta"], 3), _f(r["cache_bytes"] / 1024, 0),
-                                  _f(r["cache_bytes"] / r["fp16_bytes"], 3) if r["fp16_bytes"] else "",
-                                  _f(r["seconds"], 1)] for r in rows]))
+            parts.append(
+                _table(
+                    [
+                        "context",
+                        "pipeline",
+                        "bits/elt",
+                        "PPL",
+                        "ΔPPL",
+                        "cache KiB",
+                        "× fp16",
+                        "time s",
+                    ],
+                    [
+                        [
+                            r["context"],
+                            r["pipeline"],
+                            _f(r["bits_per_element"], 2),
+                            _f(r["value"], 3),
+                            _signed(r["delta"], 3),
+                            _f(r["cache_bytes"] / 1024, 0),
+                            _f(r["cache_bytes"] / r["fp16_bytes"], 3) if r["fp16_bytes"] else "",
+                            _f(r["seconds"], 1),
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
     return "\n".join(parts) + "\n"
 
 
@@ -49,7 +86,10 @@ def _groups(rows: list[dict]) -> dict:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i != 1 else ":---" for i in range(len(header))) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if i != 1 else ":---" for i in range(len(header))) + "|",
+    ]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 

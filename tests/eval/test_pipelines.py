@@ -12,7 +12,7 @@ def test_baseline_first_and_bits_inner():
 
 def test_specs_and_dict_configs_are_rewritten_per_bit_width():
     got = expand(["group(32,token)>int4(asym)"], [2])
-    (label, cfg), = [(k, v) for k, v in got.items() if k != BASELINE]
+    ((label, cfg),) = [(k, v) for k, v in got.items() if k != BASELINE]
     assert cfg.keys.bits == 2 and "int2" in label
 
 

@@ -19,14 +19,16 @@ def plain_nll(model, windows, first_scored: int) -> float:
     """Summed NLL of tokens first_scored.. of each window, with no cache at all."""
     with torch.no_grad():
         logits = model(windows).logits
-    lp = torch.log_softmax(logits[:, first_scored - 1:-1].float(), -1)
+    lp = torch.log_softmax(logits[:, first_scored - 1 : -1].float(), -1)
     return -lp.gather(-1, windows[:, first_scored:, None]).sum().item()
 
 
 CONFIGS = {"fp16": kvq.kv("fp16"), "naive2": kvq.kv("naive2")}
 
 
-@pytest.mark.parametrize("name,first", [("teacher-forced", 1), ("seed", 48 - 8), ("streaming", 48 - 8)])
+@pytest.mark.parametrize(
+    "name,first", [("teacher-forced", 1), ("seed", 48 - 8), ("streaming", 48 - 8)]
+)
 def test_fp16_reference_equals_the_model_without_cache(tiny, windows, name, first):
     model, _ = tiny
     proto = get_protocol(name, continuation=8, steps=8, block=8, residual=8)

@@ -17,8 +17,15 @@ def report():
     from kvq.eval.compare import Settings, run
 
     try:
-        return run(Settings(pipelines=["naive4", "nsep-pchan4", "naive2"], contexts=[512],
-                            tokens=1024, protocols=["teacher-forced", "seed"]), progress=False)
+        return run(
+            Settings(
+                pipelines=["naive4", "nsep-pchan4", "naive2"],
+                contexts=[512],
+                tokens=1024,
+                protocols=["teacher-forced", "seed"],
+            ),
+            progress=False,
+        )
     except KVQError as err:
         if "download" in str(err):
             pytest.skip(f"SmolLM2/Shakespeare assets unavailable: {err}")

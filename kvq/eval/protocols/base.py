@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -45,8 +45,13 @@ class Protocol:
     name: str = ""
     description: str = ""
 
-    def run(self, model, windows: torch.Tensor, configs: dict[str, KVConfig],
-            tick: Callable[[], None] = lambda: None) -> dict[str, Score]:
+    def run(
+        self,
+        model,
+        windows: torch.Tensor,
+        configs: dict[str, KVConfig],
+        tick: Callable[[], None] = lambda: None,
+    ) -> dict[str, Score]:
         raise NotImplementedError
 
     def check(self, context: int) -> None:

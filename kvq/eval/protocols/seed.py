@@ -27,8 +27,10 @@ class Seed(Protocol):
 
     def check(self, context: int) -> None:
         if context < self.continuation + 3:
-            raise EvalError(f"the seed protocol scores {self.continuation} continuation tokens, so "
-                            f"--context must be at least {self.continuation + 3} (got {context})")
+            raise EvalError(
+                f"the seed protocol scores {self.continuation} continuation tokens, so "
+                f"--context must be at least {self.continuation + 3} (got {context})"
+            )
 
     def run(self, model, windows, configs, tick=lambda: None):
         from transformers import DynamicCache
@@ -44,9 +46,16 @@ class Seed(Protocol):
                 cache, nbytes = _quantized_copy(exact, cfg, model.config)
                 with torch.no_grad():
                     logits = model(w[None, split:], past_key_values=cache, use_cache=True).logits[0]
-                out[label].add(Score(nll=nll_sum(logits[:-1], w[split + 1:]), tokens=self.continuation,
-                                     cache_bytes=nbytes, fp16_bytes=fp16_bytes(model.config, split),
-                                     seconds=time.perf_counter() - start, windows=1))
+                out[label].add(
+                    Score(
+                        nll=nll_sum(logits[:-1], w[split + 1 :]),
+                        tokens=self.continuation,
+                        cache_bytes=nbytes,
+                        fp16_bytes=fp16_bytes(model.config, split),
+                        seconds=time.perf_counter() - start,
+                        windows=1,
+                    )
+                )
                 tick()
         return out
 

@@ -23,15 +23,19 @@ class Streaming(Protocol):
     name = "streaming"
     description = "prompt prefilled, last tokens decoded one at a time through the cache"
 
-    def __init__(self, steps: int = 32, prefill: str = "exact", block: int = 32, residual: int = 128):
+    def __init__(
+        self, steps: int = 32, prefill: str = "exact", block: int = 32, residual: int = 128
+    ):
         self.steps, self.prefill = steps, prefill
         # the working copy only saves re-dequantizing every step; it is not counted as cache bytes
         self.cache_options = dict(block=block, residual=residual, keep_dequantized=True)
 
     def check(self, context: int) -> None:
         if context < self.steps + 2:
-            raise EvalError(f"the streaming protocol decodes {self.steps} tokens, so --context must "
-                            f"be at least {self.steps + 2} (got {context})")
+            raise EvalError(
+                f"the streaming protocol decodes {self.steps} tokens, so --context must "
+                f"be at least {self.steps + 2} (got {context})"
+            )
 
     def run(self, model, windows, configs, tick=lambda: None):
         out = {}
@@ -43,12 +47,25 @@ class Streaming(Protocol):
                 start = time.perf_counter()
                 rows = []
                 with torch.no_grad():
-                    rows.append(model(w[None, :split], past_key_values=cache, use_cache=True).logits[0, -1])
+                    rows.append(
+                        model(w[None, :split], past_key_values=cache, use_cache=True).logits[0, -1]
+                    )
                     for t in range(split, w.numel() - 1):
-                        rows.append(model(w[None, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
-                score.add(Score(nll=nll_sum(torch.stack(rows), w[split:]), tokens=self.steps,
-                                cache_bytes=_held(cache), fp16_bytes=fp16_bytes(model.config, w.numel() - 1),
-                                seconds=time.perf_counter() - start, windows=1))
+                        rows.append(
+                            model(w[None, t : t + 1], past_key_values=cache, use_cache=True).logits[
+                                0, -1
+                            ]
+                        )
+                score.add(
+                    Score(
+                        nll=nll_sum(torch.stack(rows), w[split:]),
+                        tokens=self.steps,
+                        cache_bytes=_held(cache),
+                        fp16_bytes=fp16_bytes(model.config, w.numel() - 1),
+                        seconds=time.perf_counter() - start,
+                        windows=1,
+                    )
+                )
                 tick()
             out[label] = score
         return out
@@ -56,4 +73,7 @@ class Streaming(Protocol):
 
 def _held(cache) -> int:
     """Bytes at rest: packed blocks with metadata plus the exact residual window."""
-    return sum(m["quantized_bytes"] + m["residual_bytes"] for m in (layer.memory() for layer in cache.layers))
+    return sum(
+        m["quantized_bytes"] + m["residual_bytes"]
+        for m in (layer.memory() for layer in cache.layers)
+    )

@@ -33,9 +33,16 @@ class TeacherForced(Protocol):
                 start = time.perf_counter()
                 with torch.no_grad():
                     logits = model(w[None], past_key_values=cache, use_cache=True).logits[0]
-                score.add(Score(nll=nll_sum(logits[:-1], w[1:]), tokens=w.numel() - 1,
-                                cache_bytes=cache.nbytes, fp16_bytes=fp16_bytes(model.config, w.numel()),
-                                seconds=time.perf_counter() - start, windows=1))
+                score.add(
+                    Score(
+                        nll=nll_sum(logits[:-1], w[1:]),
+                        tokens=w.numel() - 1,
+                        cache_bytes=cache.nbytes,
+                        fp16_bytes=fp16_bytes(model.config, w.numel()),
+                        seconds=time.perf_counter() - start,
+                        windows=1,
+                    )
+                )
                 tick()
             out[label] = score
         return out

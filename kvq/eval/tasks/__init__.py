@@ -1,4 +1,6 @@
-"""lm-eval tasks shipped with kvq, all offline (``lm_eval --include_path $(python -m kvq.eval.tasks)``).
+"""lm-eval tasks shipped with kvq, all offline.
+
+Use them with ``lm_eval --include_path "$(python -m kvq.eval.tasks)" --tasks kvq_shakespeare``.
 
 * ``kvq_shakespeare``: rolling perplexity (word/byte perplexity, bits per byte) over the
   held-out Shakespeare split, or any local corpus via ``--metadata '{"corpus": "my.txt"}'``.

@@ -18,13 +18,20 @@ def ppl_dataset(corpus: str = "shakespeare", max_chars: int = 20000, **_):
 
     docs = load_documents(corpus)
     if max_chars:
-        docs = [d[:int(max_chars)] for d in docs]
+        docs = [d[: int(max_chars)] for d in docs]
     rows = [{"title": f"{corpus}#{i}", "text": d} for i, d in enumerate(docs)]
     return {"test": datasets.Dataset.from_list(rows)}
 
 
-def needle_dataset(lengths=(256, 512, 1024), per_length: int = 4, seed: int = 0, pretrained=None,
-                   tokenizer=None, gguf_file=None, **_):
+def needle_dataset(
+    lengths=(256, 512, 1024),
+    per_length: int = 4,
+    seed: int = 0,
+    pretrained=None,
+    tokenizer=None,
+    gguf_file=None,
+    **_,
+):
     """Test split of needle documents (see :mod:`kvq.eval.tasks.needle`); lengths are counted
     with the model's tokenizer when ``pretrained``/``tokenizer`` name one, else estimated."""
     import datasets

@@ -10,7 +10,7 @@ Scored by exact match of the first number the model generates.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 FILLER = (
     "The river ran slowly past the old mill, and the water was brown with the autumn rain.",
@@ -39,8 +39,12 @@ QUESTION = "What is the special magic number mentioned in the text above?"
 ANSWER_PREFIX = "The special magic number is"
 
 
-def make_documents(lengths=(256, 512, 1024), per_length: int = 4, seed: int = 0,
-                   count_tokens: Callable[[str], int] | None = None) -> list[dict]:
+def make_documents(
+    lengths=(256, 512, 1024),
+    per_length: int = 4,
+    seed: int = 0,
+    count_tokens: Callable[[str], int] | None = None,
+) -> list[dict]:
     """``per_length`` documents per target length, needles at evenly spread depths."""
     count = count_tokens or (lambda s: max(1, round(len(s.split()) * 4 / 3)))
     rng = random.Random(seed)
@@ -61,8 +65,14 @@ def make_documents(lengths=(256, 512, 1024), per_length: int = 4, seed: int = 0,
                 used += sizes[s]
             depth = (i + 0.5) / per_length
             sentences.insert(round(depth * len(sentences)), needle)
-            docs.append({"prompt": " ".join(sentences) + tail, "answer": number,
-                         "length": int(length), "depth": round(depth, 3)})
+            docs.append(
+                {
+                    "prompt": " ".join(sentences) + tail,
+                    "answer": number,
+                    "length": int(length),
+                    "depth": round(depth, 3),
+                }
+            )
     return docs
 
 
