@@ -10,7 +10,8 @@ Nothing is imported or patched in processes that never import lm-eval.
 
 The .pth line (:data:`PTH_LINE`, running :data:`BOOT`) finds this file through
 ``importlib.util.find_spec("kvq")`` (which does not import kvq) and runs it; any failure is
-silent, so a broken install can never break Python start-up. Set ``KVQ_NO_LM_EVAL_HOOK=1`` to disable it.
+silent, so a broken install can never break Python start-up. ``KVQ_NO_LM_EVAL_HOOK=1``
+turns it off.
 """
 
 from __future__ import annotations
