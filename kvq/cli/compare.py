@@ -97,6 +97,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--needle-per-length", type=int, default=4, help="needle documents per length (default 4)"
     )
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--out",
@@ -131,6 +132,7 @@ def run(args) -> int:
         residual=args.residual,
         needle_lengths=args.needle_lengths,
         needle_per_length=args.needle_per_length,
+        device=args.device,
     )
     settings.validate()
     out = Path(args.out)

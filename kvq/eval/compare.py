@@ -46,6 +46,7 @@ class Settings:
     residual: int = 128
     needle_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
     needle_per_length: int = 4
+    device: str | None = None  # default: cuda when available, else cpu
 
     def validate(self) -> None:
         """Checks that need no model (run before loading it)."""
@@ -83,6 +84,10 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     )
     t0 = time.perf_counter()
     model, tokenizer = loaded or models.load(settings.model)
+    try:
+        model.to(_device(settings.device))
+    except (RuntimeError, AssertionError) as err:  # e.g. "Torch not compiled with CUDA enabled"
+        raise EvalError(f"--device {settings.device!r}: {err}") from None
     load_s = time.perf_counter() - t0
     try:
         layers, kv_heads, head_dim = geometry(model.config)
@@ -120,7 +125,10 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
 
 def _ppl_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
     ids = corpora.token_ids(tokenizer, corpora.load_documents(settings.corpus))
-    wins = corpora.windows(ids, settings.contexts, settings.tokens)
+    wins = {
+        length: w.to(model.device)
+        for length, w in corpora.windows(ids, settings.contexts, settings.tokens).items()
+    }
     units = sum(len(wins[c]) for c in settings.contexts) * len(configs) * len(settings.protocols)
     bar.total(units)
     rows = []
@@ -176,6 +184,17 @@ def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
             cfg.check(num_layers=layers, head_dim=head_dim)
         except KVQError as err:
             raise EvalError(f"pipeline {label!r} cannot run on this model: {err}") from None
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise EvalError(f"--device {name!r}: {err}") from None
 
 
 def _machine() -> dict:

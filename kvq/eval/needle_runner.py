@@ -28,7 +28,7 @@ def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
     hits: dict = {}
     for label, cfg in configs.items():
         for doc in docs:
-            ids = tokenizer(doc["prompt"], return_tensors="pt")["input_ids"]
+            ids = tokenizer(doc["prompt"], return_tensors="pt")["input_ids"].to(model.device)
             cache = make_cache(
                 cfg,
                 model.config,
