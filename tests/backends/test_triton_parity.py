@@ -217,6 +217,20 @@ def test_cpu_tensor_without_interpreter_says_why(monkeypatch):
     assert "CUDA" in reason and "TRITON_INTERPRET" in reason
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/Inf
+@pytest.mark.parametrize("spec", ["nsep>pchan>int4", "rot>group(16)>int4(asym)",
+                                  "ptok>int8(dtype=fp32)", "group(16,token)>int2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_input_raises(spec, bad):
+    """The kernels' max/min skip NaN, so the kernel itself must report non-finite input."""
+    x = kv_like(1, 2, 32, 64).to(DEVICE)
+    x[0, 1, 3, 7] = bad
+    with pytest.raises(NumericsError, match="NaN or Inf"):
+        kvq.build(spec).quantize(x, backend="triton")
+    lax = kvq.Pipeline.model_validate({"steps": spec, "check_finite": False})
+    lax.quantize(x[:, :1], backend="triton")  # the finite head: fine without the check
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's numpy
 @pytest.mark.parametrize("spec,value", [("nsep>pchan>int4", 1e4), ("ptok>int8", 1e7)])
 def test_float16_metadata_overflow_raises_like_reference(spec, value):

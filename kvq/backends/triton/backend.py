@@ -14,6 +14,7 @@ from kvq.backends.triton.common import is_interpreted
 from kvq.backends.triton.plan import KernelPlan, Unsupported
 from kvq.backends.triton.quantize_pack import _quantize_rows_kernel, quantize_pack
 from kvq.backends.triton.unpack_dequantize import unpack_dequantize
+from kvq.errors import NumericsError
 from kvq.quantized import QuantizedTensor
 
 
@@ -41,12 +42,19 @@ class TritonBackend(Backend):
         return None
 
     def quantize(self, pipeline, x: torch.Tensor) -> QuantizedTensor:
-        """x: (batch, kv_heads, seq, head_dim), already checked by ``pipeline.check_input``."""
+        """x: (batch, kv_heads, seq, head_dim) -> QuantizedTensor (same layout as torch).
+
+        NaN/Inf input is detected in the kernel (its max/min skip NaN, so unlike the reference's
+        metadata, the stored scales need not show it) and raises NumericsError.
+        """
         if pipeline.is_identity:
             return QuantizedTensor(x, {}, tuple(x.shape), x.dtype, 8 * x.element_size())
         plan = KernelPlan.from_pipeline(pipeline)
-        codes, meta, overflow = quantize_pack(plan, x)
-        if overflow:  # some float16 metadata overflowed: the reference raises the error
+        codes, meta, status = quantize_pack(plan, x)
+        if status & 1 and pipeline.check_finite:
+            raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite K/V "
+                                "(fix the model or build the pipeline with check_finite=False)")
+        if status & 2:  # non-finite metadata: the reference raises its error for float16
             from kvq.backends.torch_backend import TorchBackend
 
             return TorchBackend().quantize(pipeline, x)

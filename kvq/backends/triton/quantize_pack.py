@@ -7,9 +7,9 @@ Two kernels share the helpers in `common`:
   of g tokens). One program = one (b, h, token block); pass 1 reduces per-channel min/max/absmax
   over the block in BT-token tiles, pass 2 recomputes the transforms and quantizes (one pass when
   the block fits in one tile).
-Each program writes an overflow flag: 1 when a stored norm/scale/zero is not finite (e.g. it
-overflows float16); the backend then lets the torch reference raise its error. NaN/Inf input is
-rejected before (``Pipeline.check_input``).
+Each program writes status bits: 1 = NaN/Inf in the (transformed) input, 2 = a stored
+norm/scale/zero is not finite (e.g. it overflows float16); the backend then raises the torch
+reference's error. Checking the input in the kernel saves the separate isfinite pass.
 """
 
 from __future__ import annotations
@@ -35,20 +35,20 @@ from kvq.backends.triton.plan import KernelPlan
 
 
 @triton.jit
-def _overflow(v, mask):
-    """1 (int32) when a stored metadata value under mask is not finite, else 0."""
+def _flag(v, mask, BIT: tl.constexpr):
+    """BIT (int32) when some value of v under the broadcast mask is NaN or Inf, else 0."""
     bad = (tl.abs(v.to(tl.float32)) == float("inf")) | (v != v)
-    return tl.max(tl.ravel(tl.where(mask, bad, 0).to(tl.int32)), axis=0)
+    return tl.max(tl.ravel(tl.where(mask, bad, 0).to(tl.int32)), axis=0) * BIT
 
 
 @triton.jit
 def _store_norm(norm_ptr, rows, rmask, n, NSEP: tl.constexpr):
-    """Store the nsep norms of these rows; return the overflow flag."""
+    """Store the nsep norms of these rows; return the status bits (2: a norm overflowed)."""
     flag = tl.full((), 0, tl.int32)
     if NSEP != 0:
         n_m = cast_rne(n, norm_ptr.dtype.element_ty)
         tl.store(norm_ptr + rows, n_m, mask=rmask)
-        flag = _overflow(n_m, rmask)
+        flag = _flag(n_m, rmask, 2)
     return flag
 
 
@@ -65,7 +65,7 @@ def _quantize_rows_kernel(
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < N
     y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-    flag = _store_norm(norm_ptr, rows, rmask, n, NSEP)
+    flag = _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
 
     NG: tl.constexpr = DP // GS
     col3 = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS)
@@ -90,10 +90,10 @@ def _quantize_rows_kernel(
     moffs = rows[:, None] * NM + g[None, :]
     mmask = rmask[:, None] & (g < NM)[None, :]
     tl.store(scale_ptr + moffs, s_m, mask=mmask)
-    flag = flag | _overflow(s_m, mmask)
+    flag = flag | _flag(s_m, mmask, 2)
     if ASYM:
         tl.store(zero_ptr + moffs, z_m, mask=mmask)
-        flag = flag | _overflow(z_m, mmask)
+        flag = flag | _flag(z_m, mmask, 2)
     tl.store(flag_ptr + tl.program_id(0), flag)
 
 
@@ -109,7 +109,7 @@ def _fold_stats(y, m, AXIS: tl.constexpr):
 @triton.jit
 def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constexpr,
                  ASYM: tl.constexpr):
-    """Store the block's per-channel scale (and zero); return (s32, z32, overflow flag)."""
+    """Store the block's per-channel scale (and zero); return (s32, z32, status bits)."""
     flag = tl.full((), 0, tl.int32)
     if ASYM:
         mn = tl.where(mask, mn, 0.0)  # padded channels: keep them finite
@@ -117,14 +117,14 @@ def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constex
         s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
         z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
         tl.store(zero_ptr + offs, z_m, mask=mask)
-        flag = _overflow(z_m, mask)
+        flag = _flag(z_m, mask, 2)
         z32 = z_m.to(tl.float32)
     else:
         s = tl.math.div_rn(amax, (1 << (BITS - 1)) - 1.0)
         z32 = tl.zeros_like(amax)
     s_m = cast_rne(s, scale_ptr.dtype.element_ty)
     tl.store(scale_ptr + offs, s_m, mask=mask)
-    return s_m.to(tl.float32), z32, flag | _overflow(s_m, mask)
+    return s_m.to(tl.float32), z32, flag | _flag(s_m, mask, 2)
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def _quantize_tokens_kernel(
         rmask = t < T
         rows = bh * T + t
         y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-        flag = _store_norm(norm_ptr, rows, rmask, n, NSEP)
+        flag = _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
         y3 = tl.reshape(y, (NB, G, DP))
         amax, mn, mx = _fold_stats(y3, tl.reshape(rmask, (NB, G))[:, :, None], 1)
         blk = tl.program_id(1) * NB + tl.arange(0, NB)
@@ -171,7 +171,7 @@ def _quantize_tokens_kernel(
             rmask = t < t_end
             rows = bh * T + t
             y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-            flag = flag | _store_norm(norm_ptr, rows, rmask, n, NSEP)
+            flag = flag | _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
             a, lo, hi = _fold_stats(y, rmask[:, None], 0)
             amax, mn, mx = tl.maximum(amax, a), tl.minimum(mn, lo), tl.maximum(mx, hi)
         offs = (bh * NBLK + blk) * D + cols
@@ -187,12 +187,11 @@ def _quantize_tokens_kernel(
 
 
 def quantize_pack(plan: KernelPlan, x: torch.Tensor
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
-    """Run the plan on x (B, H, T, D) -> (codes (B, H, T, RB) uint8, meta, overflow).
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Run the plan on x (B, H, T, D) -> (codes (B, H, T, RB) uint8, meta, status bits).
 
     meta holds "norm" (B, H, T, 1) for nsep, "scale" and, when asymmetric, "zero" in the
-    granularity's layout. overflow: some stored float16 metadata is not finite (one host sync,
-    only when some metadata is stored as float16).
+    granularity's layout. Status (one host sync): 1 = NaN/Inf input, 2 = non-finite metadata.
     """
     B, H, T, D = x.shape
     x = x.contiguous()
@@ -225,5 +224,5 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
            meta.get("zero", codes), flags, *args, BT=bt, DP=dp, BK=bk, NSEP=plan.nsep,
            HAS_ROT=plan.rot is not None, BITS=plan.bits, ASYM=plan.asym, **extra,
            **launch_options(bt, dp))
-    fp16_meta = any(m.dtype == torch.float16 for m in meta.values())
-    return codes, meta, fp16_meta and bool(flags.any())
+    nonfinite, overflow = torch.stack([(flags & 1).any(), (flags & 2).any()]).tolist()
+    return codes, meta, int(nonfinite) | int(overflow) << 1
