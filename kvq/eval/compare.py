@@ -173,7 +173,10 @@ def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
         ),
         None,
     )
-    asked = max(settings.contexts + (settings.needle_lengths if "needle" in settings.tasks else []))
+    asked = max(
+        (settings.contexts if "ppl" in settings.tasks else [])
+        + (settings.needle_lengths if "needle" in settings.tasks else [])
+    )
     if limit is not None and asked > limit:
         raise EvalError(
             f"context {asked} is longer than the model's maximum of {limit} tokens; "
