@@ -1,18 +1,19 @@
 """Fused transform + quantize + bit-pack kernels and their host launcher.
 
-Two kernels share the helpers in `common`:
 - `_quantize_rows_kernel`: statistics within a row (ptok; group(g, channel)). One program = BT
-  rows of x viewed as (B*H*T, D); single pass.
-- `_quantize_tokens_kernel`: statistics over tokens (pchan over all T; group(g, token) over blocks
-  of g tokens). One program = one (b, h, token block); pass 1 reduces per-channel min/max/absmax
-  over the block in BT-token tiles, pass 2 recomputes the transforms and quantizes (one pass when
-  the block fits in one tile).
-Each program writes status bits: 1 = NaN/Inf in the (transformed) input, 2 = a stored
-norm/scale/zero is not finite (e.g. it overflows float16); the backend then raises the torch
-reference's error. Checking the input in the kernel saves the separate isfinite pass.
-"""
+  rows of x viewed as (B*H*T, D); one pass.
+- `_quantize_tokens_kernel` with SINGLE: statistics over tokens (pchan; group(g, token)) when
+  whole token blocks fit in a tile: one program quantizes BT // g blocks in one pass.
+- Otherwise (pchan over a long sequence, big or non-power-of-two token groups) two passes over
+  all tiles in parallel: `_token_stats_kernel` folds each tile's per-channel absmax/min/max
+  into a float32 buffer with atomics (max/min are exact in any order), then
+  `_quantize_tokens_kernel` recomputes the transforms of its tile and quantizes.
+Programs write status bits: 1 = NaN/Inf in the (transformed) input, 2 = a stored
+norm/scale/zero is not finite (e.g. it overflows float16); the backend raises for them."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -107,29 +108,63 @@ def _fold_stats(y, m, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS: tl.constexpr,
-                 ASYM: tl.constexpr):
-    """Store the block's per-channel scale (and zero); return (s32, z32, status bits)."""
-    flag = tl.full((), 0, tl.int32)
+def _block_scale(amax, mn, mx, mask, scale_ptr, zero_ptr, BITS: tl.constexpr, ASYM: tl.constexpr):
+    """Scale (and zero) of token blocks from their statistics, at the metadata dtypes: (s, z)."""
     if ASYM:
         mn = tl.where(mask, mn, 0.0)  # padded channels: keep them finite
         mx = tl.where(mask, mx, 0.0)
-        s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
-        z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
-        tl.store(zero_ptr + offs, z_m, mask=mask)
-        flag = _flag(z_m, mask, 2)
-        z32 = z_m.to(tl.float32)
+        s = cast_rne(tl.math.div_rn(mx - mn, (1 << BITS) - 1.0), scale_ptr.dtype.element_ty)
+        return s, cast_rne(mn, zero_ptr.dtype.element_ty)
     else:
-        s = tl.math.div_rn(amax, (1 << (BITS - 1)) - 1.0)
-        z32 = tl.zeros_like(amax)
-    s_m = cast_rne(s, scale_ptr.dtype.element_ty)
-    tl.store(scale_ptr + offs, s_m, mask=mask)
-    return s_m.to(tl.float32), z32, flag | _flag(s_m, mask, 2)
+        s = cast_rne(tl.math.div_rn(amax, (1 << (BITS - 1)) - 1.0), scale_ptr.dtype.element_ty)
+        return s, s
+
+
+@triton.jit
+def _store_scale(scale_ptr, zero_ptr, offs, mask, s, z, ASYM: tl.constexpr):
+    """Store scale (and zero) under mask; return the status bits (2: not finite)."""
+    tl.store(scale_ptr + offs, s, mask=mask)
+    flag = _flag(s, mask, 2)
+    if ASYM:
+        tl.store(zero_ptr + offs, z, mask=mask)
+        flag = flag | _flag(z, mask, 2)
+    return flag
+
+
+@triton.jit
+def _block_tile(blk, j, T, TG, BT: tl.constexpr):
+    """Tokens of tile j of token block blk (TG tokens from blk * TG) and their mask."""
+    t = blk * TG + j * BT + tl.arange(0, BT)
+    return t, (t < blk * TG + TG) & (t < T)
+
+
+@triton.jit
+def _token_stats_kernel(
+    x_ptr, r_ptr, norm_ptr, stats_ptr, flag_ptr, T, D, TG, NSTAT,
+    BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr,
+    NSEP: tl.constexpr, HAS_ROT: tl.constexpr, ASYM: tl.constexpr,
+):
+    """Pass 1 of streamed token blocks: program (bh, blk, j) folds tile j of block blk into
+    stats (3, NSTAT = B*H*NBLK*DP) float32 (absmax, min, max) with atomics, exact in any order."""
+    bh, blk, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, rmask = _block_tile(blk, j, T, TG, BT)
+    rows = bh * T + t
+    y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
+    flag = _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
+    amax, mn, mx = _fold_stats(y, rmask[:, None], 0)
+    offs = (bh * tl.num_programs(1) + blk) * DP + tl.arange(0, DP)
+    if ASYM:
+        tl.atomic_min(stats_ptr + NSTAT + offs, mn)
+        tl.atomic_max(stats_ptr + 2 * NSTAT + offs, mx)
+    else:
+        tl.atomic_max(stats_ptr + offs, amax)
+    tl.store(flag_ptr + (bh * tl.num_programs(1) + blk) * tl.num_programs(2) + j, flag)
 
 
 @triton.jit
 def _quantize_tokens_kernel(
-    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, flag_ptr, T, D, RB, TG, NBLK,
+    x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, stats_ptr, flag_ptr,
+    T, D, RB, TG, NBLK, NSTAT,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
     SINGLE: tl.constexpr,
@@ -137,8 +172,9 @@ def _quantize_tokens_kernel(
     """x (B*H, T, D) -> codes, per-channel scale/zero (B*H, NBLK, D) over TG-token blocks.
 
     SINGLE: program (bh, i) quantizes tokens [i*BT, (i+1)*BT) = BT // G whole blocks of G = TG
-    tokens (pchan: one block, G = BT >= T) in one pass. Otherwise program (bh, i) owns block i
-    and streams it in BT-token tiles twice (statistics, then quantize + pack).
+    tokens (pchan: one block, G = BT >= T) in one pass. Otherwise (pass 2 of streamed blocks)
+    program (bh, blk, j) quantizes tile j of block blk with the statistics that
+    `_token_stats_kernel` gathered; the j == 0 programs store the block's scale/zero.
     """
     bh = tl.program_id(0)
     cols = tl.arange(0, DP)
@@ -155,35 +191,32 @@ def _quantize_tokens_kernel(
         blk = tl.program_id(1) * NB + tl.arange(0, NB)
         offs = (bh * NBLK + blk)[:, None] * D + cols[None, :]
         mask = (blk < NBLK)[:, None] & cmask[None, :]
-        s32, z32, f = _block_scale(scale_ptr, zero_ptr, offs, mask, amax, mn, mx, BITS, ASYM)
-        u = tl.reshape(quantize_codes(y3, s32[:, None, :], z32[:, None, :], BITS, ASYM), (BT, DP))
+        s, z = _block_scale(amax, mn, mx, mask, scale_ptr, zero_ptr, BITS, ASYM)
+        flag = flag | _store_scale(scale_ptr, zero_ptr, offs, mask, s, z, ASYM)
+        s32, z32 = s.to(tl.float32)[:, None, :], z.to(tl.float32)[:, None, :]  # z: asym only
+        u = tl.reshape(quantize_codes(y3, s32, z32, BITS, ASYM), (BT, DP))
         pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
+        tl.store(flag_ptr + bh * tl.num_programs(1) + tl.program_id(1), flag)
     else:
-        blk = tl.program_id(1)
-        t_start = blk * TG
-        t_end = tl.minimum(t_start + TG, T)
-        amax = tl.zeros((DP,), tl.float32)
-        mn = tl.full((DP,), float("inf"), tl.float32)
-        mx = tl.full((DP,), -float("inf"), tl.float32)
+        blk, j = tl.program_id(1), tl.program_id(2)
+        soffs = (bh * NBLK + blk) * DP + cols
+        amax = tl.load(stats_ptr + soffs)
+        mn, mx = amax, amax
+        if ASYM:
+            mn = tl.load(stats_ptr + NSTAT + soffs)
+            mx = tl.load(stats_ptr + 2 * NSTAT + soffs)
+        s, z = _block_scale(amax, mn, mx, cmask, scale_ptr, zero_ptr, BITS, ASYM)
         flag = tl.full((), 0, tl.int32)
-        for t0 in range(t_start, t_end, BT):
-            t = t0 + tl.arange(0, BT)
-            rmask = t < t_end
-            rows = bh * T + t
-            y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-            flag = flag | _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
-            a, lo, hi = _fold_stats(y, rmask[:, None], 0)
-            amax, mn, mx = tl.maximum(amax, a), tl.minimum(mn, lo), tl.maximum(mx, hi)
-        offs = (bh * NBLK + blk) * D + cols
-        s32, z32, f = _block_scale(scale_ptr, zero_ptr, offs, cmask, amax, mn, mx, BITS, ASYM)
-        for t0 in range(t_start, t_end, BT):
-            t = t0 + tl.arange(0, BT)
-            rmask = t < t_end
-            rows = bh * T + t
-            y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
-            u = quantize_codes(y, s32[None, :], z32[None, :], BITS, ASYM)
-            pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
-    tl.store(flag_ptr + bh * tl.num_programs(1) + tl.program_id(1), flag | f)
+        if j == 0:  # one program per block stores its metadata
+            flag = _store_scale(scale_ptr, zero_ptr, (bh * NBLK + blk) * D + cols, cmask, s, z,
+                                ASYM)
+        s32, z32 = s.to(tl.float32)[None, :], z.to(tl.float32)[None, :]  # z: unused when symmetric
+        t, rmask = _block_tile(blk, j, T, TG, BT)
+        rows = bh * T + t
+        y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
+        u = quantize_codes(y, s32, z32, BITS, ASYM)
+        pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)
+        tl.store(flag_ptr + (bh * NBLK + blk) * tl.num_programs(2) + j, flag)
 
 
 def quantize_pack(plan: KernelPlan, x: torch.Tensor
@@ -207,8 +240,10 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
         nblk = -(-T // tg)
         bt, g, single = token_tiles(T, tg, dp, is_interpreted(kernel))
         bk = tiles(1, dp, is_interpreted(kernel))[1]
-        mshape, grid = (B, H, nblk, D), (B * H, triton.cdiv(T, bt) if single else nblk)
-        args, extra = (T, D, rb, tg, nblk), dict(G=g, SINGLE=single)
+        mshape = (B, H, nblk, D)
+        grid = (B * H, triton.cdiv(T, bt)) if single else (B * H, nblk, triton.cdiv(tg, bt))
+        nstat = B * H * nblk * dp
+        args, extra = (T, D, rb, tg, nblk, nstat), dict(G=g, SINGLE=single)
     else:
         gs = dp if plan.gran == "ptok" else plan.group
         nm = 1 if plan.gran == "ptok" else D // gs
@@ -219,10 +254,22 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
     meta["scale"] = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
     if plan.asym:
         meta["zero"] = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
-    flags = torch.zeros(grid[0] * (grid[1] if len(grid) > 1 else 1), dtype=torch.int32, device=dev)
-    launch(kernel, grid, x, rmat, codes, meta.get("norm", codes), meta["scale"],
-           meta.get("zero", codes), flags, *args, BT=bt, DP=dp, BK=bk, NSEP=plan.nsep,
-           HAS_ROT=plan.rot is not None, BITS=plan.bits, ASYM=plan.asym, **extra,
-           **launch_options(bt, dp))
+    programs = math.prod(grid)
+    flags = torch.zeros(2 * programs, dtype=torch.int32, device=dev)
+    common = dict(BT=bt, DP=dp, BK=bk, NSEP=plan.nsep, HAS_ROT=plan.rot is not None,
+                  ASYM=plan.asym, **launch_options(bt, dp))
+    norm, zero = meta.get("norm", codes), meta.get("zero", codes)
+    if plan.token_axis:
+        stats = codes
+        if not single:  # pass 1: absmax / min / max of every block, over all its tiles at once
+            stats = torch.tensor([0.0, float("inf"), -float("inf")], device=dev)
+            stats = stats.repeat_interleave(nstat)
+            launch(_token_stats_kernel, grid, x, rmat, norm, stats, flags[programs:], T, D, tg,
+                   nstat, **common)
+        launch(kernel, grid, x, rmat, codes, norm, meta["scale"], zero, stats, flags, *args,
+               BITS=plan.bits, **extra, **common)
+    else:
+        launch(kernel, grid, x, rmat, codes, norm, meta["scale"], zero, flags, *args,
+               BITS=plan.bits, **extra, **common)
     nonfinite, overflow = torch.stack([(flags & 1).any(), (flags & 2).any()]).tolist()
     return codes, meta, int(nonfinite) | int(overflow) << 1
