@@ -96,3 +96,15 @@ def test_mistral_sliding_window_beyond_the_window():
     ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
     got = model.generate(ids, past_key_values=KVQCache("fp16", model.config, **OPTS), **kw)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_keep_dequantized_generates_the_same(family):
+    model = tiny_model(family)
+    ids, mask = left_padded(pads=(0, 3), seq=14)
+    outs = []
+    for keep in (False, True):
+        cache = KVQCache("nsep>pchan>int4", model.config, keep_dequantized=keep, **INT4)
+        cache.set_padding(mask)
+        outs.append(generate(model, ids, cache, attention_mask=mask, num_beams=2))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
