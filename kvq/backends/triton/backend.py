@@ -50,7 +50,8 @@ class TritonBackend(Backend):
         if pipeline.is_identity:
             return QuantizedTensor(x, {}, tuple(x.shape), x.dtype, 8 * x.element_size())
         plan = KernelPlan.from_pipeline(pipeline)
-        codes, meta, status = quantize_pack(plan, x)
+        with torch.cuda.device_of(x):  # launch on x's GPU (no-op on CPU)
+            codes, meta, status = quantize_pack(plan, x)
         if status & 1 and pipeline.check_finite:
             raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite K/V "
                                 "(fix the model or build the pipeline with check_finite=False)")
@@ -65,4 +66,5 @@ class TritonBackend(Backend):
         if pipeline.is_identity:
             return q.codes
         plan = KernelPlan.from_pipeline(pipeline)
-        return unpack_dequantize(plan, q.codes, q.meta, tuple(q.shape), q.dtype)
+        with torch.cuda.device_of(q.codes):
+            return unpack_dequantize(plan, q.codes, q.meta, tuple(q.shape), q.dtype)
