@@ -1,7 +1,8 @@
 """Triton helpers shared by the quantize+pack and unpack+dequantize kernels, plus tile choice.
 
 Tiles are (BT tokens, DP channels) with DP = next power of two >= max(head_dim, 16); padded
-channels are masked to 0 and get code 0 (the packed layout pads rows with zero codes).
+channels are masked to 0 and get code 0 (the packed layout pads rows with zero codes). Row
+indices are int64, so caches over 2**31 elements address correctly.
 All math is float32 with correctly rounded division and sqrt (div_rn / sqrt_rn), as in torch.
 """
 
@@ -143,14 +144,6 @@ def load_transformed(x_ptr, r_ptr, rows, rmask, D,
         if NSEP != 0:
             y, n = unit_rows(y)
     return y, n
-
-
-@triton.jit
-def nonfinite_count(x_ptr, rows, rmask, D, DP: tl.constexpr):
-    """Number of NaN/Inf entries in rows of x (checked on the raw input)."""
-    x = load_rows(x_ptr, rows, rmask, tl.arange(0, DP), D)
-    bad = (x != x) | (tl.abs(x) == float("inf"))
-    return tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)
 
 
 @triton.jit

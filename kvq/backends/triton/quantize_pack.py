@@ -63,7 +63,7 @@ def _quantize_rows_kernel(
 
     NM = D // GS meta columns (1 for ptok, where GS = DP covers the whole padded row).
     """
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     rmask = rows < N
     y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
     flag = _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
@@ -148,7 +148,7 @@ def _token_stats_kernel(
     stats (3, NSTAT = B*H*NBLK*DP) float32 (absmax, min, max) with atomics, exact in any order."""
     bh, blk, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, rmask = _block_tile(blk, j, T, TG, BT)
-    rows = bh * T + t
+    rows = (bh * T + t).to(tl.int64)
     y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
     flag = _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
     amax, mn, mx = _fold_stats(y, rmask[:, None], 0)
@@ -183,7 +183,7 @@ def _quantize_tokens_kernel(
         NB: tl.constexpr = BT // G
         t = tl.program_id(1) * BT + tl.arange(0, BT)
         rmask = t < T
-        rows = bh * T + t
+        rows = (bh * T + t).to(tl.int64)
         y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
         flag = _store_norm(norm_ptr, rows, rmask, n, NSEP) | _flag(y, rmask[:, None], 1)
         y3 = tl.reshape(y, (NB, G, DP))
@@ -212,7 +212,7 @@ def _quantize_tokens_kernel(
                                 ASYM)
         s32, z32 = s.to(tl.float32)[None, :], z.to(tl.float32)[None, :]  # z: unused when symmetric
         t, rmask = _block_tile(blk, j, T, TG, BT)
-        rows = bh * T + t
+        rows = (bh * T + t).to(tl.int64)
         y, n = load_transformed(x_ptr, r_ptr, rows, rmask, D, BT, DP, BK, NSEP, HAS_ROT)
         u = quantize_codes(y, s32, z32, BITS, ASYM)
         pack_store(codes_ptr, rows, rmask, tl.where(cmask[None, :], u, 0), RB, BT, DP, BITS)

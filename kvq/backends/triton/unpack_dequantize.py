@@ -50,7 +50,7 @@ def _dequantize_kernel(
     RENORM: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
 ):
     """codes (N, RB) uint8 + meta -> out (N, D) in out's dtype."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     rmask = rows < N
     mrow = (rows // T) * NT + (rows % T) // TGS
     cols = tl.arange(0, DP)
