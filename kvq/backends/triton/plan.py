@@ -7,6 +7,7 @@ kernels never look at pipeline step models. `KernelPlan.from_pipeline` builds on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -75,6 +76,10 @@ class KernelPlan:
                    rot=rot.matrix if rot else None, meta_dtype=TORCH_DTYPES[quant.dtype],
                    norm_dtype=TORCH_DTYPES[nsep.dtype] if nsep else torch.float16)
 
+    def rotation(self, d: int, device: torch.device) -> torch.Tensor:
+        """R (d, d) float32 on device, cached per (rotation step, head_dim, device)."""
+        return _rotation(self.rot, d, torch.device(device))
+
     @property
     def token_axis(self) -> bool:
         """Scales are statistics over tokens (pchan, group(g, token))."""
@@ -98,3 +103,8 @@ class KernelPlan:
             if g & (g - 1) or g > d or d % g:
                 raise Unsupported(f"group({g}, channel) needs a power-of-two group dividing "
                                   f"head_dim {d}")
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation(matrix: Callable[[int], torch.Tensor], d: int, device: torch.device) -> torch.Tensor:
+    return matrix(d).to(device=device, dtype=torch.float32).contiguous()

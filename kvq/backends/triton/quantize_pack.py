@@ -233,7 +233,7 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
     meta: dict[str, torch.Tensor] = {}
     if plan.nsep:
         meta["norm"] = torch.empty((B, H, T, 1), dtype=plan.norm_dtype, device=dev)
-    rmat = plan.rot(D).to(device=dev, dtype=torch.float32).contiguous() if plan.rot else x
+    rmat = plan.rotation(D, dev) if plan.rot else x
     if plan.token_axis:
         kernel = _quantize_tokens_kernel
         tg = T if plan.gran == "pchan" else plan.group

@@ -92,7 +92,7 @@ def unpack_dequantize(plan: KernelPlan, codes: torch.Tensor, meta: dict[str, tor
         nt, nc, tgs, cgs = 1, D, T, 1
     else:
         nt, nc, tgs, cgs = -(-T // plan.group), D, plan.group, 1
-    rmat = plan.rot(D).to(device=dev, dtype=torch.float32).contiguous() if plan.rot else scale
+    rmat = plan.rotation(D, dev) if plan.rot else scale
     out = torch.empty(shape, dtype=dtype, device=dev)
     n = B * H * T
     bt, bk = tiles(n, dp, is_interpreted(_dequantize_kernel))
