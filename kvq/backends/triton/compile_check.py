@@ -26,6 +26,8 @@ from kvq.backends.triton import common
 # rows kernel, token kernel in one pass and streamed (group of 24 tokens), rotation, all widths
 PIPELINES = ("nsep>pchan>int4", "group(32)>int3(asym)", "rot>nsep>ptok>int2",
              "group(24,token)>int8(asym)")
+# bfloat16 input and metadata, a padded head_dim, a random rotation with nsep before it
+EXTRA = (("nsep(bf16)>rot>group(16,token)>int4(asym,dtype=bf16)", 80, torch.bfloat16),)
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
         torch.uint8: "*u8", torch.int32: "*i32"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -61,8 +63,10 @@ def compile_only(arch: int = 90, log: list[str] | None = None):
         common._launch_hook = None
 
 
-def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 90) -> list[str]:
-    """Compile quantize and dequantize of each pipeline (fp16 input); returns one line each."""
+def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 90,
+          extra=EXTRA) -> list[str]:
+    """Compile quantize and dequantize of each pipeline (fp16 input at head_dim) and of each
+    (spec, head_dim, dtype) in extra; returns one line per compiled kernel."""
     import kvq
     from kvq.backends.triton.plan import KernelPlan
     from kvq.backends.triton.quantize_pack import quantize_pack
@@ -70,9 +74,10 @@ def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 9
 
     if common.is_interpreted(common.round_half_even):
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
-    x = torch.randn(1, 1, seq, head_dim, dtype=torch.float16)
+    cases = [(spec, head_dim, torch.float16) for spec in pipelines] + list(extra)
     with compile_only(arch) as log:
-        for spec in pipelines:
+        for spec, d, dtype in cases:
+            x = torch.randn(1, 1, seq, d, dtype=dtype)
             plan = KernelPlan.from_pipeline(kvq.build(spec))
             codes, meta, _ = quantize_pack(plan, x)
             unpack_dequantize(plan, codes, meta, tuple(x.shape), x.dtype)
@@ -85,7 +90,8 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     ap.add_argument("--head-dim", type=int, default=128)
     args = ap.parse_args()
-    for line in check(args.pipelines, args.head_dim, arch=args.arch):
+    extra = EXTRA if args.pipelines == list(PIPELINES) else ()
+    for line in check(args.pipelines, args.head_dim, arch=args.arch, extra=extra):
         print(line)
     return 0
 
