@@ -6,10 +6,9 @@ The interpreter is slow, so the seed pipeline gets the full shape matrix and eve
 pipeline a diagonal through it.
 
 Parity rules: metadata within one ulp of its dtype (8 ulp for float32 metadata, still far inside
-one float16 ulp); integer codes identical, except that a code
-may move by one where the reference's value before rounding sits within 1e-3 of a tie (float32
-reductions and matmuls are summed in another order); dequantizing the same codes agrees within
-a per-dtype tolerance.
+one float16 ulp); integer codes identical, except that a code may move by one where the
+reference's value before rounding sits within 1e-3 of a tie (float32 reductions and matmuls
+are summed in another order); dequantizing the same codes agrees within a per-dtype tolerance.
 """
 
 import os
