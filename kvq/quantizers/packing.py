@@ -44,10 +44,9 @@ def unpack(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :head_dim]
     if bits in (2, 4):
-        per, mask = 8 // bits, (1 << bits) - 1
-        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        out = (packed.unsqueeze(-1) >> shifts) & mask
-        return out.flatten(-2)[..., :head_dim]
+        mask = (1 << bits) - 1
+        parts = [packed & mask] + [(packed >> s) & mask for s in range(bits, 8, bits)]
+        return torch.stack(parts, dim=-1).flatten(-2)[..., :head_dim]
     g = packed.view(*packed.shape[:-1], -1, bits).to(torch.int32)
     byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=torch.int32)
     word = (g << byte_shifts).sum(dim=-1, keepdim=True, dtype=torch.int32)

@@ -36,10 +36,12 @@ class NormSeparation(Transform):
         return direction, {"norm": stored}
 
     def inverse(self, x, meta):
+        # one per-token factor, applied in place: n / ||x|| (renorm) or n
+        factor = meta["norm"].float()
         if self.renorm:
             length = x.norm(dim=-1, keepdim=True)
-            x = x / torch.where(length > 0, length, torch.ones_like(length))
-        return x * meta["norm"].float()
+            factor = factor / torch.where(length > 0, length, torch.ones_like(length))
+        return x.mul_(factor)
 
     def meta_bits(self, seq, head_dim):
         return seq * dtypes.BITS[self.dtype]
