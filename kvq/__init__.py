@@ -17,5 +17,16 @@ from kvq.spec import Step
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name: str):
+    """``kvq.hf`` and ``kvq.eval`` import on first use (they pull in transformers / lm-eval)."""
+    if name in ("hf", "eval"):
+        import importlib
+
+        return importlib.import_module(f"kvq.{name}")
+    raise AttributeError(f"module 'kvq' has no attribute {name!r}")
+
+
 __all__ = ["BackendError", "KVConfig", "KVQError", "NumericsError", "Pipeline", "QuantizedTensor",
            "SpecError", "Step", "build", "hookimpl", "kv", "load", "presets"]
