@@ -29,19 +29,19 @@ def write_png(report: dict, path: Path) -> Path:
             [r for r in ppl if r["protocol"] == proto], "context", "delta"
         ).items():
             if label != "fp16":
-                ax.plot(*zip(*pts), marker="o", label=label)
+                ax.plot(*zip(*pts), marker="o", label=label, **style(label))
         ax.set(title=f"ΔPPL vs context ({proto})", xlabel="context (tokens)", ylabel="ΔPPL vs fp16")
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=0.1)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     if ppl:
         ax = axes.pop(0)
         first = [r for r in ppl if r["protocol"] == protocols[0]]
         longest = max(r["context"] for r in first)
         for r in first:
             if r["context"] == longest and r["pipeline"] != "fp16":
-                ax.scatter(r["bits_per_element"], r["delta"])
+                ax.scatter(r["bits_per_element"], r["delta"], color=style(r["pipeline"])["color"])
                 ax.annotate(
                     r["pipeline"],
                     (r["bits_per_element"], r["delta"]),
@@ -58,7 +58,7 @@ def write_png(report: dict, path: Path) -> Path:
     if needle:
         ax = axes.pop(0)
         for label, pts in _series(needle, "context", "value").items():
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts), marker="o", label=label, **style(label))
         ax.set(
             title="needle-in-a-haystack",
             xlabel="haystack length (tokens)",
@@ -66,12 +66,25 @@ def write_png(report: dict, path: Path) -> Path:
             ylim=(-0.05, 1.05),
         )
         ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"kvq compare: {report['model']['name']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def style(label: str) -> dict:
+    """One colour per family (``naive4``/``naive3`` share it), one line style per bit width."""
+    family, bits = label.rstrip("0123456789"), label[len(label.rstrip("0123456789")) :]
+    colours = _STYLE.setdefault("colours", {})
+    if family not in colours:
+        colours[family] = f"C{len(colours) % 10}"
+    dash = {"4": "-", "3": "--", "2": ":", "8": "-."}.get(bits, "-")
+    return {"color": colours[family], "linestyle": dash}
+
+
+_STYLE: dict = {}
 
 
 def _series(rows: list[dict], x: str, y: str) -> dict[str, list[tuple]]:
