@@ -45,7 +45,7 @@ def test_model_and_corpus_are_the_documented_defaults(report):
 def test_fp16_perplexity_is_sane_and_quantization_hurts(report):
     tf = rows(report, "teacher-forced")
     assert 5 < tf["fp16"]["value"] < 100
-    assert tf["naive4"]["delta"] > 0.05  # naive INT4 clearly worse than the fp16 cache
+    assert tf["naive4"]["delta"] > 1.0  # naive INT4 clearly worse than fp16
     assert tf["naive2"]["delta"] > tf["naive4"]["delta"]  # and 2 bits worse than 4
     for label in ("naive4", "nsep-pchan4"):
         assert 4 < tf[label]["bits_per_element"] < 6
