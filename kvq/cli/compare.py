@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "compare",
         help="compare K/V pipelines on one model (PPL, needle, bytes)",
-        description=__doc__,
+        description="Compare K/V pipelines on one model, side by side: table, JSON, Markdown, PNG.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
