@@ -17,7 +17,7 @@ from kvq.granularity import Granularity, PerToken
 from kvq.quantized import QuantizedTensor
 from kvq.quantizers import Quantizer, packed_row_bytes
 from kvq.spec import Step, parse
-from kvq.spec.build import make_step, check_structure
+from kvq.spec.build import check_structure, make_step
 from kvq.transforms import Transform
 
 
@@ -163,7 +163,8 @@ def _steps_from_spec(spec: str) -> list[Step]:
     from kvq.registry import PRESETS
 
     parsed = parse(spec)
-    if len(parsed) == 1 and not parsed[0].args and not parsed[0].kwargs and parsed[0].name in PRESETS:
+    only = parsed[0] if len(parsed) == 1 else None
+    if only is not None and not only.args and not only.kwargs and only.name in PRESETS:
         cfg = PRESETS.get(parsed[0].name)()
         if cfg.keys != cfg.values:
             raise SpecError(f"preset {spec!r} has different key and value pipelines",

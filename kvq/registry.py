@@ -47,7 +47,8 @@ class Registry:
             raise KVQError(f"invalid {self.kind} name {name!r}: use letters, digits, '-' and '_'")
         if name in self._entries:
             old = self._entries[name].source
-            raise KVQError(f"{self.kind} {name!r} from {source!r} collides with the one from {old!r}")
+            raise KVQError(f"{self.kind} {name!r} from {source!r} collides with the one "
+                           f"from {old!r}")
         self._entries[name] = Entry(name, target, dict(defaults or {}), source)
 
     def entry(self, name: str) -> Entry:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from kvq.backends.base import Backend
 from kvq.quantized import QuantizedTensor
 from kvq.quantizers.packing import pack, unpack

@@ -29,7 +29,8 @@ def run(args) -> int:
         for e in STEPS.entries():
             cls = e.load()
             doc = (cls.__doc__ or "").strip().splitlines()[0]
-            fixed = f" [{', '.join(f'{k}={v}' for k, v in e.defaults.items())}]" if e.defaults else ""
+            fixed = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
+            fixed = f" [{fixed}]" if fixed else ""
             print(f"  {e.name:<8} {cls.role:<12} {doc}{fixed}" + _source(e))
     if "backends" in show:
         print("backends:")

@@ -67,7 +67,8 @@ class Granularity(Step):
     def check(self, shape: torch.Size) -> None:
         """Raise :class:`KVQError` when the input shape does not fit this granularity."""
         if self.token_axis and shape[-2] < 2:
-            raise KVQError(f"'{self.to_spec()}' takes statistics over tokens but got seq={shape[-2]}; "
+            raise KVQError(f"'{self.to_spec()}' takes statistics over tokens but got "
+                           f"seq={shape[-2]}; "
                            "quantize blocks of tokens (kvq.hf.KVQCache keeps a residual window) "
                            "or use a per-token granularity such as 'ptok'")
 

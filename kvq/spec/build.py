@@ -42,11 +42,11 @@ def make_step(item: Any, index: int = 0) -> Step:
 def _entry(registry, name: str, index: int):
     try:
         return registry.entry(name)
-    except SpecError as err:
+    except SpecError as unknown:
         m = re.fullmatch(r"int(\d+)", name)
-        if m:
-            err = SpecError(f"unsupported bit width {m.group(1)} in {name!r}",
-                            suggestion="kvq quantizes to int2, int3, int4 or int8")
+        err = unknown if not m else SpecError(
+            f"unsupported bit width {m.group(1)} in {name!r}",
+            suggestion="kvq quantizes to int2, int3, int4 or int8")
         raise _located(err, index) from None
 
 

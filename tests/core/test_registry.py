@@ -2,7 +2,6 @@
 
 import pytest
 
-import kvq
 from kvq.errors import KVQError, SpecError
 from kvq.plugins import plugin_manager
 from kvq.registry import BACKENDS, STEPS, Registry
