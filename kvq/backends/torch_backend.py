@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from kvq.backends.base import Backend
 from kvq.quantized import QuantizedTensor
 from kvq.quantizers.packing import pack, unpack
@@ -15,7 +17,7 @@ class TorchBackend(Backend):
     def quantize(self, pipeline, x):
         if pipeline.is_identity:
             return QuantizedTensor(x, {}, tuple(x.shape), x.dtype, 8 * x.element_size())
-        h, meta = x.float(), {}
+        h, meta = x.to(torch.float32, copy=True), {}  # steps may work in place on h
         for t in pipeline.transforms:
             h, m = t.forward(h)
             meta.update(m)

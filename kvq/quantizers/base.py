@@ -14,7 +14,8 @@ class Quantizer(Step):
     """Turns fp32 (batch, kv_heads, seq, head_dim) into integer codes plus metadata.
 
     ``quantize`` returns unsigned codes (uint8, same shape as x) and metadata tensors in the
-    granularity's layout; ``dequantize`` inverts it.
+    granularity's layout, and may overwrite x (a temporary owned by the backend);
+    ``dequantize`` inverts it.
     """
 
     role: ClassVar[str] = "quantizer"

@@ -43,19 +43,20 @@ class IntQuantizer(Quantizer):
         return 2**self.bits - 1
 
     def quantize(self, x, granularity):
+        # x is a temporary owned by the backend: scaled and rounded in place
         g = granularity
         xg, dim = g.view(x), g.reduce_dim
+        lo, hi = xg.amin(dim=dim, keepdim=True), xg.amax(dim=dim, keepdim=True)
         if self.scheme == "sym":
-            absmax = xg.abs().amax(dim=dim, keepdim=True)
+            absmax = torch.maximum(hi, lo.neg_())
             scale = dtypes.store(g.to_meta(absmax / self.qmax), self.dtype, "scale")
-            codes = torch.round(xg / _safe(g.from_meta(scale).float()))
+            codes = xg.div_(_safe(g.from_meta(scale).float())).round_()
             codes = codes.clamp_(-self.qmax, self.qmax).add_(self.qmax)
             return g.unview(codes.to(torch.uint8), x.shape), {"scale": scale}
-        lo, hi = xg.amin(dim=dim, keepdim=True), xg.amax(dim=dim, keepdim=True)
         scale = dtypes.store(g.to_meta((hi - lo) / self.levels), self.dtype, "scale")
         zero = dtypes.store(g.to_meta(lo), self.dtype, "zero point")
         s, z = _safe(g.from_meta(scale).float()), g.from_meta(zero).float()
-        codes = torch.round((xg - z) / s).clamp_(0, self.levels)
+        codes = xg.sub_(z).div_(s).round_().clamp_(0, self.levels)
         return g.unview(codes.to(torch.uint8), x.shape), {"scale": scale, "zero": zero}
 
     def dequantize(self, codes, meta, granularity):

@@ -13,8 +13,8 @@ class Transform(Step):
     """An invertible map on (batch, kv_heads, seq, head_dim) fp32 tensors.
 
     ``forward`` returns the transformed tensor and the metadata it needs to invert
-    (stored, counted in ``nbytes``); ``inverse`` undoes it on the dequantized tensor and may
-    work in place (its input is a temporary owned by the backend).
+    (stored, counted in ``nbytes``); ``inverse`` undoes it on the dequantized tensor. Both may
+    work in place: their input is a temporary owned by the backend.
     """
 
     role: ClassVar[str] = "transform"

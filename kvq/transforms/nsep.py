@@ -32,7 +32,7 @@ class NormSeparation(Transform):
     def forward(self, x):
         norm = x.norm(dim=-1, keepdim=True)
         stored = dtypes.store(norm, self.dtype, "token norm")
-        direction = x / torch.where(norm > 0, norm, torch.ones_like(norm))
+        direction = x.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))
         return direction, {"norm": stored}
 
     def inverse(self, x, meta):

@@ -79,7 +79,7 @@ def _diagonal_cases(per_pipeline=3):
 
 def _pre_round(p, x, meta):
     """The reference's values just before rounding (codes are round(v) before offset/clamp)."""
-    h = x.float()
+    h = x.to(torch.float32, copy=True)  # transforms may work in place
     for t in p.transforms:
         h, _ = t.forward(h)
     g = p.granularity

@@ -172,3 +172,18 @@ def test_quantized_codes_are_really_packed():
     assert q2.codes.numel() == x.numel() // 4
     q3 = kvq.build("ptok>int3").quantize(x)
     assert q3.codes.numel() == x.numel() * 3 // 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("spec", ["nsep>pchan>int4", "rot>ptok>int4(asym)", "group(16)>int2(asym)",
+                                  "nsep>group(8,token)>int3"])
+def test_quantize_leaves_its_input_alone(spec, dtype):
+    """Steps work in place on the backend's fp32 copy, never on the caller's tensor."""
+    x = kv_like(1, 2, 40, 64, dtype=dtype)
+    before = x.clone()
+    p = kvq.build(spec)
+    q = p.quantize(x)
+    assert torch.equal(x, before)
+    y = p.dequantize(q)
+    y2 = p.dequantize(q)
+    assert torch.equal(y, y2)  # dequantize leaves the stored codes and metadata alone too
