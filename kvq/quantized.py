@@ -41,16 +41,6 @@ class QuantizedTensor:
         meta = {k: v.to(device) for k, v in self.meta.items()}
         return QuantizedTensor(self.codes.to(device), meta, self.shape, self.dtype, self.bits)
 
-    def index_select(self, dim: int, index: torch.Tensor) -> QuantizedTensor:
-        """Select along batch (dim 0) or kv_heads (dim 1); metadata follows the codes."""
-        if dim not in (0, 1):
-            raise ValueError("QuantizedTensor.index_select supports the batch and head dims only")
-        meta = {k: v.index_select(dim, index.to(v.device)) for k, v in self.meta.items()}
-        shape = list(self.shape)
-        shape[dim] = len(index)
-        codes = self.codes.index_select(dim, index.to(self.codes.device))
-        return QuantizedTensor(codes, meta, tuple(shape), self.dtype, self.bits)
-
     def __repr__(self) -> str:
         metas = ", ".join(f"{k}{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}"
                           for k, v in self.meta.items())

@@ -17,8 +17,6 @@ def get_backend(name: str):
     if name not in _instances:
         try:
             cls = BACKENDS.get(name)
-        except KVQError:
-            raise
         except ImportError as exc:
             raise BackendError(f"backend {name!r} cannot be imported: {exc}") from None
         _instances[name] = cls()

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from kvq.errors import KVQError
 from kvq.spec.step import Step
 
-Reduction = Literal["absmax", "min", "max"]
-
 
 class Granularity(Step):
     """Maps a (batch, kv_heads, seq, head_dim) tensor to per-group statistics and back.
 
-    ``reduce`` returns statistics in the stored metadata layout; ``expand`` broadcasts them
-    back to a tensor that broadcasts against the input.
+    :meth:`view` groups the tensor so that a statistic reduces over ``reduce_dim``;
+    :meth:`to_meta` / :meth:`from_meta` convert statistics to the stored layout and back;
+    :meth:`expand` broadcasts stored metadata to the full input shape.
     """
 
     role: ClassVar[str] = "granularity"
+
     @property
     def token_axis(self) -> bool:
         """True when a statistic is taken over several tokens (streaming needs token blocks)."""
@@ -43,10 +43,6 @@ class Granularity(Step):
     def from_meta(self, meta: torch.Tensor) -> torch.Tensor:
         """Stored metadata -> tensor broadcasting against the grouped view."""
         return meta
-
-    def reduce(self, x: torch.Tensor, op: Reduction) -> torch.Tensor:
-        """Statistic ``op`` of every group of x (B, H, T, D), in the metadata layout."""
-        return self.to_meta(amax_reduce(self.view(x), op, self.reduce_dim))
 
     def view_shape(self, shape: torch.Size) -> tuple[int, ...]:
         """Shape of :meth:`view` for an input of ``shape``."""
@@ -72,11 +68,3 @@ class Granularity(Step):
                            "quantize blocks of tokens (kvq.hf.KVQCache keeps a residual window) "
                            "or use a per-token granularity such as 'ptok'")
 
-
-def amax_reduce(x: torch.Tensor, op: Reduction, dim) -> torch.Tensor:
-    """Reduce ``x`` over ``dim`` (kept) with ``op``."""
-    if op == "absmax":
-        return x.abs().amax(dim=dim, keepdim=True)
-    if op == "min":
-        return x.amin(dim=dim, keepdim=True)
-    return x.amax(dim=dim, keepdim=True)

@@ -53,7 +53,7 @@ class Step(BaseModel):
         if len(parsed.args) > len(names):
             raise SpecError(f"{parsed.name!r} takes at most {len(names)} positional argument(s), "
                             f"got {len(parsed.args)}",
-                            suggestion=_usage(cls, parsed.name, names))
+                            suggestion=_usage(cls, parsed.name))
         data = dict(defaults)
         for name, value in zip(names, parsed.args):
             data[name] = value
@@ -77,7 +77,7 @@ class Step(BaseModel):
                             suggestion=_usage(cls, name)) from None
 
 
-def _usage(cls: type[Step], name: str, names: list[str] | None = None) -> str:
+def _usage(cls: type[Step], name: str) -> str:
     from kvq.registry import STEPS
 
     fixed = STEPS.entry(name).defaults if name in STEPS else {}
