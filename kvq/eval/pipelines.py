@@ -14,7 +14,7 @@ import kvq
 from kvq.errors import KVQError
 from kvq.eval.errors import EvalError
 from kvq.kvconfig import KVConfig
-from kvq.presets import FAMILIES
+from kvq.presets import FAMILIES, with_bits
 
 BASELINE = "fp16"
 DEFAULT_FAMILIES = ("naive", "nsep-pchan", "kivi", "quanto", "quarot")
@@ -44,7 +44,7 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
     family = name.rstrip("0123456789")
     try:
         if family in FAMILIES and family != name:
-            preset = f"{family}{bits}" if bits else name
+            preset = with_bits(name, bits) if bits else name
             return preset, kvq.kv(preset)
         cfg = kvq.kv(name)
         if bits is None:
