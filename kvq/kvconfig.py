@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from kvq.errors import KVQError, SpecError
+from kvq.errors import KVQError, SpecError, shorten
 from kvq.pipeline import Pipeline, unwrap
 
 
@@ -40,6 +40,16 @@ def _split_kv(data: Any) -> Any:
         if isinstance(value, str) and value.strip() in PRESETS:
             data[role] = getattr(PRESETS.get(value.strip())(), role)
     return data
+
+
+def _layer_key(key: Any) -> int:
+    """A layer number from an int or a decimal string; ``True``, ``1.5`` or ``"01"`` refused."""
+    if isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key:
+        return int(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    raise SpecError(f"layer key {shorten(key)} is not a layer number",
+                    suggestion="write layers as integers: 0, 1, 2, ...")
 
 
 class LayerOverride(BaseModel):
@@ -68,10 +78,19 @@ class KVConfig(BaseModel):
     values: Pipeline
     layers: dict[int, LayerOverride] = {}
 
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise unwrap(exc) from None
+
     @model_validator(mode="before")
     @classmethod
     def _kv(cls, data: Any) -> Any:
-        return _split_kv(data)
+        data = _split_kv(data)
+        if isinstance(data, dict) and isinstance(data.get("layers"), dict):
+            data["layers"] = {_layer_key(k): v for k, v in data["layers"].items()}
+        return data
 
     # construction ------------------------------------------------------------------------
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
 
-from kvq.errors import KVQError, NumericsError, SpecError
+from kvq.errors import KVQError, NumericsError, SpecError, shorten
 from kvq.granularity import Granularity, PerToken
 from kvq.quantized import QuantizedTensor
 from kvq.quantizers import Quantizer, packed_row_bytes
@@ -29,15 +29,23 @@ class Pipeline(BaseModel):
     steps: list[SerializeAsAny[Step]]
     check_finite: bool = True
 
+    def __init__(self, **data: Any):
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise unwrap(exc) from None
+
     @model_validator(mode="before")
     @classmethod
     def _coerce(cls, data: Any) -> Any:
         if isinstance(data, str):
-            return {"steps": _steps_from_spec(data)}
+            spec, options = _split_options(data)
+            return {"steps": _steps_from_spec(spec), **options}
         if isinstance(data, list):
             data = {"steps": data}
         if isinstance(data, dict) and isinstance(data.get("steps"), str):
-            data = {**data, "steps": _steps_from_spec(data["steps"])}
+            spec, options = _split_options(data["steps"])
+            data = {**options, **data, "steps": _steps_from_spec(spec)}
         if isinstance(data, dict) and isinstance(data.get("steps"), list):
             data = {**data, "steps": [make_step(s, i) for i, s in enumerate(data["steps"])]}
         return data
@@ -54,7 +62,8 @@ class Pipeline(BaseModel):
         if isinstance(spec, Pipeline):
             return spec
         if isinstance(spec, str):
-            return cls(steps=_steps_from_spec(spec))
+            spec, options = _split_options(spec)
+            return cls(steps=_steps_from_spec(spec), **options)
         try:
             return cls.model_validate(spec)
         except ValidationError as exc:
@@ -94,7 +103,13 @@ class Pipeline(BaseModel):
         return self.granularity.token_block()
 
     def to_spec(self) -> str:
-        """Canonical spec string (round-trips through :func:`kvq.build`)."""
+        """Canonical spec string (round-trips through :func:`kvq.build`, options included:
+        ``"ptok>int4; check_finite=false"``)."""
+        return self.steps_spec + ("" if self.check_finite else "; check_finite=false")
+
+    @cached_property
+    def steps_spec(self) -> str:
+        """The steps alone as a spec string: what a :class:`QuantizedTensor` records."""
         return ">".join(s.to_spec() for s in self.steps)
 
     def __str__(self) -> str:
@@ -159,6 +174,22 @@ class Pipeline(BaseModel):
         return self.dequantize(self.quantize(x, backend), backend)
 
 
+def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"ptok>int4; check_finite=false"`` -> ("ptok>int4", {"check_finite": False})."""
+    steps, sep, rest = spec.partition(";")
+    if not sep:
+        return spec, {}
+    options: dict[str, Any] = {}
+    for item in rest.split(";"):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if key != "check_finite" or value.lower() not in ("true", "false"):
+            raise SpecError(f"unknown pipeline option {shorten(item.strip())}",
+                            spec=spec, pos=len(steps) + 1,
+                            suggestion="the only option is '; check_finite=false'")
+        options[key] = value.lower() == "true"
+    return steps, options
+
+
 def _steps_from_spec(spec: str) -> list[Step]:
     from kvq.registry import PRESETS
 
@@ -167,8 +198,8 @@ def _steps_from_spec(spec: str) -> list[Step]:
     if only is not None and not only.args and not only.kwargs and only.name in PRESETS:
         cfg = PRESETS.get(parsed[0].name)()
         if cfg.keys != cfg.values:
-            raise SpecError(f"preset {spec!r} has different key and value pipelines",
-                            suggestion=f"use kvq.kv({spec!r}) for a K/V configuration")
+            raise SpecError(f"preset {shorten(spec)} has different key and value pipelines",
+                            suggestion=f"use kvq.kv({shorten(spec)}) for a K/V configuration")
         return list(cfg.keys.steps)
     steps = []
     for i, p in enumerate(parsed):
@@ -188,18 +219,19 @@ def unwrap(exc: ValidationError) -> KVQError:
     errors = exc.errors()
     err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     inner = (err.get("ctx") or {}).get("error")
-    where = ".".join(str(p) for p in err["loc"])
+    where = shorten(".".join(str(p) for p in err["loc"]), 60).strip("'")
     if isinstance(inner, KVQError):
         if where and isinstance(inner, SpecError) and inner.spec is None:
             return SpecError(f"{where}: {inner.reason}", suggestion=inner.suggestion)
         return inner
     if err["type"] == "missing":
-        return SpecError(f"missing key {where!r} in {exc.title}")
+        return SpecError(f"missing key '{where}' in {exc.title}")
     if err["type"] == "extra_forbidden":
         model = exc.title
-        return SpecError(f"unknown key {err['loc'][-1]!r} in {model} at {where!r}",
-                         suggestion=_key_hint(str(err["loc"][-1]), model))
-    return SpecError(f"{where or exc.title}: {err['msg']} (got {err.get('input')!r})")
+        return SpecError(f"unknown key {shorten(err['loc'][-1])} in {model} at '{where}'",
+                         suggestion=_key_hint(str(err["loc"][-1])[:64], model))
+    return SpecError(f"{where or exc.title}: {shorten(err['msg'], 200)} "
+                     f"(got {shorten(err.get('input'))})")
 
 
 def _key_hint(key: str, model: str) -> str | None:

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvq.errors import KVQError, SpecError
+from kvq.errors import KVQError, SpecError, shorten
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Registry:
     def register(self, name: str, target: Any, *, defaults: dict[str, Any] | None = None,
                  source: str = "kvq") -> None:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
-            raise KVQError(f"invalid {self.kind} name {name!r}: use letters, digits, '-' and '_'")
+            raise KVQError(f"invalid {self.kind} name {shorten(name)}: use letters, digits, '-' and '_'")
         if name in self._entries:
             old = self._entries[name].source
             raise KVQError(f"{self.kind} {name!r} from {source!r} collides with the one "
@@ -56,14 +56,14 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
-            raise SpecError(f"unknown {self.kind} {name!r}",
+            raise SpecError(f"unknown {self.kind} {shorten(name)}",
                             suggestion=self.suggest(name)) from None
 
     def get(self, name: str) -> Any:
         return self.entry(name).load()
 
     def suggest(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name[:64], self.names(), n=3, cutoff=0.5)
         if close:
             return "did you mean " + " or ".join(repr(c) for c in close) + "?"
         return f"known {self.kind}s: " + ", ".join(self.names())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kvq.errors import SpecError
+from kvq.errors import SpecError, shorten
 from kvq.spec.grammar import ParsedStep, parse
 from kvq.spec.step import Step
 
@@ -19,7 +19,7 @@ def make_step(item: Any, index: int = 0) -> Step:
     if isinstance(item, str):
         parsed = parse(item)
         if len(parsed) != 1:
-            raise _located(SpecError(f"expected one step, got {item!r}"), index)
+            raise _located(SpecError(f"expected one step, got {shorten(item)}"), index)
         item = parsed[0]
     if isinstance(item, dict):
         data = dict(item)
@@ -31,7 +31,7 @@ def make_step(item: Any, index: int = 0) -> Step:
         cls = entry.load()
         clash = {k for k in entry.defaults if k in data and data[k] != entry.defaults[k]}
         if clash:
-            raise _located(SpecError(f"{sorted(clash)} contradict the step name {name!r}"), index)
+            raise _located(SpecError(f"{sorted(clash)} contradict the step name {shorten(name)}"), index)
         return cls.validated({**data, **entry.defaults}, name)
     if isinstance(item, ParsedStep):
         entry = _entry(STEPS, item.name, index)
@@ -45,7 +45,7 @@ def _entry(registry, name: str, index: int):
     except SpecError as unknown:
         m = re.fullmatch(r"int(\d+)", name)
         err = unknown if not m else SpecError(
-            f"unsupported bit width {m.group(1)} in {name!r}",
+            f"unsupported bit width {m.group(1)[:20]} in {shorten(name)}",
             suggestion="kvq quantizes to int2, int3, int4 or int8")
         raise _located(err, index) from None
 

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kvq.errors import SpecError
+from kvq.errors import SpecError, shorten
 from kvq.spec.grammar import ParsedStep, format_value
 
 
@@ -51,7 +51,7 @@ class Step(BaseModel):
         """Build from a parsed spec step (positional args mapped through ``positional``)."""
         names = [n for n in cls.positional if n not in defaults]
         if len(parsed.args) > len(names):
-            raise SpecError(f"{parsed.name!r} takes at most {len(names)} positional argument(s), "
+            raise SpecError(f"{shorten(parsed.name)} takes at most {len(names)} positional argument(s), "
                             f"got {len(parsed.args)}",
                             suggestion=_usage(cls, parsed.name))
         data = dict(defaults)
@@ -59,9 +59,9 @@ class Step(BaseModel):
             data[name] = value
         for key, value in parsed.kwargs.items():
             if key in defaults:
-                raise SpecError(f"{key!r} is fixed by the name {parsed.name!r}")
+                raise SpecError(f"{shorten(key)} is fixed by the name {shorten(parsed.name)}")
             if key in data:
-                raise SpecError(f"{key!r} given both by position and by name")
+                raise SpecError(f"{shorten(key)} given both by position and by name")
             data[key] = value
         return cls.validated(data, parsed.name)
 
@@ -72,8 +72,9 @@ class Step(BaseModel):
             return cls.model_validate({"type": cls.model_fields["type"].default, **data})
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or name
-            raise SpecError(f"bad argument {field}={err.get('input')!r} for {name!r}: {err['msg']}",
+            field = shorten(".".join(str(p) for p in err["loc"]) or name, 40).strip("'")
+            raise SpecError(f"bad argument {field}={shorten(err.get('input'))} for "
+                            f"{shorten(name)}: {shorten(err['msg'], 200)}",
                             suggestion=_usage(cls, name)) from None
 
 
