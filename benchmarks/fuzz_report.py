@@ -226,12 +226,13 @@ def spec_cases(n: int):
 
 
 # YAML / JSON files ---------------------------------------------------------------------------
-def bomb(levels: int, fan: int = 9, where: str = "kv: *top") -> str:
-    """A billion-laughs document: ``fan ** levels`` strings from ~``levels * fan * 4`` bytes."""
-    lines = ['a0: &a0 ["nsep>pchan>int4"]']
+def bomb(levels: int, fan: int = 9, where: str = "kv: BOMB") -> str:
+    """A billion-laughs value (``fan ** levels`` strings from ~``levels * fan * 4`` bytes) put
+    where ``BOMB`` stands in ``where``."""
+    parts = ["&a0 [" + ", ".join(['"nsep>pchan>int4"'] * fan) + "]"]
     for i in range(1, levels):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fan) + "]")
-    return "\n".join(lines).replace(f"&a{levels - 1}", "&top") + "\n" + where + "\n"
+        parts.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * fan) + "]")
+    return where.replace("BOMB", "[" + ", ".join(parts) + "]") + "\n"
 
 
 def yaml_documents() -> list[tuple[str, str, bytes, str]]:
@@ -239,9 +240,10 @@ def yaml_documents() -> list[tuple[str, str, bytes, str]]:
     big = "layers:\n" + "".join(f"  {i}: ptok>int8\n" for i in range(200_000))
     docs = [(f"alias bomb {lv}x{fan} {label}", ".yaml", bomb(lv, fan, where).encode(), "error")
             for lv, fan in ((6, 9), (8, 9), (5, 30))
-            for label, where in (("in kv", "kv: *top"),
-                                 ("in a step argument", "kv: [{type: nsep, renorm: *top}, int4]"),
-                                 ("in keys", "keys: {steps: *top}\nvalues: int4"))]
+            for label, where in (("in kv", "kv: BOMB"),
+                                 ("in a step argument", "kv: [{type: nsep, renorm: BOMB}, int4]"),
+                                 ("in keys", "keys: {steps: BOMB}\nvalues: int4"),
+                                 ("in a layer", "kv: int4\nlayers: {0: {kv: BOMB}}"))]
     docs += [
         ("alias in layers", ".yaml", b"x: &p ptok>int4\nkeys: *p\nvalues: *p\n", "error"),
         ("duplicate key yaml", ".yaml", b"kv: ptok>int4\nkv: nsep>pchan>int2\n", "error"),

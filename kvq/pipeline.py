@@ -139,6 +139,12 @@ class Pipeline(BaseModel):
             raise KVQError(f"expected a floating-point tensor, got {x.dtype}")
         if x.shape[-2] == 0:
             raise KVQError("cannot quantize an empty sequence (seq=0)")
+        if 0 in x.shape:
+            raise KVQError(f"cannot quantize an empty tensor of shape {tuple(x.shape)} "
+                           "(batch, kv_heads and head_dim must be at least 1)")
+        if x.device.type == "meta":
+            raise KVQError("cannot quantize a meta tensor (it holds no values); "
+                           "materialize it first, e.g. with .to_empty(device='cpu')")
         if not self.is_identity:
             self.granularity.check(x.shape)
 
@@ -161,17 +167,34 @@ class Pipeline(BaseModel):
         self.check_input(x)
         q = resolve_backend(backend, self, x).quantize(self, x)
         self.check_output(q)
+        q.spec = self.steps_spec
         return q
 
     def dequantize(self, q: QuantizedTensor, backend: str = "auto") -> torch.Tensor:
-        """QuantizedTensor -> (batch, kv_heads, seq, head_dim) tensor in the original dtype."""
+        """QuantizedTensor -> (batch, kv_heads, seq, head_dim) tensor in the original dtype.
+
+        Raises :class:`KVQError` when ``q`` was quantized by another pipeline. A value that the
+        quantization error pushes past the largest finite number of a float16/bfloat16 output
+        is saturated to it (the input was finite, so that is closer to it than Inf).
+        """
         from kvq.backends import resolve_backend
 
-        return resolve_backend(backend, self, q.codes).dequantize(self, q)
+        if q.spec and q.spec != self.steps_spec:
+            raise KVQError(f"these codes were quantized by {shorten(q.spec)}, not "
+                           f"{shorten(self.steps_spec)}; dequantize with the pipeline that "
+                           "quantized them")
+        y = resolve_backend(backend, self, q.codes).dequantize(self, q)
+        if self.check_finite and not self.is_identity and y.dtype in _SATURATE:
+            y = y.nan_to_num_(nan=float("nan"), posinf=_SATURATE[y.dtype],
+                              neginf=-_SATURATE[y.dtype])
+        return y
 
     def roundtrip(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         """dequantize(quantize(x)): what attention sees."""
         return self.dequantize(self.quantize(x, backend), backend)
+
+
+_SATURATE = {dt: torch.finfo(dt).max for dt in (torch.float16, torch.bfloat16)}
 
 
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:
@@ -230,7 +253,7 @@ def unwrap(exc: ValidationError) -> KVQError:
         model = exc.title
         return SpecError(f"unknown key {shorten(err['loc'][-1])} in {model} at '{where}'",
                          suggestion=_key_hint(str(err["loc"][-1])[:64], model))
-    return SpecError(f"{where or exc.title}: {shorten(err['msg'], 200)} "
+    return SpecError(f"{where or exc.title}: {err['msg'][:200]} "
                      f"(got {shorten(err.get('input'))})")
 
 

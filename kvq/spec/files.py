@@ -69,7 +69,7 @@ def load_yaml(text: str, source: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"malformed YAML in {source}{where}: {shorten(problem, 200)}") from None
+        raise SpecError(f"malformed YAML in {source}{where}: {problem[:200]}") from None
     except RecursionError:
         raise SpecError(f"{source} is nested too deeply (at most {MAX_DEPTH} levels)") from None
     finally:

@@ -67,14 +67,21 @@ class Step(BaseModel):
 
     @classmethod
     def validated(cls, data: dict[str, Any], name: str) -> Step:
-        """``model_validate`` with pydantic's errors turned into one-line :class:`SpecError`."""
+        """``model_validate`` with pydantic's errors turned into one-line :class:`SpecError`.
+
+        Integers beyond 64 bits are refused here for every step (torch cannot take them).
+        """
+        for key, value in data.items():
+            if isinstance(value, int) and not -2**63 <= value < 2**63:
+                raise SpecError(f"argument {shorten(key)}={shorten(value)} of {shorten(name)} "
+                                "does not fit in 64 bits", suggestion=_usage(cls, name))
         try:
             return cls.model_validate({"type": cls.model_fields["type"].default, **data})
         except ValidationError as exc:
             err = exc.errors()[0]
             field = shorten(".".join(str(p) for p in err["loc"]) or name, 40).strip("'")
             raise SpecError(f"bad argument {field}={shorten(err.get('input'))} for "
-                            f"{shorten(name)}: {shorten(err['msg'], 200)}",
+                            f"{shorten(name)}: {err['msg'][:200]}",
                             suggestion=_usage(cls, name)) from None
 
 
