@@ -51,7 +51,7 @@ def presets() -> dict[str, KVConfig]:
     """Every registered preset (built-in and from plugins), built."""
     from kvq.registry import PRESETS
 
-    return {e.name: e.load()() for e in PRESETS.entries()}
+    return {e.name: factory() for e, factory in PRESETS.loaded()}
 
 
 def with_bits(name: str, bits: int) -> str:

@@ -28,14 +28,14 @@ def make_step(item: Any, index: int = 0) -> Step:
             raise _located(SpecError("step without a 'type'",
                                      suggestion="write e.g. {type: int, bits: 4}"), index)
         entry = _entry(STEPS, name, index)
-        cls = entry.load()
+        cls = STEPS.load(entry)
         clash = {k for k in entry.defaults if k in data and data[k] != entry.defaults[k]}
         if clash:
             raise _located(SpecError(f"{sorted(clash)} contradict the step name {shorten(name)}"), index)
         return cls.validated({**data, **entry.defaults}, name)
     if isinstance(item, ParsedStep):
         entry = _entry(STEPS, item.name, index)
-        return entry.load().from_parsed(item, entry.defaults)
+        return STEPS.load(entry).from_parsed(item, entry.defaults)
     raise _located(SpecError(f"cannot make a step from {type(item).__name__}"), index)
 
 
