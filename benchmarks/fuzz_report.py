@@ -123,8 +123,13 @@ def assets_cases():
 
     def stale_staging(tmp: Path):
         cache = tmp / "cache"
-        for d in (cache / "downloads" / "tmpabc123", cache / ".staging-xyz"):
+        # as left by a killed run: a staging folder of a dead process, old pip temp folders
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        for d in (cache / "downloads" / "tmpabc123", cache / ".staging-xyz",
+                  cache / f".staging-{dead}-abc"):
             d.mkdir(parents=True)
+            os.utime(d, (time.time() - 7200, time.time() - 7200))
         body = texts_then(lambda out: None)
         body(tmp)
         left = [p.name for p in cache.rglob("*") if p.is_dir()

@@ -15,7 +15,6 @@ from pydantic import Field
 from kvq.errors import KVQError
 from kvq.granularity.base import Granularity
 
-
 #: largest group: 64k channels or tokens (a bigger token group would pad every block to it)
 MAX_SIZE = 1 << 16
 

@@ -31,7 +31,8 @@ def make_step(item: Any, index: int = 0) -> Step:
         cls = STEPS.load(entry)
         clash = {k for k in entry.defaults if k in data and data[k] != entry.defaults[k]}
         if clash:
-            raise _located(SpecError(f"{sorted(clash)} contradict the step name {shorten(name)}"), index)
+            raise _located(SpecError(f"{sorted(clash)} contradict the step name "
+                                     f"{shorten(name)}"), index)
         return cls.validated({**data, **entry.defaults}, name)
     if isinstance(item, ParsedStep):
         entry = _entry(STEPS, item.name, index)

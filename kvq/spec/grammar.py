@@ -55,7 +55,8 @@ def parse(spec: str) -> list[ParsedStep]:
         if i >= len(spec):
             return steps
         if spec[i] != ">":
-            raise SpecError(f"unexpected {spec[i]!r} after step {shorten(step.name)}", spec=spec, pos=i,
+            raise SpecError(f"unexpected {spec[i]!r} after step {shorten(step.name)}",
+                            spec=spec, pos=i,
                             suggestion="join steps with '>' and put arguments in parentheses")
         i += 1
 

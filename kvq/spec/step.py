@@ -51,8 +51,8 @@ class Step(BaseModel):
         """Build from a parsed spec step (positional args mapped through ``positional``)."""
         names = [n for n in cls.positional if n not in defaults]
         if len(parsed.args) > len(names):
-            raise SpecError(f"{shorten(parsed.name)} takes at most {len(names)} positional argument(s), "
-                            f"got {len(parsed.args)}",
+            raise SpecError(f"{shorten(parsed.name)} takes at most {len(names)} positional "
+                            f"argument(s), got {len(parsed.args)}",
                             suggestion=_usage(cls, parsed.name))
         data = dict(defaults)
         for name, value in zip(names, parsed.args):
