@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from kvq.errors import KVQError, SpecError, shorten
-from kvq.pipeline import Pipeline, unwrap
+from kvq.pipeline import Pipeline, parse_cached, unwrap
 
 
 def _split_kv(data: Any) -> Any:
@@ -39,6 +39,8 @@ def _split_kv(data: Any) -> Any:
         value = data.get(role)
         if isinstance(value, str) and value.strip() in PRESETS:
             data[role] = getattr(PRESETS.get(value.strip())(), role)
+        elif isinstance(value, str):
+            data[role] = parse_cached(value)
     return data
 
 

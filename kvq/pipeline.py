@@ -6,7 +6,7 @@ list of steps or a dict; serialises to a canonical spec string, YAML and JSON.
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
@@ -195,6 +195,13 @@ class Pipeline(BaseModel):
 
 
 _SATURATE = {dt: torch.finfo(dt).max for dt in (torch.float16, torch.bfloat16)}
+
+
+@lru_cache(maxsize=512)
+def parse_cached(spec: str) -> Pipeline:
+    """:meth:`Pipeline.parse` of a spec string, memoized (pipelines are immutable): a file with
+    200k layer overrides repeating a few specs parses each spec once."""
+    return Pipeline.parse(spec)
 
 
 def _split_options(spec: str) -> tuple[str, dict[str, Any]]:

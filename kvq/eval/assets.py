@@ -354,10 +354,8 @@ def _find_link(page: str, filename: str) -> str | None:
     parsed = urllib.parse.urlparse(page)
     if parsed.scheme == "file":
         folder = Path(urllib.request.url2pathname(parsed.path))
-        if (folder / filename).is_file():
-            return (folder / filename).as_uri()
-        if not (folder / "index.html").is_file():
-            return None
+        if not (folder / "index.html").is_file():  # a plain folder of files
+            return (folder / filename).as_uri() if (folder / filename).is_file() else None
         page = (folder / "index.html").as_uri()
     with urllib.request.urlopen(page, timeout=60) as resp:
         html = resp.read(8 << 20).decode("utf-8", "replace")
