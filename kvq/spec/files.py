@@ -93,8 +93,9 @@ def _check_tree(root, source: str) -> None:
         node, depth = stack.pop()
         line = node.start_mark.line + 1
         if id(node) in seen:
-            raise SpecError(f"YAML alias at line {line} of {source}: kvq pipeline files do not "
-                            "allow anchors and aliases", suggestion="write the value out")
+            raise SpecError(f"YAML alias of the anchor at line {line} of {source}: kvq pipeline "
+                            "files do not allow anchors and aliases",
+                            suggestion="write the value out")
         seen.add(id(node))
         if depth > MAX_DEPTH:
             raise SpecError(f"{source} is nested more than {MAX_DEPTH} levels deep "
