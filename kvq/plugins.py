@@ -100,7 +100,7 @@ def _load_one(pm: pluggy.PluginManager, ep) -> None:
     except Exception as exc:  # noqa: BLE001 - a plugin may fail in any way; isolate it
         if pm.has_plugin(ep.name):
             pm.unregister(name=ep.name)
-        mark_broken(ep.name, f"{stage} failed: {type(exc).__name__}: {shorten(str(exc), 200)}")
+        mark_broken(ep.name, f"{stage} failed: {type(exc).__name__}: {str(exc)[:200]}")
         return
     _status[ep.name] = PluginStatus(ep.name, "ok", components=_count(ep.name))
 

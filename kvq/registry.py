@@ -137,7 +137,7 @@ class Registry:
                 raise
             from kvq.plugins import mark_broken
 
-            reason = f"{self.kind} {entry.name!r}: {type(exc).__name__}: {shorten(str(exc), 200)}"
+            reason = f"{self.kind} {entry.name!r}: {type(exc).__name__}: {str(exc)[:200]}"
             mark_broken(entry.source, reason)
             raise KVQError(f"plugin {entry.source!r} is broken ({reason})") from None
 
@@ -150,7 +150,7 @@ class Registry:
             except KVQError:
                 if entry.source == "kvq":
                     raise
-        return out
+        return [(e, obj) for e, obj in out if self._entries.get(e.name) is e]
 
     def suggest(self, name: str) -> str:
         close = difflib.get_close_matches(name[:64], self.names(), n=3, cutoff=0.5)

@@ -25,10 +25,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import warnings
 
-    from kvq.plugins import KVQPluginWarning, plugin_status
+    from kvq.plugins import KVQPluginWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KVQPluginWarning)  # broken plugins are listed below
+        return _list(args)
+
+
+def _list(args) -> int:
+    from kvq.plugins import plugin_status
     from kvq.registry import BACKENDS, PRESETS, STEPS
 
-    warnings.simplefilter("ignore", KVQPluginWarning)  # broken plugins are listed below
     what = "plugins" if args.plugins else args.what
     show = [what] if what else ["steps", "backends", "presets", "plugins"]
     if "steps" in show:
