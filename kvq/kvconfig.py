@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from kvq.errors import KVQError, SpecError, shorten
-from kvq.pipeline import Pipeline, parse_cached, unwrap
+from kvq.pipeline import KVQModelMeta, Pipeline, parse_cached, unwrap
 
 
 def _split_kv(data: Any) -> Any:
@@ -70,7 +70,7 @@ class LayerOverride(BaseModel):
         return _split_kv(data)
 
 
-class KVConfig(BaseModel):
+class KVConfig(BaseModel, metaclass=KVQModelMeta):
     """Key and value pipelines for a whole model."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -79,12 +79,6 @@ class KVConfig(BaseModel):
     keys: Pipeline
     values: Pipeline
     layers: dict[int, LayerOverride] = {}
-
-    def __init__(self, **data: Any):
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise unwrap(exc) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -110,6 +104,10 @@ class KVConfig(BaseModel):
         if not isinstance(data, dict):
             raise SpecError(f"{source}: expected a mapping with keys/values (or kv), "
                             f"got {type(data).__name__}")
+        if not all(isinstance(k, str) for k in data):
+            bad = next(k for k in data if not isinstance(k, str))
+            raise SpecError(f"{source}: key {shorten(bad)} is not a name",
+                            suggestion="known keys: name, kv, keys, values, layers")
         if not ({"keys", "values", "kv"} & set(data)):
             raise SpecError(f"{source}: no pipeline given",
                             suggestion="add 'kv: nsep>pchan>int4' or 'keys:' and 'values:'")

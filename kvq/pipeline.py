@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
+from pydantic._internal._model_construction import ModelMetaclass
 
 from kvq.errors import KVQError, NumericsError, SpecError, shorten
 from kvq.granularity import Granularity, PerToken
@@ -21,19 +22,26 @@ from kvq.spec.build import check_structure, make_step
 from kvq.transforms import Transform
 
 
-class Pipeline(BaseModel):
+class KVQModelMeta(ModelMetaclass):
+    """Metaclass of kvq's user-facing models: ``Model(...)`` raises kvq errors, not pydantic's.
+
+    (Overriding ``__init__`` instead would make pydantic call it for nested models too.)
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any):
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as exc:
+            raise unwrap(exc) from None
+
+
+class Pipeline(BaseModel, metaclass=KVQModelMeta):
     """Steps applied left to right on quantize and right to left on dequantize."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: list[SerializeAsAny[Step]]
     check_finite: bool = True
-
-    def __init__(self, **data: Any):
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise unwrap(exc) from None
 
     @model_validator(mode="before")
     @classmethod
@@ -64,6 +72,10 @@ class Pipeline(BaseModel):
         if isinstance(spec, str):
             spec, options = _split_options(spec)
             return cls(steps=_steps_from_spec(spec), **options)
+        if isinstance(spec, dict) and not all(isinstance(k, str) for k in spec):
+            bad = next(k for k in spec if not isinstance(k, str))
+            raise SpecError(f"pipeline key {shorten(bad)} is not a name",
+                            suggestion="known keys: steps, check_finite")
         try:
             return cls.model_validate(spec)
         except ValidationError as exc:
