@@ -179,6 +179,8 @@ class Pipeline(BaseModel, metaclass=KVQModelMeta):
         self.check_input(x)
         q = resolve_backend(backend, self, x).quantize(self, x)
         self.check_output(q)
+        if q.codes is x:  # the identity keeps the input: store a copy the caller cannot change
+            q.codes = x.clone()
         q.spec = self.steps_spec
         return q
 

@@ -16,8 +16,7 @@ class TorchBackend(Backend):
 
     def quantize(self, pipeline, x):
         if pipeline.is_identity:
-            # a copy: the caller may change x afterwards
-            return QuantizedTensor(x.clone(), {}, tuple(x.shape), x.dtype, 8 * x.element_size())
+            return QuantizedTensor(x, {}, tuple(x.shape), x.dtype, 8 * x.element_size())
         h, meta = x.to(torch.float32, copy=True), {}  # steps may work in place on h
         for t in pipeline.transforms:
             h, m = t.forward(h)
