@@ -119,10 +119,10 @@ class Pipeline(BaseModel, metaclass=KVQModelMeta):
         ``"ptok>int4; check_finite=false"``)."""
         return self.steps_spec + ("" if self.check_finite else "; check_finite=false")
 
-    @cached_property
+    @property
     def steps_spec(self) -> str:
         """The steps alone as a spec string: what a :class:`QuantizedTensor` records."""
-        return ">".join(s.to_spec() for s in self.steps)
+        return _steps_spec(tuple(self.steps))
 
     def __str__(self) -> str:
         return self.to_spec()
@@ -209,6 +209,11 @@ class Pipeline(BaseModel, metaclass=KVQModelMeta):
 
 
 _SATURATE = {dt: torch.finfo(dt).max for dt in (torch.float16, torch.bfloat16)}
+
+
+@lru_cache(maxsize=1024)
+def _steps_spec(steps: tuple[Step, ...]) -> str:
+    return ">".join(s.to_spec() for s in steps)
 
 
 @lru_cache(maxsize=512)
