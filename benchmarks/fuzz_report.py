@@ -6,7 +6,7 @@ results (the figures of issue 12).
 Categories: ``assets`` (tampered sdist, corrupted/deleted cache files, staging, bad cache dir),
 ``spec`` (fuzzed spec strings, built and run), ``yaml`` (alias bombs, duplicate keys, bad layer
 keys, non-UTF-8, deep nesting, 200k overrides; each file loaded in a child process with a
-2 GiB address-space limit and a 60 s timeout), ``plugins`` (faulty fake plugins found through a
+2 GiB address-space limit and a 180 s timeout), ``plugins`` (faulty fake plugins found through a
 fake distribution on ``PYTHONPATH``, each command in a child process), ``numerics`` (fp16 near
 65504, tiny inputs, empty/meta tensors, out-of-range arguments, constructors, round trips,
 mismatched dequantize, the ``none`` quantizer), ``options`` (KVQCache / kvq_hf options).
@@ -293,10 +293,10 @@ def yaml_cases():
                 path.write_bytes(content)
                 try:
                     proc = subprocess.run([sys.executable, "-c", CHILD_LOAD, str(path)],
-                                          capture_output=True, text=True, timeout=60,
+                                          capture_output=True, text=True, timeout=180,
                                           env=_child_env())
                 except subprocess.TimeoutExpired:
-                    raise RuntimeError("timeout after 60 s") from None
+                    raise RuntimeError("timeout after 180 s") from None
             last = (proc.stdout.strip().splitlines() or [""])[-1].split()
             if not last or last[0] not in ("CLEAN", "LOADED"):
                 tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
