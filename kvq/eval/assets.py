@@ -176,7 +176,9 @@ MANIFEST = ".manifest.json"
 
 
 def write_manifest(folder: Path) -> None:
-    """Record sha256, size and mtime of every file under ``folder`` in ``folder/MANIFEST``."""
+    """Record sha256, size and mtime of every file under ``folder`` in ``folder/MANIFEST``
+    (plus the ``.complete`` marker older kvq versions sharing the cache look for)."""
+    (folder / ".complete").touch()
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         st = path.stat()
@@ -194,7 +196,6 @@ def verified(folder: Path) -> bool:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         if (folder / ".complete").is_file() or _legacy_gguf(folder):
-            (folder / ".complete").unlink(missing_ok=True)
             write_manifest(folder)
             return True
         return False
