@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, model_validator
 
 from kvq.errors import KVQError, NumericsError, SpecError
-from kvq.granularity import Granularity, PerToken
+from kvq.granularity import Granularity
 from kvq.quantized import QuantizedTensor
 from kvq.quantizers import Quantizer, packed_row_bytes
 from kvq.spec import Step, parse
@@ -68,7 +68,7 @@ class Pipeline(BaseModel):
     @cached_property
     def granularity(self) -> Granularity:
         found = [s for s in self.steps if s.role == "granularity"]
-        return found[0] if found else PerToken()  # type: ignore[return-value]
+        return self.quantizer.resolve_granularity(found[0] if found else None)  # type: ignore
 
     @cached_property
     def quantizer(self) -> Quantizer:

@@ -11,6 +11,10 @@ Each family exists at 2, 3, 4 and 8 bits (``naive4``, ``naive3``, ...):
   asymmetric, keys and values.
 - ``quarot{b}``: QuaRot-like Hadamard rotation then per-token asymmetric.
 - ``fp16``: no quantization (K/V stored unchanged), the reference point.
+
+llama.cpp's KV cache types (``-ctk/-ctv``), fixed widths, see :data:`GGML`:
+``q4_0``, ``q4_1``, ``q8_0`` and ``q4_0-rot``, ``q4_1-rot``, ``q8_0-rot`` (with the Hadamard
+rotation recent llama.cpp applies when the cache is quantized).
 """
 
 from __future__ import annotations
@@ -33,7 +37,21 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 
-def make_preset(name: str, keys: str, values: str) -> KVConfig:
+# llama.cpp's cache types. Source: ggml-org/llama.cpp, `ggml/src/ggml-quants.c` (formats, whose
+# Python reference is gguf-py `gguf/quants.py`) and `src/llama-kv-cache.cpp` (rotation: since
+# PR #21038, 2026-04, a quantized K cache is multiplied by the normalised Walsh-Hadamard matrix of
+# the largest power-of-two block >= 64 dividing head_dim, V by 64x64 blocks, when head_dim % 64
+# == 0; LLAMA_ATTN_ROT_DISABLE=1 turns it off). kvq's `rot(hadamard)` is that matrix for the
+# power-of-two head dims llama.cpp models have.
+GGML_ROT_KEYS, GGML_ROT_VALUES = "rot(hadamard)>{q}", "rot(hadamard,block=64)>{q}"
+GGML: dict[str, str] = {
+    "q4_0": "llama.cpp `-ctk q4_0 -ctv q4_0`: blocks of 32, fp16 scale, 16 levels (4.5 bits)",
+    "q4_1": "llama.cpp `-ctk q4_1 -ctv q4_1`: blocks of 32, fp16 scale and min (5.0 bits)",
+    "q8_0": "llama.cpp `-ctk q8_0 -ctv q8_0`: blocks of 32, fp16 scale, int8 (8.5 bits)",
+}
+
+
+def make_preset(name: str, keys: str | list, values: str | list) -> KVConfig:
     return KVConfig(name=name, keys=Pipeline.parse(keys), values=Pipeline.parse(values))
 
 
@@ -44,7 +62,20 @@ def builtin_presets() -> dict[str, partial]:
         for b in BITS:
             name = f"{family}{b}"
             out[name] = partial(make_preset, name, keys.format(b=b), values.format(b=b))
+    for q, doc in GGML.items():
+        # a step list, not the string: a lone name in a spec string would resolve to this preset
+        out[q] = _documented(partial(make_preset, q, [q], [q]), doc + ", no rotation "
+                             "(llama.cpp before 2026-04 or LLAMA_ATTN_ROT_DISABLE=1)")
+        rotated = partial(make_preset, f"{q}-rot", GGML_ROT_KEYS.format(q=q),
+                          GGML_ROT_VALUES.format(q=q))
+        out[f"{q}-rot"] = _documented(rotated, doc + ", with llama.cpp's automatic Hadamard "
+                                      "rotation (K: whole head, V: blocks of 64)")
     return out
+
+
+def _documented(factory: partial, doc: str) -> partial:
+    factory.__doc__ = doc
+    return factory
 
 
 def presets() -> dict[str, KVConfig]:
