@@ -2,7 +2,8 @@
 
 A name is a preset (``naive4``), an inline spec (``'nsep>pchan>int4'``) or a YAML/JSON file.
 With bit widths, each entry is taken at every width: presets by family (``naive4`` ->
-``naive3``), specs and files by rewriting every ``int<b>`` quantizer. The ``fp16`` reference
+``naive3``), specs and files by rewriting every ``int<b>`` quantizer; a fixed-width format
+(``q4_0``, ``q4_0-rot``) keeps its name and runs once. The ``fp16`` reference
 (no quantization) is always run first, once, as the baseline for ΔPPL.
 """
 
@@ -50,6 +51,8 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
         if bits is None:
             return cfg.label, cfg
         data = _rewrite(cfg.to_dict(), bits)
+        if data == cfg.to_dict():  # no int<b> in it (q4_0, fp8, ...): its own width, run once
+            return cfg.label, cfg
         data.pop("name", None)
         cfg = KVConfig.from_dict(data, source=name)
         return f"{cfg.label}", cfg
