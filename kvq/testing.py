@@ -38,6 +38,24 @@ def kv_like(batch=1, heads=2, seq=64, head_dim=128, dtype=torch.float32, outlier
     return (x * spread).to(dtype)
 
 
+def edge_blocks() -> torch.Tensor:
+    """(1, 1, 8, 64) edge cases for block formats (blocks of 32 channels): all-zero blocks, ties of
+    |max| with opposite signs, a negative max, constants, exact halves, tiny and huge ranges."""
+    r = torch.arange(32, dtype=torch.float32)
+    rows = [
+        torch.zeros(32),                                   # all-zero block
+        torch.cat([torch.tensor([3.0, -3.0]), r[2:] / 20]),  # |max| tie: the first one wins
+        torch.cat([torch.tensor([-3.0, 3.0]), -r[2:] / 20]),
+        -r - 1,                                            # negative max
+        torch.full((32,), 0.7),                            # constant block
+        (r - 16) * 0.5,                                    # many values on exact halves
+        torch.linspace(-1e-6, 1e-6, 32),                   # scale underflows fp16
+        torch.randn(32, generator=torch.Generator().manual_seed(0)) * 1e4,
+    ]
+    x = torch.stack([torch.cat([a, a.flip(0) * 0.5]) for a in rows])
+    return x.reshape(1, 1, 8, 64)
+
+
 def check_step(step: str, quantizer: str = "int8") -> None:
     """Run the conformance checks for the step spelled ``step`` (e.g. ``"nsep"``, ``"center"``)."""
     import kvq

@@ -52,8 +52,8 @@ class GGMLQuantizer(Quantizer):
         d, meta = self.block_scale(xg)
         inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
         codes = self.round(xg.mul_(inv), meta)
-        meta = {k: granularity.to_meta(v) for k, v in meta.items()}
-        meta["scale"] = _fp16(granularity.to_meta(d), "scale", self.spec_name())
+        meta = {"scale": _fp16(granularity.to_meta(d), "scale", self.spec_name()),
+                **{k: granularity.to_meta(v) for k, v in meta.items()}}
         return granularity.unview(codes.to(torch.uint8), x.shape), meta
 
     def dequantize(self, codes, meta, granularity):

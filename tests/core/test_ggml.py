@@ -9,7 +9,7 @@ from gguf import quants
 import kvq
 from kvq.errors import KVQError, NumericsError, SpecError
 from kvq.quantizers import unpack
-from kvq.testing import DTYPES, HEAD_DIMS, kv_like
+from kvq.testing import DTYPES, HEAD_DIMS, edge_blocks, kv_like
 
 FORMATS = {"q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q8_0": GT.Q8_0}
 BITS = {"q4_0": 4.5, "q4_1": 5.0, "q8_0": 8.5}
@@ -52,23 +52,6 @@ def assert_matches(x: torch.Tensor, fmt: str):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bit_exact_with_gguf(fmt, head_dim, dtype):
     assert_matches(kv_like(2, 3, 17, head_dim, dtype=dtype, seed=head_dim), fmt)
-
-
-def edge_blocks() -> torch.Tensor:
-    """(1, 1, 8, 64): zeros, ties, negative max, constants, exact halves, tiny and huge ranges."""
-    r = torch.arange(32, dtype=torch.float32)
-    rows = [
-        torch.zeros(32),                                   # all-zero block
-        torch.cat([torch.tensor([3.0, -3.0]), r[2:] / 20]),  # |max| tie: the first one wins
-        torch.cat([torch.tensor([-3.0, 3.0]), -r[2:] / 20]),
-        -r - 1,                                            # negative max
-        torch.full((32,), 0.7),                            # constant block
-        (r - 16) * 0.5,                                    # many values on exact halves
-        torch.linspace(-1e-6, 1e-6, 32),                   # scale underflows fp16
-        torch.randn(32, generator=torch.Generator().manual_seed(0)) * 1e4,
-    ]
-    x = torch.stack([torch.cat([a, a.flip(0) * 0.5]) for a in rows])
-    return x.reshape(1, 1, 8, 64)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -27,7 +27,9 @@ from kvq.backends.triton import common
 PIPELINES = ("nsep>pchan>int4", "group(32)>int3(asym)", "rot>nsep>ptok>int2",
              "group(24,token)>int8(asym)")
 # bfloat16 input and metadata, a padded head_dim, a random rotation with nsep before it
-EXTRA = (("nsep(bf16)>rot>group(16,token)>int4(asym,dtype=bf16)", 80, torch.bfloat16),)
+EXTRA = (("nsep(bf16)>rot>group(16,token)>int4(asym,dtype=bf16)", 80, torch.bfloat16),
+         ("rot>q4_0", 64, torch.float16), ("q4_1", 96, torch.bfloat16),
+         ("q8_0", 128, torch.float32))  # llama.cpp's block formats
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
         torch.uint8: "*u8", torch.int32: "*i32"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
