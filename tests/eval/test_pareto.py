@@ -1,0 +1,31 @@
+import json
+
+from kvq.eval.pareto import best_under, front, main, points
+
+
+def report():
+    rows = [("fp16", 16, 0.0), ("a4", 4.5, 2.0), ("b4", 4.25, 3.0), ("c3", 3.5, 8.0),
+            ("d3", 3.25, 9.5), ("e5", 5.0, 0.8), ("f4", 4.5, 2.5), ("g2", 2.5, 40.0),
+            ("h3", 3.5, 10.0)]
+    made = [dict(task="ppl", protocol="teacher-forced", context=2048, pipeline=p,
+                 bits_per_element=b, delta=d) for p, b, d in rows]
+    made.append(dict(made[1], context=512, delta=-5.0))  # another context: ignored
+    return {"model": {"name": "tiny"}, "rows": made}
+
+
+def test_front_and_budgets():
+    rows = points(report())
+    assert "fp16" not in {r["pipeline"] for r in rows} and len(rows) == 8
+    assert [r["pipeline"] for r in front(rows)] == ["g2", "d3", "c3", "b4", "a4", "e5"]
+    assert best_under(rows, 3.5)["pipeline"] == "c3"
+    assert best_under(rows, 4.5)["pipeline"] == "a4"
+    assert best_under(rows, 2.0) is None
+
+
+def test_cli_writes_png(tmp_path, capsys):
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(report()))
+    assert main([str(src), str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "best at <= 3.5 bits/element: c3" in out and (tmp_path / "p.png").stat().st_size > 0
+    assert main([str(tmp_path / "missing.json"), str(tmp_path / "q.png")]) == 2
