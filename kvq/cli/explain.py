@@ -45,7 +45,10 @@ def run(args) -> int:
             doc = (type(s).__doc__ or "").strip().splitlines()[0]
             print(f"  {s.role:<12} {s.to_spec():<22} {doc}")
         if not any(s.role == "granularity" for s in p.steps) and not p.is_identity:
-            print(f"  {'granularity':<12} {'ptok':<22} (default: one scale per token)")
+            g = p.granularity.to_spec()
+            why = ("default: one scale per token" if g == "ptok"
+                   else f"implied by {p.quantizer.to_spec()}")
+            print(f"  {'granularity':<12} {g:<22} ({why})")
         bpe = p.bits_per_element(head_dim=d, seq=t)
         print(f"  bits/element {bpe:.3f}  ({bpe / 16:.3f}x fp16), "
               f"{_human(p.nbytes(t, d) * heads)} per layer for this shape")
