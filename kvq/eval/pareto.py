@@ -1,7 +1,9 @@
 """Matched-bits view of a ``kvq compare`` report: the Pareto front of ΔPPL against stored bits.
 
-    python -m kvq.eval.pareto RESULTS.json OUT.png [--protocol teacher-forced] [--context 2048]
+    python -m kvq.eval.pareto RESULTS.json [MORE.json ...] --out OUT.png [--markdown]
 
+Several reports (``kvq compare`` runs with the same model, corpus and settings, e.g. one run per
+group of pipelines) are merged after checking that their settings and fp16 baselines agree.
 A pipeline is on the front when no other one stores fewer (or as many) bits per element with a
 lower (or equal) ΔPPL, one of them strictly. :func:`best_under` answers "which pipeline is best
 within a budget of b bits/element".
@@ -30,6 +32,48 @@ def points(report: dict, protocol: str | None = None, context: int | None = None
     if not rows:
         raise ValueError(f"no rows for context {context}")
     return rows
+
+
+_SAME = ("model", "corpus", "contexts", "protocols", "tasks", "tokens", "block", "residual",
+         "seed_continuation", "stream_steps")
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report with the rows of all; raises ValueError unless their settings (all but the
+    pipelines) and their fp16 baselines are identical."""
+    first = reports[0]
+    for other in reports[1:]:
+        for key in _SAME:
+            if other["settings"].get(key) != first["settings"].get(key):
+                raise ValueError(f"reports differ in {key!r}: {first['settings'].get(key)!r} vs "
+                                 f"{other['settings'].get(key)!r}")
+        base = {(r["protocol"], r["context"], r["task"]): r["value"]
+                for r in first["rows"] if r["pipeline"] == "fp16"}
+        for r in other["rows"]:
+            key = (r["protocol"], r["context"], r["task"])
+            if r["pipeline"] == "fp16" and base.get(key, r["value"]) != r["value"]:
+                raise ValueError(f"fp16 baselines differ at {key}: {base[key]} vs {r['value']}")
+    seen, rows = set(), []
+    for rep in reports:
+        for r in rep["rows"]:
+            key = (r["pipeline"], r["protocol"], r["context"], r["task"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return {**first, "rows": rows}
+
+
+def markdown(rows: list[dict]) -> str:
+    """Table by increasing bits/element; pipelines on the front in bold."""
+    best = front(rows)
+    lines = ["| pipeline | bits/elt (stored) | PPL | ΔPPL | Pareto |",
+             "|:---|---:|---:|---:|:---:|"]
+    for r in sorted(rows, key=lambda r: (r["bits_per_element"], r["delta"])):
+        on = r in best
+        name = f"**{r['pipeline']}**" if on else r["pipeline"]
+        lines.append(f"| {name} | {r['bits_per_element']:.3f} | {r['value']:.2f} | "
+                     f"{r['delta']:+.2f} | {'●' if on else ''} |")
+    return "\n".join(lines)
 
 
 def front(rows: list[dict]) -> list[dict]:
@@ -82,21 +126,24 @@ def write_png(rows: list[dict], path: Path, title: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", type=Path, help="results.json written by kvq compare")
-    ap.add_argument("out", type=Path, help="PNG to write")
+    ap.add_argument("results", type=Path, nargs="+", help="results.json written by kvq compare")
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     ap.add_argument("--protocol", help="default: the report's first protocol")
     ap.add_argument("--context", type=int, help="default: the longest context")
     ap.add_argument("--budgets", default="3.5,4.5", help="bits/element budgets to report")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = ap.parse_args(argv)
     try:
-        report = json.loads(args.results.read_text())
+        report = merge([json.loads(p.read_text()) for p in args.results])
         rows = points(report, args.protocol, args.context)
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: {args.results}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     r0 = rows[0]
     title = f"{report['model']['name']}: ΔPPL vs bits/element ({r0['protocol']}, {r0['context']})"
     write_png(rows, args.out, title)
+    if args.markdown:
+        print(markdown(rows))
     print("front: " + ", ".join(f"{r['pipeline']} ({r['bits_per_element']:.3g} b, "
                                 f"{r['delta']:+.2f})" for r in front(rows)))
     for b in (float(v) for v in args.budgets.split(",")):

@@ -1,6 +1,10 @@
 import json
 
-from kvq.eval.pareto import best_under, front, main, points
+import pytest
+
+from kvq.eval.pareto import best_under, front, main, merge, points
+
+SETTINGS = {"model": None, "corpus": "shakespeare", "contexts": [2048], "tokens": 4096}
 
 
 def report():
@@ -10,7 +14,9 @@ def report():
     made = [dict(task="ppl", protocol="teacher-forced", context=2048, pipeline=p,
                  bits_per_element=b, delta=d) for p, b, d in rows]
     made.append(dict(made[1], context=512, delta=-5.0))  # another context: ignored
-    return {"model": {"name": "tiny"}, "rows": made}
+    for r in made:
+        r["value"] = 30.0 + r["delta"]
+    return {"model": {"name": "tiny"}, "settings": SETTINGS, "rows": made}
 
 
 def test_front_and_budgets():
@@ -22,10 +28,25 @@ def test_front_and_budgets():
     assert best_under(rows, 2.0) is None
 
 
-def test_cli_writes_png(tmp_path, capsys):
+def test_merge_checks_settings_and_baseline():
+    a, b = report(), report()
+    b["rows"] = [r for r in b["rows"] if r["pipeline"] in ("fp16", "a4")]
+    b["rows"].append(dict(b["rows"][0], pipeline="z8", bits_per_element=8.5, delta=0.1))
+    merged = merge([a, b])
+    assert [r["pipeline"] for r in merged["rows"]].count("a4") == 2  # two contexts, once each
+    assert "z8" in {r["pipeline"] for r in points(merged)}
+    with pytest.raises(ValueError, match="tokens"):
+        merge([a, {**b, "settings": {**SETTINGS, "tokens": 8192}}])
+    b["rows"][0] = dict(b["rows"][0], value=31.0)
+    with pytest.raises(ValueError, match="fp16 baselines differ"):
+        merge([a, b])
+
+
+def test_cli_writes_png_and_table(tmp_path, capsys):
     src = tmp_path / "results.json"
     src.write_text(json.dumps(report()))
-    assert main([str(src), str(tmp_path / "p.png")]) == 0
+    assert main([str(src), "--out", str(tmp_path / "p.png"), "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "best at <= 3.5 bits/element: c3" in out and (tmp_path / "p.png").stat().st_size > 0
-    assert main([str(tmp_path / "missing.json"), str(tmp_path / "q.png")]) == 2
+    assert "| **c3** | 3.500 | 38.00 | +8.00 | ● |" in out
+    assert main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "q.png")]) == 2
