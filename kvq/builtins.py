@@ -15,10 +15,10 @@ STEPS = {
     "int3": ("kvq.quantizers.integer:IntQuantizer", {"bits": 3}),
     "int4": ("kvq.quantizers.integer:IntQuantizer", {"bits": 4}),
     "int8": ("kvq.quantizers.integer:IntQuantizer", {"bits": 8}),
-    "none": ("kvq.quantizers.none:NoQuantizer", None),
     "q4_0": ("kvq.quantizers.ggml:Q4_0", None),
     "q4_1": ("kvq.quantizers.ggml:Q4_1", None),
     "q8_0": ("kvq.quantizers.ggml:Q8_0", None),
+    "none": ("kvq.quantizers.none:NoQuantizer", None),
 }
 
 BACKENDS = {

@@ -22,22 +22,6 @@ def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return float(10 * torch.log10(x.pow(2).sum() / noise))
 
 
-def kv_like(batch=1, heads=2, seq=64, head_dim=128, dtype=torch.float32, outliers=4,
-            outlier_scale=20.0, norm_spread=4.0, seed=0) -> torch.Tensor:
-    """Gaussian K/V-like data with planted outlier channels and token norm variation.
-
-    Returns (batch, heads, seq, head_dim): ``outliers`` channels scaled by ``outlier_scale``
-    and per-token norms varying by a factor ``norm_spread`` across tokens.
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, heads, seq, head_dim, generator=g)
-    idx = torch.randperm(head_dim, generator=g)[:outliers]
-    x[..., idx] *= outlier_scale
-    spread = torch.exp(torch.rand(batch, heads, seq, 1, generator=g) * torch.log(
-        torch.tensor(norm_spread)))
-    return (x * spread).to(dtype)
-
-
 def edge_blocks() -> torch.Tensor:
     """(1, 1, 8, 64) edge cases for block formats (blocks of 32 channels): all-zero blocks, ties of
     |max| with opposite signs, a negative max, constants, exact halves, tiny and huge ranges."""
@@ -54,6 +38,22 @@ def edge_blocks() -> torch.Tensor:
     ]
     x = torch.stack([torch.cat([a, a.flip(0) * 0.5]) for a in rows])
     return x.reshape(1, 1, 8, 64)
+
+
+def kv_like(batch=1, heads=2, seq=64, head_dim=128, dtype=torch.float32, outliers=4,
+            outlier_scale=20.0, norm_spread=4.0, seed=0) -> torch.Tensor:
+    """Gaussian K/V-like data with planted outlier channels and token norm variation.
+
+    Returns (batch, heads, seq, head_dim): ``outliers`` channels scaled by ``outlier_scale``
+    and per-token norms varying by a factor ``norm_spread`` across tokens.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, heads, seq, head_dim, generator=g)
+    idx = torch.randperm(head_dim, generator=g)[:outliers]
+    x[..., idx] *= outlier_scale
+    spread = torch.exp(torch.rand(batch, heads, seq, 1, generator=g) * torch.log(
+        torch.tensor(norm_spread)))
+    return (x * spread).to(dtype)
 
 
 def check_step(step: str, quantizer: str = "int8") -> None:

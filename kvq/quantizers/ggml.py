@@ -29,6 +29,7 @@ from kvq.granularity import Granularity, Group
 from kvq.quantizers.base import Quantizer
 
 BLOCK = 32
+FP16_MAX = 65504.0
 
 
 class GGMLQuantizer(Quantizer):
@@ -49,11 +50,18 @@ class GGMLQuantizer(Quantizer):
 
     def quantize(self, x, granularity):
         xg = granularity.view(x)  # (B, H, T, D // 32, 32)
-        d, meta = self.block_scale(xg)
+        fits = xg.abs().amax(dim=-1, keepdim=True) <= FP16_MAX  # blocks float16 can hold
+        d, extra = self.block_scale(xg)
         inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-        codes = self.round(xg.mul_(inv), meta)
-        meta = {"scale": _fp16(granularity.to_meta(d), "scale", self.spec_name()),
-                **{k: granularity.to_meta(v) for k, v in meta.items()}}
+        codes = self.round(xg.mul_(inv), extra)
+        name = self.spec_name()
+        stored = {"scale": _fp16(d, "scale", name),
+                  **{k: _fp16(v, "minimum", name) for k, v in extra.items()}}
+        if (fits & (self.reach({k: v.float() for k, v in stored.items()}) > FP16_MAX)).any():
+            raise NumericsError(f"{name!r}: a block whose values fit float16 would dequantize past "
+                                f"its maximum {FP16_MAX:g} (the fp16 scale rounds up; llama.cpp "
+                                "returns Inf there); scale such K/V down or use an int format")
+        meta = {k: granularity.to_meta(v) for k, v in stored.items()}
         return granularity.unview(codes.to(torch.uint8), x.shape), meta
 
     def dequantize(self, codes, meta, granularity):
@@ -75,6 +83,10 @@ class GGMLQuantizer(Quantizer):
         """Unsigned codes (float) from v = x * (1 / d), in place."""
         raise NotImplementedError
 
+    def reach(self, meta: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Largest |value| a block can dequantize to, from its ``scale`` (and ``zero``)."""
+        raise NotImplementedError
+
 
 class Q4_0(GGMLQuantizer):
     """llama.cpp q4_0: 32 values, fp16 scale, 4-bit codes in [-8, 7] (4.5 bits/element)."""
@@ -90,6 +102,9 @@ class Q4_0(GGMLQuantizer):
     def round(self, v, meta):
         return v.add_(8.5).trunc_().clamp_(0, 15)
 
+    def reach(self, meta):
+        return 8 * meta["scale"].abs()
+
 
 class Q4_1(GGMLQuantizer):
     """llama.cpp q4_1: 32 values, fp16 scale and minimum, 4-bit codes in [0, 15] (5 bits)."""
@@ -104,10 +119,13 @@ class Q4_1(GGMLQuantizer):
         d = (hi - lo) / 15
         _check_range(d, lo, hi, self.spec_name())
         xg.sub_(lo)  # round() sees (x - min) / d
-        return d, {"zero": _fp16(lo, "block minimum", self.spec_name())}
+        return d, {"zero": lo}
 
     def round(self, v, meta):
         return v.add_(0.5).trunc_().clamp_(0, 15)
+
+    def reach(self, meta):
+        return torch.maximum(meta["zero"].abs(), (15 * meta["scale"] + meta["zero"]).abs())
 
 
 class Q8_0(GGMLQuantizer):
@@ -126,6 +144,9 @@ class Q8_0(GGMLQuantizer):
         f = a.floor()
         q = f.add_(a.sub_(f).mul_(2).floor_())  # a - f is exact, so is 2 * (a - f)
         return q.copysign_(v).clamp_(-127, 127).add_(self.offset)
+
+    def reach(self, meta):
+        return 127 * meta["scale"].abs()
 
 
 class Blocks(Group):

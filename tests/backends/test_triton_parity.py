@@ -248,6 +248,13 @@ def test_nonfinite_input_raises(spec, bad):
     lax.quantize(x[:, :1], backend="triton")  # the finite head: fine without the check
 
 
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_ggml_float16_maximum_raises_like_reference(fmt):
+    x = torch.tensor([-65504.0] + [0.0] * 30 + [65504.0]).half().reshape(1, 1, 1, 32)
+    with pytest.raises(NumericsError, match="past its maximum"):
+        kvq.build(fmt).quantize(x.to(DEVICE), backend="triton")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's numpy
 @pytest.mark.parametrize("spec,value", [("nsep>pchan>int4", 1e4), ("ptok>int8", 1e7),
                                         ("q8_0", 1e7), ("q4_1", 1e6)])

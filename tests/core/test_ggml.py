@@ -85,6 +85,18 @@ def test_fp16_overflow_raises(fmt):
         kvq.build(fmt).quantize(x)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float16_input_near_its_maximum_is_finite_or_raises(fmt):
+    # q4_1 / q8_0 round their fp16 scale up past what float16 holds (gguf gives 65536 / 65532)
+    x = torch.tensor([-65504.0] + [0.0] * 30 + [65504.0]).half().reshape(1, 1, 1, 32)
+    if fmt == "q4_0":  # the first max maps to -8 d = -65504 exactly, the other to 7 d
+        assert torch.equal(kvq.build(fmt).roundtrip(x), reference(x, fmt)[3].half())
+        return
+    assert reference(x, fmt)[3].abs().max() > 65504
+    with pytest.raises(NumericsError, match="past its maximum"):
+        kvq.build(fmt).quantize(x)
+
+
 @pytest.mark.parametrize("head_dim", [d for d in HEAD_DIMS if d % 32] + [48])
 def test_head_dim_not_multiple_of_32(head_dim):
     # llama.cpp refuses these too (a quantized cache needs head_dim % block size == 0)

@@ -48,3 +48,17 @@ def ggml_block_codes(y3, valid3, gvalid, FMT: tl.constexpr, GS: tl.constexpr):
         b = f + tl.floor((a - f) * 2.0)
         q = tl.minimum(tl.maximum(tl.where(v < 0, -b, b), -127.0), 127.0) + 128.0
     return d, mn, q.to(tl.int32)
+
+
+@triton.jit
+def ggml_fp16_overflow(y3, valid3, s16, z16, FMT: tl.constexpr):
+    """(BT, NG) True where a block float16 can hold would dequantize past 65504 through its
+    fp16-rounded scale s16 (and minimum z16): the reference raises NumericsError there."""
+    fits = tl.max(tl.where(valid3, tl.abs(y3), 0.0), axis=2) <= 65504.0
+    if FMT == 1:
+        reach = 8.0 * tl.abs(s16)
+    elif FMT == 2:
+        reach = tl.maximum(tl.abs(z16), tl.abs(s16 * 15.0 + z16))
+    else:
+        reach = 127.0 * tl.abs(s16)
+    return fits & (reach > 65504.0)

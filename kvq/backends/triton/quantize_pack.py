@@ -9,7 +9,8 @@
   into a float32 buffer with atomics (max/min are exact in any order), then
   `_quantize_tokens_kernel` recomputes the transforms of its tile and quantizes.
 Programs write status bits: 1 = NaN/Inf in the (transformed) input, 2 = a stored
-norm/scale/zero is not finite (e.g. it overflows float16); the backend raises for them."""
+norm/scale/zero is not finite (e.g. it overflows float16), or a llama.cpp block would dequantize
+past float16's maximum; the backend raises for them (through the reference's error)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from kvq.backends.triton.common import (
     tiles,
     token_tiles,
 )
-from kvq.backends.triton.ggml_blocks import ggml_block_codes
+from kvq.backends.triton.ggml_blocks import ggml_block_codes, ggml_fp16_overflow
 from kvq.backends.triton.plan import KernelPlan
 
 
@@ -79,8 +80,11 @@ def _quantize_rows_kernel(
     if FMT != 0:
         s, mn, u3 = ggml_block_codes(y3, valid3, gvalid, FMT, GS)
         s_m = cast_rne(s, scale_ptr.dtype.element_ty)
+        z_m = s_m
         if ASYM:  # q4_1 stores the block minimum
             z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
+        over = ggml_fp16_overflow(y3, valid3, s_m.to(tl.float32), z_m.to(tl.float32), FMT)
+        flag = flag | tl.max(tl.ravel(tl.where(over & rmask[:, None], 2, 0)), axis=0)
     else:
         if ASYM:
             mn = tl.where(gvalid, tl.min(tl.where(valid3, y3, float("inf")), axis=2), 0.0)
