@@ -2,9 +2,9 @@
 
 A name is a preset (``naive4``), an inline spec (``'nsep>pchan>int4'``) or a YAML/JSON file.
 With bit widths, each entry is taken at every width: presets by family (``naive4`` ->
-``naive3``), specs and files by rewriting every ``int<b>`` quantizer; a fixed-width format
-(``q4_0``, ``q4_0-rot``) keeps its name and runs once. The ``fp16`` reference
-(no quantization) is always run first, once, as the baseline for ΔPPL.
+``naive3``), specs and files by rewriting every ``int<b>`` quantizer. The ``fp16`` reference
+(no quantization) is always run first, once, as the baseline for ΔPPL. A preset outside the
+families (``q4_0``, ``q8_0-rot``) and a spec without ``int<b>`` have a fixed width: they run once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from kvq.errors import KVQError
 from kvq.eval.errors import EvalError
 from kvq.kvconfig import KVConfig
 from kvq.presets import FAMILIES, with_bits
+from kvq.registry import PRESETS
 
 BASELINE = "fp16"
 DEFAULT_FAMILIES = ("naive", "nsep-pchan", "kivi", "quanto", "quarot")
@@ -47,6 +48,8 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
         if family in FAMILIES and family != name:
             preset = with_bits(name, bits) if bits else name
             return preset, kvq.kv(preset)
+        if name in PRESETS:  # a one-off preset (q4_0, q8_0-rot): its own width, run once
+            return name, kvq.kv(name)
         cfg = kvq.kv(name)
         if bits is None:
             return cfg.label, cfg
