@@ -1,6 +1,6 @@
 """Matched-bits view of a ``kvq compare`` report: the Pareto front of ΔPPL against stored bits.
 
-    python -m kvq.eval.pareto RESULTS.json [MORE.json ...] --out OUT.png [--markdown]
+    python -m kvq.eval.pareto A.json [B.json ...] --out OUT.png [--markdown] [--merged M.json]
 
 Several reports (``kvq compare`` runs with the same model, corpus and settings, e.g. one run per
 group of pipelines) are merged after checking that their settings and fp16 baselines agree.
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, help="default: the longest context")
     ap.add_argument("--budgets", default="3.5,4.5", help="bits/element budgets to report")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--merged", type=Path, help="also write the merged report (JSON) here")
     args = ap.parse_args(argv)
     try:
         report = merge([json.loads(p.read_text()) for p in args.results])
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.merged:
+        args.merged.write_text(json.dumps(report, indent=1) + "\n")
     r0 = rows[0]
     title = f"{report['model']['name']}: ΔPPL vs bits/element ({r0['protocol']}, {r0['context']})"
     write_png(rows, args.out, title)

@@ -45,7 +45,10 @@ def test_merge_checks_settings_and_baseline():
 def test_cli_writes_png_and_table(tmp_path, capsys):
     src = tmp_path / "results.json"
     src.write_text(json.dumps(report()))
-    assert main([str(src), "--out", str(tmp_path / "p.png"), "--markdown"]) == 0
+    merged = tmp_path / "merged.json"
+    assert main([str(src), str(src), "--out", str(tmp_path / "p.png"), "--markdown",
+                 "--merged", str(merged)]) == 0
+    assert json.loads(merged.read_text())["rows"] == report()["rows"]
     out = capsys.readouterr().out
     assert "best at <= 3.5 bits/element: c3" in out and (tmp_path / "p.png").stat().st_size > 0
     assert "| **c3** | 3.500 | 38.00 | +8.00 | ● |" in out
