@@ -16,6 +16,10 @@ STEPS = {
     "int4": ("kvq.quantizers.integer:IntQuantizer", {"bits": 4}),
     "int8": ("kvq.quantizers.integer:IntQuantizer", {"bits": 8}),
     "none": ("kvq.quantizers.none:NoQuantizer", None),
+    "lloyd": ("kvq.quantizers.lloyd:Lloyd", None),
+    "lloyd2": ("kvq.quantizers.lloyd:Lloyd", {"bits": 2}),
+    "lloyd3": ("kvq.quantizers.lloyd:Lloyd", {"bits": 3}),
+    "lloyd4": ("kvq.quantizers.lloyd:Lloyd", {"bits": 4}),
 }
 
 BACKENDS = {
