@@ -13,6 +13,7 @@ import torch
 
 from kvq import dtypes
 from kvq.quantizers.base import Quantizer
+from kvq.quantizers.scales import store_scale_down
 
 
 class CodebookQuantizer(Quantizer):
@@ -24,8 +25,9 @@ class CodebookQuantizer(Quantizer):
     Decoding: ``levels[code] * scale``.
 
     ``scale="absmax"``: one scale per granularity group, ``absmax / max|level|`` stored at
-    ``dtype`` (the stored value is the one used), so the group's largest value maps onto the
-    outermost level; an all-zero group gets scale 0 and decodes to zeros.
+    ``dtype`` rounded toward zero (the stored value is the one used), so the group's largest
+    value maps onto the outermost level and no decoded value exceeds the group's absmax; an
+    all-zero group gets scale 0 and decodes to zeros.
     ``scale="none"``: no scale and no metadata; the levels are used as they are (after ``nsep``
     and ``rot``, when the codebook is fitted to coordinates of unit vectors). Zero inputs then
     decode to the level nearest 0, not 0: put ``nsep`` before it (zero vectors keep norm 0).
@@ -64,7 +66,7 @@ class CodebookQuantizer(Quantizer):
         xg = g.view(x)
         absmax = xg.abs().amax(dim=g.reduce_dim, keepdim=True)
         top = lv.abs().max()
-        scale = dtypes.store(g.to_meta(absmax / top), self.dtype, "scale")
+        scale = store_scale_down(g.to_meta(absmax / top), self.dtype, "scale")
         s = g.from_meta(scale).float()
         v = xg.div_(torch.where(s == 0, torch.ones_like(s), s))
         codes = torch.bucketize(v, mids, right=True).to(torch.uint8)

@@ -1,0 +1,76 @@
+"""FP8 quantizer: E4M3 / E5M2 codes with a scale per granularity group (or none).
+
+The formats of vLLM's, SGLang's and TensorRT-LLM's FP8 KV caches (OCP 8-bit floating point,
+torch ``float8_e4m3fn`` / ``float8_e5m2``). Codes are the 8-bit patterns of torch's own casts.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from kvq import dtypes
+from kvq.errors import NumericsError
+from kvq.quantizers.base import Quantizer
+from kvq.quantizers.scales import store_scale_down
+
+FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+class FP8Quantizer(Quantizer):
+    """codes = bits of ``(x / s).clamp(-fmax, fmax).to(float8)``; decode ``float(code) * s``.
+
+    ``scale="absmax"``: s = absmax / fmax per granularity group (fmax 448 for e4m3, 57344 for
+    e5m2), stored at ``dtype`` (fp32 by default, as serving engines keep it) rounded toward zero,
+    so the clamp (the OCP saturating conversion) acts only within that one rounding.
+    ``scale="none"``: s = 1, a plain cast (vLLM's uncalibrated default scale 1.0); values beyond
+    fmax raise :class:`NumericsError` instead of saturating. Rounding is torch's (nearest even),
+    subnormals included. Metadata: ``scale`` in the granularity's layout (absmax only).
+    """
+
+    type: Literal["fp8"] = "fp8"
+    format: Literal["e4m3", "e5m2"] = "e4m3"
+    scale: Literal["absmax", "none"] = "absmax"
+    dtype: dtypes.MetaDtype = "fp32"
+
+    positional = ("format", "scale")
+
+    @property
+    def bits(self) -> int:
+        return 8
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return FORMATS[self.format]
+
+    @property
+    def fmax(self) -> float:
+        return torch.finfo(self.torch_dtype).max
+
+    def quantize(self, x, granularity):
+        # x is a temporary owned by the backend: scaled in place
+        fmax = self.fmax
+        if self.scale == "none":
+            big = (x.abs() > fmax) & torch.isfinite(x)
+            if big.any():
+                raise NumericsError(f"|x| = {x[big].abs().max().item():.4g} exceeds the {self.format} "
+                                    f"maximum {fmax:g}; use a scaled fp8 ('fp8({self.format})')")
+            return x.to(self.torch_dtype).view(torch.uint8), {}
+        g = granularity
+        xg = g.view(x)
+        amax = xg.abs().amax(dim=g.reduce_dim, keepdim=True)
+        scale = store_scale_down(g.to_meta(amax / fmax), self.dtype, "fp8 scale")
+        s = g.from_meta(scale).float()
+        v = xg.div_(torch.where(s == 0, torch.ones_like(s), s)).clamp_(-fmax, fmax)
+        return g.unview(v.to(self.torch_dtype).view(torch.uint8), x.shape), {"scale": scale}
+
+    def dequantize(self, codes, meta, granularity):
+        out = codes.contiguous().view(self.torch_dtype).float()
+        if self.scale == "none":
+            return out
+        g = granularity
+        return g.unview(g.view(out).mul_(g.from_meta(meta["scale"].float())), codes.shape)
+
+    def meta_bits(self, groups):
+        return 0 if self.scale == "none" else groups * dtypes.BITS[self.dtype]
