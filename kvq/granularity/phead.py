@@ -13,7 +13,7 @@ from kvq.granularity.base import Granularity
 
 
 class PerHead(Granularity):
-    """Statistics over (seq, head_dim) for every (batch, head). Metadata: (batch, kv_heads, 1, 1)."""
+    """Statistics over (seq, head_dim) per (batch, head). Metadata: (batch, kv_heads, 1, 1)."""
 
     type: Literal["phead"] = "phead"
 

@@ -54,8 +54,9 @@ class FP8Quantizer(Quantizer):
         if self.scale == "none":
             big = (x.abs() > fmax) & torch.isfinite(x)
             if big.any():
-                raise NumericsError(f"|x| = {x[big].abs().max().item():.4g} exceeds the {self.format} "
-                                    f"maximum {fmax:g}; use a scaled fp8 ('fp8({self.format})')")
+                top = x[big].abs().max().item()
+                raise NumericsError(f"|x| = {top:.4g} exceeds the {self.format} maximum "
+                                    f"{fmax:g}; use a scaled fp8 ('fp8({self.format})')")
             return x.to(self.torch_dtype).view(torch.uint8), {}
         g = granularity
         xg = g.view(x)
