@@ -17,6 +17,7 @@ STEPS = {
     "int4": ("kvq.quantizers.integer:IntQuantizer", {"bits": 4}),
     "int8": ("kvq.quantizers.integer:IntQuantizer", {"bits": 8}),
     "none": ("kvq.quantizers.none:NoQuantizer", None),
+    "fp4": ("kvq.quantizers.fp4:FP4Quantizer", None),
     "fp8": ("kvq.quantizers.fp8:FP8Quantizer", None),
     "lloyd": ("kvq.quantizers.lloyd:Lloyd", None),
     "lloyd2": ("kvq.quantizers.lloyd:Lloyd", {"bits": 2}),

@@ -43,14 +43,14 @@ def check_step(step: str, quantizer: str = "int8", *, transforms: str = "",
                min_sqnr: float = 25.0) -> None:
     """Run the conformance checks for the step spelled ``step`` (e.g. ``"nsep"``, ``"center"``).
 
-    A transform or granularity is checked in front of ``quantizer``; a quantizer (``"lloyd4"``)
-    on its own, after ``transforms`` (e.g. ``"nsep>rot"``) if given, and must reach ``min_sqnr``
-    dB on K/V-like data. Non-finite input must raise :class:`kvq.NumericsError`; for a quantizer,
-    fp16 input near the fp16 maximum must come back finite (or raise NumericsError, never Inf).
+    A transform or granularity is checked in front of ``quantizer``; a quantizer (``"lloyd4"``,
+    or with its granularity, ``"group(16)>fp4(nv)"``) on its own, after ``transforms`` (e.g. ``"nsep>rot"``) if given, and must reach ``min_sqnr``
+    dB on K/V-like data. Non-finite input must raise :class:`kvq.NumericsError`; a quantizer on
+    its own must return fp16 input near the fp16 maximum finite (or raise NumericsError).
     """
     import kvq
 
-    is_quantizer = _role(step) == "quantizer"
+    is_quantizer = _role(step.split(">")[-1]) == "quantizer"
     spec = step if is_quantizer else f"{step}>{quantizer}"
     first = kvq.build(f"{transforms}>{spec}" if transforms else spec)
     again = kvq.build(first.to_spec())
@@ -65,7 +65,7 @@ def check_step(step: str, quantizer: str = "int8", *, transforms: str = "",
             assert sqnr_db(x.float(), y.float()) > min_sqnr, f"{first}: low SQNR at D={d} {dtype}"
         zeros = torch.zeros(1, 1, 5, d)
         assert torch.equal(first.roundtrip(zeros), zeros), f"{first}: zero vectors"
-    _check_numerics(first, fp16_range=is_quantizer)
+    _check_numerics(first, fp16_range=is_quantizer and not transforms)
     for t in first.transforms:
         x = kv_like(1, 2, 9, 96)
         h, meta = t.forward(x.clone())  # steps may work in place on their input
