@@ -44,9 +44,10 @@ def check_step(step: str, quantizer: str = "int8", *, transforms: str = "",
     """Run the conformance checks for the step spelled ``step`` (e.g. ``"nsep"``, ``"center"``).
 
     A transform or granularity is checked in front of ``quantizer``; a quantizer (``"lloyd4"``,
-    or with its granularity, ``"group(16)>fp4(nv)"``) on its own, after ``transforms`` (e.g. ``"nsep>rot"``) if given, and must reach ``min_sqnr``
-    dB on K/V-like data. Non-finite input must raise :class:`kvq.NumericsError`; a quantizer on
-    its own must return fp16 input near the fp16 maximum finite (or raise NumericsError).
+    or with its granularity, ``"group(16)>fp4(nv)"``) on its own, after ``transforms`` (e.g.
+    ``"nsep>rot"``) if given. The pipeline must reach ``min_sqnr`` dB on K/V-like data.
+    Non-finite input must raise :class:`kvq.NumericsError`; a quantizer on its own must return
+    fp16 input near the fp16 maximum finite (or raise NumericsError).
     """
     import kvq
 
