@@ -2,8 +2,8 @@
 
 A name is a preset (``naive4``), an inline spec (``'nsep>pchan>int4'``) or a YAML/JSON file.
 With bit widths, each entry is taken at every width: presets by family (``naive4`` ->
-``naive3``), specs and files by rewriting every ``int<b>`` quantizer. The ``fp16`` reference
-(no quantization) is always run first, once, as the baseline for ΔPPL.
+``naive3``), specs and files by rewriting every ``int<b>`` and ``lloyd<b>`` quantizer. The
+``fp16`` reference (no quantization) is always run first, once, as the baseline for ΔPPL.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from kvq.presets import FAMILIES, with_bits
 BASELINE = "fp16"
 DEFAULT_FAMILIES = ("naive", "nsep-pchan", "kivi", "quanto", "quarot")
 DEFAULT_BITS = (4, 3)
-_INT = re.compile(r"\bint[2348]\b")
+_INT = re.compile(r"\b(int|lloyd)[2348]\b")
 
 
 def expand(names: list[str], bits: list[int] | None) -> dict[str, KVConfig]:
@@ -59,7 +59,7 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
 
 def _rewrite(data, bits: int):
     if isinstance(data, str):
-        return _INT.sub(f"int{bits}", data)
+        return _INT.sub(lambda m: f"{m.group(1)}{bits}", data)
     if isinstance(data, dict):
         return {k: _rewrite(v, bits) for k, v in data.items()}
     return data

@@ -51,7 +51,7 @@ class FP4Quantizer(Quantizer):
     """
 
     type: Literal["fp4"] = "fp4"
-    block: Literal["mx", "nv"] = "mx"
+    block: Literal["mx", "nv"]
 
     positional = ("block",)
 
