@@ -13,7 +13,7 @@ import torch
 
 from kvq import dtypes
 from kvq.quantizers.base import Quantizer
-from kvq.quantizers.scales import store_scale_down
+from kvq.quantizers.scales import scale_groups, unscale_groups
 
 
 class CodebookQuantizer(Quantizer):
@@ -63,22 +63,14 @@ class CodebookQuantizer(Quantizer):
         mids = (lv[1:] + lv[:-1]) / 2
         if self.scale == "none":
             return torch.bucketize(x, mids, right=True).to(torch.uint8), {}
-        xg = g.view(x)
-        absmax = xg.abs().amax(dim=g.reduce_dim, keepdim=True)
-        top = lv.abs().max()
-        scale = store_scale_down(g.to_meta(absmax / top), self.dtype, "scale")
-        s = g.from_meta(scale).float()
-        v = xg.div_(torch.where(s == 0, torch.ones_like(s), s))
+        v, scale = scale_groups(x, g, lv.abs().max(), self.dtype, "scale")
         codes = torch.bucketize(v, mids, right=True).to(torch.uint8)
         return g.unview(codes, x.shape), {"scale": scale}
 
     def dequantize(self, codes, meta, granularity):
         lv = self.levels(codes.shape[-1], codes.device)
         out = lv[codes.long()]
-        if self.scale == "none":
-            return out
-        g = granularity
-        return g.unview(g.view(out).mul_(g.from_meta(meta["scale"].float())), codes.shape)
+        return out if self.scale == "none" else unscale_groups(out, meta["scale"], granularity)
 
     def meta_bits(self, groups):
         return 0 if self.scale == "none" else groups * dtypes.BITS[self.dtype]

@@ -13,7 +13,7 @@ import torch
 from kvq import dtypes
 from kvq.errors import NumericsError
 from kvq.quantizers.base import Quantizer
-from kvq.quantizers.scales import store_scale_down
+from kvq.quantizers.scales import scale_groups, unscale_groups
 
 FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -59,19 +59,13 @@ class FP8Quantizer(Quantizer):
                                     f"{fmax:g}; use a scaled fp8 ('fp8({self.format})')")
             return x.to(self.torch_dtype).view(torch.uint8), {}
         g = granularity
-        xg = g.view(x)
-        amax = xg.abs().amax(dim=g.reduce_dim, keepdim=True)
-        scale = store_scale_down(g.to_meta(amax / fmax), self.dtype, "fp8 scale")
-        s = g.from_meta(scale).float()
-        v = xg.div_(torch.where(s == 0, torch.ones_like(s), s)).clamp_(-fmax, fmax)
-        return g.unview(v.to(self.torch_dtype).view(torch.uint8), x.shape), {"scale": scale}
+        v, scale = scale_groups(x, g, fmax, self.dtype, "fp8 scale")
+        codes = v.clamp_(-fmax, fmax).to(self.torch_dtype).view(torch.uint8)
+        return g.unview(codes, x.shape), {"scale": scale}
 
     def dequantize(self, codes, meta, granularity):
         out = codes.contiguous().view(self.torch_dtype).float()
-        if self.scale == "none":
-            return out
-        g = granularity
-        return g.unview(g.view(out).mul_(g.from_meta(meta["scale"].float())), codes.shape)
+        return out if self.scale == "none" else unscale_groups(out, meta["scale"], granularity)
 
     def meta_bits(self, groups):
         return 0 if self.scale == "none" else groups * dtypes.BITS[self.dtype]
