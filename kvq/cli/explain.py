@@ -44,7 +44,8 @@ def run(args) -> int:
         for s in p.steps:
             doc = (type(s).__doc__ or "").strip().splitlines()[0]
             print(f"  {s.role:<12} {s.to_spec():<22} {doc}")
-        if not any(s.role == "granularity" for s in p.steps) and not p.is_identity:
+        scaled = not p.is_identity and p.quantizer.meta_bits(1) > 0
+        if not any(s.role == "granularity" for s in p.steps) and scaled:
             print(f"  {'granularity':<12} {'ptok':<22} (default: one scale per token)")
         bpe = p.bits_per_element(head_dim=d, seq=t)
         print(f"  bits/element {bpe:.3f}  ({bpe / 16:.3f}x fp16), "

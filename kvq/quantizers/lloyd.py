@@ -26,7 +26,7 @@ MAX_ITER = 5000
 
 
 class Lloyd(CodebookQuantizer):
-    """Lloyd-Max codebook of ``2**bits`` levels for one coordinate of a random unit vector.
+    """Lloyd-Max codebook of 2**bits levels for one coordinate of a random unit vector.
 
     ``lloyd4(none)`` after ``nsep>rot`` is TurboQuant's MSE quantizer (no scale stored: bits per
     element = bits + the nsep norm); ``lloyd4`` (absmax) rescales the codebook per granularity
