@@ -4,7 +4,8 @@
 >>> check_step("nsep")            # doctest: +SKIP
 
 Checks: spec/JSON round trip, shapes and dtypes through a full pipeline, transforms invert
-exactly without a quantizer in between, odd head dims, zero vectors stay finite.
+exactly without a quantizer in between, odd head dims, zero vectors stay zero, NaN/Inf input
+raises, fp16 input near the fp16 maximum stays finite. Quantizers are checked on their own.
 """
 
 from __future__ import annotations
@@ -56,11 +57,21 @@ def kv_like(batch=1, heads=2, seq=64, head_dim=128, dtype=torch.float32, outlier
     return (x * spread).to(dtype)
 
 
-def check_step(step: str, quantizer: str = "int8") -> None:
-    """Run the conformance checks for the step spelled ``step`` (e.g. ``"nsep"``, ``"center"``)."""
+def check_step(step: str, quantizer: str = "int8", *, transforms: str = "",
+               min_sqnr: float = 25.0) -> None:
+    """Run the conformance checks for the step spelled ``step`` (e.g. ``"nsep"``, ``"center"``).
+
+    A transform or granularity is checked in front of ``quantizer``; a quantizer (``"lloyd4"``,
+    or with its granularity, ``"group(16)>fp4(nv)"``) on its own, after ``transforms`` (e.g.
+    ``"nsep>rot"``) if given. The pipeline must reach ``min_sqnr`` dB on K/V-like data.
+    Non-finite input must raise :class:`kvq.NumericsError`; a quantizer on its own must return
+    fp16 input near the fp16 maximum finite (or raise NumericsError).
+    """
     import kvq
 
-    first = kvq.build(f"{step}>{quantizer}") if _is_transform(step) else kvq.build(step + ">int8")
+    is_quantizer = _role(step.split(">")[-1]) == "quantizer"
+    spec = step if is_quantizer else f"{step}>{quantizer}"
+    first = kvq.build(f"{transforms}>{spec}" if transforms else spec)
     again = kvq.build(first.to_spec())
     assert again == first, f"spec round trip changed {first.to_spec()!r}"
     assert kvq.Pipeline.model_validate_json(first.model_dump_json()) == first, "JSON round trip"
@@ -70,9 +81,10 @@ def check_step(step: str, quantizer: str = "int8") -> None:
             y = first.roundtrip(x)
             assert y.shape == x.shape and y.dtype == x.dtype, f"{first}: shape/dtype at D={d}"
             assert torch.isfinite(y).all(), f"{first}: non-finite output at D={d} {dtype}"
-            assert sqnr_db(x.float(), y.float()) > 25, f"{first}: low SQNR at D={d} {dtype}"
+            assert sqnr_db(x.float(), y.float()) > min_sqnr, f"{first}: low SQNR at D={d} {dtype}"
         zeros = torch.zeros(1, 1, 5, d)
         assert torch.equal(first.roundtrip(zeros), zeros), f"{first}: zero vectors"
+    _check_numerics(first, fp16_range=is_quantizer and not transforms)
     for t in first.transforms:
         x = kv_like(1, 2, 9, 96)
         h, meta = t.forward(x.clone())  # steps may work in place on their input
@@ -80,7 +92,28 @@ def check_step(step: str, quantizer: str = "int8") -> None:
             f"{t.to_spec()} does not invert"
 
 
-def _is_transform(step: str) -> bool:
+def _check_numerics(p, fp16_range: bool) -> None:
+    from kvq.errors import NumericsError
+
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = kv_like(1, 2, 8, 64)
+        x[0, 1, 3, 5] = bad
+        try:
+            p.quantize(x)
+        except NumericsError:
+            continue
+        raise AssertionError(f"{p}: input holding {bad} did not raise NumericsError")
+    if not fp16_range:
+        return
+    big = (kv_like(1, 2, 8, 64, outliers=0) * 1e4).clamp(-65504, 65504).half()
+    try:
+        y = p.roundtrip(big)
+    except NumericsError:
+        return
+    assert torch.isfinite(y).all(), f"{p}: fp16 input near the fp16 maximum came back non-finite"
+
+
+def _role(step: str) -> str:
     from kvq.spec.build import make_step
 
-    return make_step(step).role == "transform"
+    return make_step(step).role

@@ -2,9 +2,10 @@
 
 A name is a preset (``naive4``), an inline spec (``'nsep>pchan>int4'``) or a YAML/JSON file.
 With bit widths, each entry is taken at every width: presets by family (``naive4`` ->
-``naive3``), specs and files by rewriting every ``int<b>`` quantizer. The ``fp16`` reference
-(no quantization) is always run first, once, as the baseline for ΔPPL. A preset outside the
-families (``q4_0``, ``q8_0-rot``) and a spec without ``int<b>`` have a fixed width: they run once.
+``naive3``), specs and files by rewriting every ``int<b>`` and ``lloyd<b>`` quantizer. The
+``fp16`` reference (no quantization) is always run first, once, as the baseline for ΔPPL.
+A preset outside the families (``q4_0``, ``fp8``) and a spec without ``int<b>`` or ``lloyd<b>``
+have a fixed width: they run once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from kvq.registry import PRESETS
 BASELINE = "fp16"
 DEFAULT_FAMILIES = ("naive", "nsep-pchan", "kivi", "quanto", "quarot")
 DEFAULT_BITS = (4, 3)
-_INT = re.compile(r"\bint[2348]\b")
+_INT = re.compile(r"\b(int|lloyd)[2348]\b")
 
 
 def expand(names: list[str], bits: list[int] | None) -> dict[str, KVConfig]:
@@ -65,7 +66,7 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
 
 def _rewrite(data, bits: int):
     if isinstance(data, str):
-        return _INT.sub(f"int{bits}", data)
+        return _INT.sub(lambda m: f"{m.group(1)}{bits}", data)
     if isinstance(data, dict):
         return {k: _rewrite(v, bits) for k, v in data.items()}
     return data

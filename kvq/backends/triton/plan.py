@@ -37,6 +37,8 @@ class KernelPlan:
     bits / asym: integer quantizer. meta_dtype: scale and zero dtype; norm_dtype: nsep norm dtype.
     fmt: "int" (kvq's int quantizer) or a llama.cpp block format on group(32, channel): "q4_0",
     "q4_1" (asym: its block minimum is stored as the zero) or "q8_0".
+    codebook: for an unscaled codebook quantizer (``lloyd4(none)``), its ``levels(head_dim,
+    device)``; codes are then level indices and there is no scale (gran is unused).
     """
 
     bits: int
@@ -49,22 +51,36 @@ class KernelPlan:
     rot: Callable[[int], torch.Tensor] | None = None
     meta_dtype: torch.dtype = torch.float16
     norm_dtype: torch.dtype = torch.float16
+    codebook: Callable[[int, torch.device], torch.Tensor] | None = None
 
     @classmethod
     def from_pipeline(cls, pipeline) -> KernelPlan:
         """The plan of a :class:`kvq.Pipeline`; raises Unsupported naming the step it can't run.
 
         Runs: at most one ``nsep`` and one ``rot`` (either order), then ``ptok``, ``pchan``,
-        ``group(g, channel)`` or ``group(g, token)``, then ``int2/3/4/8`` (sym or asym).
+        ``group(g, channel)`` or ``group(g, token)``, then ``int2/3/4/8`` (sym or asym); or the
+        transforms, then an unscaled codebook quantizer (``lloyd{b}(none)``).
         """
+        from kvq.quantizers.codebook import CodebookQuantizer
+
         names = [t.type for t in pipeline.transforms]
         if any(n not in ("nsep", "rot") for n in names) or len(set(names)) != len(names):
             raise Unsupported(f"transforms {'>'.join(names)}: the kernels run at most one nsep "
                               "and one rot (in either order)")
         quant = pipeline.quantizer
+        nsep = next((t for t in pipeline.transforms if t.type == "nsep"), None)
+        rot = next((t for t in pipeline.transforms if t.type == "rot"), None)
+        nsep_pos = 0 if nsep is None else (2 if names == ["rot", "nsep"] else 1)
+        if isinstance(quant, CodebookQuantizer):
+            if quant.scale != "none":
+                raise Unsupported(f"quantizer {quant.to_spec()!r} has no kernel (codebooks run "
+                                  "only unscaled, scale=none)")
+            return cls(bits=quant.bits, nsep=nsep_pos, renorm=nsep.renorm if nsep else True,
+                       rot=rot.matrix if rot else None, codebook=quant.levels,
+                       norm_dtype=TORCH_DTYPES[nsep.dtype] if nsep else torch.float16)
         if quant.type not in ("int", *FORMATS):
             raise Unsupported(f"quantizer {quant.to_spec()!r} has no kernel (int2/3/4/8, "
-                              f"{', '.join(FORMATS)} only)")
+                              f"{', '.join(FORMATS)} and unscaled codebooks only)")
         gran = pipeline.granularity
         if gran.type == "group":
             kind, group = ("group_channel" if gran.axis == "channel" else "group_token"), gran.size
@@ -72,16 +88,16 @@ class KernelPlan:
             kind, group = gran.type, 0
         else:
             raise Unsupported(f"granularity {gran.to_spec()!r} has no kernel")
-        nsep = next((t for t in pipeline.transforms if t.type == "nsep"), None)
-        rot = next((t for t in pipeline.transforms if t.type == "rot"), None)
-        after_rot = names == ["rot", "nsep"]
-        nsep_pos = 0 if nsep is None else (2 if after_rot else 1)
         ggml = quant.type in FORMATS
         return cls(bits=quant.bits, asym=quant.type == "q4_1" if ggml else quant.scheme == "asym",
                    fmt=quant.type, gran=kind, group=group, nsep=nsep_pos,
                    renorm=nsep.renorm if nsep else True, rot=rot.matrix if rot else None,
                    meta_dtype=torch.float16 if ggml else TORCH_DTYPES[quant.dtype],
                    norm_dtype=TORCH_DTYPES[nsep.dtype] if nsep else torch.float16)
+
+    def levels(self, d: int, device: torch.device) -> torch.Tensor:
+        """The codebook's sorted levels for head_dim d: (2**bits,) float32 on device."""
+        return self.codebook(d, torch.device(device)).float().contiguous()
 
     def rotation(self, d: int, device: torch.device) -> torch.Tensor:
         """R (d, d) float32 on device, cached per (rotation step, head_dim, device)."""
