@@ -60,7 +60,8 @@ def merge(reports: list[dict]) -> dict:
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
-    return {**first, "rows": rows}
+    pipelines = {k: v for rep in reports for k, v in rep.get("pipelines", {}).items()}
+    return {**first, "pipelines": pipelines, "rows": rows}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -74,6 +75,27 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {name} | {r['bits_per_element']:.3f} | {r['value']:.2f} | "
                      f"{r['delta']:+.2f} | {'●' if on else ''} |")
     return "\n".join(lines)
+
+
+def fp16_model_bits(report: dict, rows: list[dict]) -> list[dict]:
+    """Rows with ``bits_per_element`` as KVQCache stores an fp16 model's K/V (layers a config
+    skips at 16 bits), from each pipeline's config; the measured figure moves to
+    ``measured_bits``. A model run in fp32 holds skipped layers in fp32, so only configs with
+    ``skip`` may differ from the measurement; any other difference raises ValueError."""
+    from kvq.kvconfig import KVConfig
+
+    m, block = report["model"], report["settings"]["block"]
+    out = []
+    for r in rows:
+        data = dict(report["pipelines"][r["pipeline"]])
+        data.pop("name", None)
+        cfg = KVConfig.from_dict(data)
+        bits = cfg.bits_per_element(m["head_dim"], block, num_layers=m["layers"])
+        if not cfg.skip and abs(bits - r["bits_per_element"]) > 1e-6:
+            raise ValueError(f"{r['pipeline']}: measured {r['bits_per_element']} bits/element, "
+                             f"its config says {bits}")
+        out.append({**r, "bits_per_element": bits, "measured_bits": r["bits_per_element"]})
+    return out
 
 
 def front(rows: list[dict]) -> list[dict]:
@@ -133,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="3.5,4.5", help="bits/element budgets to report")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--merged", type=Path, help="also write the merged report (JSON) here")
+    ap.add_argument("--fp16-model", action="store_true",
+                    help="bits/element as stored for an fp16 model (skipped layers at 16 bits)")
     args = ap.parse_args(argv)
     try:
         report = merge([json.loads(p.read_text()) for p in args.results])
         rows = points(report, args.protocol, args.context)
+        if args.fp16_model:
+            rows = fp16_model_bits(report, rows)
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -53,3 +53,17 @@ def test_cli_writes_png_and_table(tmp_path, capsys):
     assert "best at <= 3.5 bits/element: c3" in out and (tmp_path / "p.png").stat().st_size > 0
     assert "| **c3** | 3.500 | 38.00 | +8.00 | ● |" in out
     assert main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "q.png")]) == 2
+
+
+def test_fp16_model_bits_counts_skipped_layers_at_16():
+    from kvq.eval.pareto import fp16_model_bits
+
+    rep = {"model": {"head_dim": 64, "layers": 4}, "settings": {"block": 32},
+           "pipelines": {"n4": {"keys": "ptok>int4", "values": "ptok>int4"},
+                         "s4": {"keys": "ptok>int4", "values": "ptok>int4", "skip": [0]}}}
+    rows = [dict(pipeline="n4", bits_per_element=4.25), dict(pipeline="s4", bits_per_element=11.2)]
+    got = fp16_model_bits(rep, rows)
+    assert [r["bits_per_element"] for r in got] == [4.25, (3 * 4.25 + 16) / 4]
+    assert got[1]["measured_bits"] == 11.2
+    with pytest.raises(ValueError, match="measured 5.0"):
+        fp16_model_bits(rep, [dict(pipeline="n4", bits_per_element=5.0)])
