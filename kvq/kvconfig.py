@@ -8,6 +8,7 @@
     layers:
       0: {keys: nsep>pchan>int4, values: nsep>pchan>int4}
       # or {kv: nsep>pchan>int4} for both
+    skip: [0, 1, -2, -1]            # layers kept unquantized; negative counts from the end
 
 ``kv:`` at the top sets keys and values at once; a preset name works wherever a spec does.
 """
@@ -79,6 +80,7 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
     keys: Pipeline
     values: Pipeline
     layers: dict[int, LayerOverride] = {}
+    skip: tuple[int, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +89,13 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
         if isinstance(data, dict) and isinstance(data.get("layers"), dict):
             data["layers"] = {_layer_key(k): v for k, v in data["layers"].items()}
         return data
+
+    @model_validator(mode="after")
+    def _skip_once(self) -> KVConfig:
+        twice = sorted({i for i in self.skip if self.skip.count(i) > 1})
+        if twice:
+            raise SpecError(f"skip lists layer {twice[0]} twice", suggestion="list each layer once")
+        return self
 
     # construction ------------------------------------------------------------------------
     @classmethod
@@ -118,8 +127,29 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
             raise type(err)(f"{source}: {err}") if isinstance(err, SpecError) else err from None
 
     # access --------------------------------------------------------------------------------------
-    def for_layer(self, layer: int) -> tuple[Pipeline, Pipeline]:
-        """(keys, values) pipelines of ``layer`` after overrides."""
+    def skipped(self, num_layers: int | None = None) -> set[int]:
+        """Layer indices kept unquantized, negative ``skip`` entries resolved against
+        ``num_layers``; raises :class:`SpecError` for an index out of range (or a negative one
+        without ``num_layers``)."""
+        if num_layers is None:
+            neg = [i for i in self.skip if i < 0]
+            if neg:
+                raise SpecError(f"skip layer {neg[0]} counts from the end, so the number of "
+                                "layers is needed", suggestion="pass num_layers=")
+            return set(self.skip)
+        bad = [i for i in self.skip if not -num_layers <= i < num_layers]
+        if bad:
+            raise SpecError(f"skip layer {bad[0]} is out of range for a model with {num_layers} "
+                            f"layers", suggestion=f"use 0..{num_layers - 1} or "
+                            f"-{num_layers}..-1 (from the end)")
+        return {i % num_layers for i in self.skip}
+
+    def for_layer(self, layer: int, num_layers: int | None = None) -> tuple[Pipeline, Pipeline]:
+        """(keys, values) pipelines of ``layer`` after ``skip`` and overrides (``num_layers``
+        resolves negative ``skip`` entries)."""
+        if self.skip and layer in self.skipped(num_layers):
+            none = Pipeline.parse("none")
+            return none, none
         o = self.layers.get(layer)
         if o is None:
             return self.keys, self.values
@@ -138,6 +168,10 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
         if missing:
             raise SpecError(f"per-layer override for layer {missing[0]}, but the model has "
                             f"{num_layers} layers (0..{num_layers - 1})")
+        both = sorted(self.skipped(num_layers) & set(self.layers))
+        if both:
+            raise SpecError(f"layer {both[0]} is both skipped and overridden",
+                            suggestion="drop it from 'skip' or from 'layers'")
         import torch
 
         probe = torch.Size([1, 1, 2, head_dim])
@@ -154,15 +188,16 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
         """Short name for tables: the name, or the spec when keys and values agree."""
         if self.name:
             return self.name
+        skip = f" skip={list(self.skip)}" if self.skip else ""
         if self.keys == self.values and not self.layers:
-            return self.keys.to_spec()
-        return f"K:{self.keys.to_spec()} V:{self.values.to_spec()}"
+            return self.keys.to_spec() + skip
+        return f"K:{self.keys.to_spec()} V:{self.values.to_spec()}" + skip
 
     def bits_per_element(self, head_dim: int, seq: int, num_layers: int = 1) -> float:
-        """Average over keys, values and layers."""
+        """Average over keys, values and layers (skipped layers count 16 bits: fp16 K/V)."""
         total = 0.0
         for layer in range(num_layers):
-            k, v = self.for_layer(layer)
+            k, v = self.for_layer(layer, num_layers)
             total += k.bits_per_element(head_dim, seq) + v.bits_per_element(head_dim, seq)
         return total / (2 * num_layers)
 
@@ -176,6 +211,8 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
         if self.layers:
             out["layers"] = {i: {k: p.to_spec() for k, p in (("keys", o.keys), ("values", o.values))
                                  if p is not None} for i, o in sorted(self.layers.items())}
+        if self.skip:
+            out["skip"] = list(self.skip)
         return out
 
     def to_yaml(self) -> str:

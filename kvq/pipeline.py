@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, mod
 from pydantic._internal._model_construction import ModelMetaclass
 
 from kvq.errors import KVQError, NumericsError, SpecError, shorten
-from kvq.granularity import Granularity, PerToken
+from kvq.granularity import Granularity
 from kvq.quantized import QuantizedTensor
 from kvq.quantizers import Quantizer, packed_row_bytes
 from kvq.spec import Step, parse
@@ -89,7 +89,7 @@ class Pipeline(BaseModel, metaclass=KVQModelMeta):
     @cached_property
     def granularity(self) -> Granularity:
         found = [s for s in self.steps if s.role == "granularity"]
-        return found[0] if found else PerToken()  # type: ignore[return-value]
+        return self.quantizer.resolve_granularity(found[0] if found else None)  # type: ignore
 
     @cached_property
     def quantizer(self) -> Quantizer:
@@ -160,14 +160,18 @@ class Pipeline(BaseModel, metaclass=KVQModelMeta):
         if not self.is_identity:
             self.granularity.check(x.shape)
 
-    def check_output(self, q: QuantizedTensor) -> None:
+    def check_output(self, q: QuantizedTensor, x: torch.Tensor | None = None) -> None:
         """Raise :class:`NumericsError` if the input held NaN/Inf.
 
-        Every norm, scale and zero is a max/min/sum over its group, so a non-finite input
-        element shows up in the (small) metadata: checking it costs nothing.
+        Every floating-point norm, scale and zero is a max/min/sum over its group, so a
+        non-finite input element shows up in the (small) metadata: checking it costs nothing.
+        Without such metadata (a codebook with no scale, integer-coded scales such as E8M0), the
+        input ``x`` itself is checked.
         """
         if self.check_finite and not self.is_identity:
-            if not all(bool(torch.isfinite(m).all()) for m in q.meta.values()):
+            floats = [m for m in q.meta.values() if m.is_floating_point()]
+            shown = floats if floats else ([] if x is None else [x])
+            if not all(bool(torch.isfinite(m).all()) for m in shown):
                 raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite "
                                     "K/V (fix the model or build the pipeline with "
                                     "check_finite=False)")
@@ -178,7 +182,7 @@ class Pipeline(BaseModel, metaclass=KVQModelMeta):
 
         self.check_input(x)
         q = resolve_backend(backend, self, x).quantize(self, x)
-        self.check_output(q)
+        self.check_output(q, x)
         if q.codes is x:  # the identity keeps the input: store a copy the caller cannot change
             q.codes = x.clone()
         q.spec = self.steps_spec

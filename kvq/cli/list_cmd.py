@@ -22,6 +22,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+BLOCK, LAYERS = 32, 30  # KVQCache's default block; SmolLM2-135M's depth (the default model)
+
+
 def run(args) -> int:
     import warnings
 
@@ -51,12 +54,16 @@ def _list(args) -> int:
             print(f"  {e.name:<8} {e.target if isinstance(e.target, str) else e.target.__name__}"
                   + _source(e))
     if "presets" in show:
-        print("presets:")
+        print(f"presets:  bits/element as KVQCache stores them (blocks of {BLOCK} tokens, "
+              f"metadata included; skipped layers at fp16 over {LAYERS} layers) at head_dim 64 "
+              "/ 128")
         for e, factory in PRESETS.loaded():
             cfg = factory()
-            bpe = cfg.bits_per_element(head_dim=128, seq=4096)
-            print(f"  {e.name:<14} {bpe:5.2f} b/elem  K: {cfg.keys.to_spec():<28} "
-                  f"V: {cfg.values.to_spec()}" + _source(e))
+            b64, b128 = (cfg.bits_per_element(head_dim=d, seq=BLOCK, num_layers=LAYERS)
+                         for d in (64, 128))
+            skip = f"  skip {list(cfg.skip)}" if cfg.skip else ""
+            print(f"  {e.name:<16} {b64:6.3f} {b128:6.3f}  K: {cfg.keys.to_spec():<28} "
+                  f"V: {cfg.values.to_spec()}{skip}" + _source(e))
     if "plugins" in show:
         print("plugins:")
         for st in plugin_status():

@@ -53,7 +53,8 @@ class KVQCache(Cache):
         self.kv_config, self.geometry = cfg, geom
         self.options = dict(prefill=prefill, residual=residual, block=block, backend=backend,
                             keep_dequantized=keep_dequantized)
-        layers = [KVQLayer(*cfg.for_layer(i), layer_idx=i, sliding_window=geom.sliding_windows[i],
+        layers = [KVQLayer(*cfg.for_layer(i, geom.num_layers), layer_idx=i,
+                           sliding_window=geom.sliding_windows[i],
                            **self.options) for i in range(geom.num_layers)]
         super().__init__(layers=layers)
 
@@ -158,7 +159,7 @@ def _check_options(cfg: KVConfig, geom: KVGeometry, prefill: str, residual: int,
                        "would never fill, so decode tokens would never be quantized; use a "
                        "smaller residual or block (defaults: residual=128, block=32)")
     for i in range(geom.num_layers):
-        for role, p in zip(("keys", "values"), cfg.for_layer(i)):
+        for role, p in zip(("keys", "values"), cfg.for_layer(i, geom.num_layers)):
             tb = p.token_block
             if tb and block % tb:
                 raise KVQError(f"block={block} is not a multiple of the token group {tb} of the "

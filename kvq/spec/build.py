@@ -78,6 +78,10 @@ def check_structure(steps: list[Step]) -> None:
                                  f"{steps[grans[0]].to_spec()!r}",
                                  suggestion="write transforms first, e.g. 'nsep>rot>pchan>int4'"),
                        late)
+    try:
+        steps[-1].resolve_granularity(steps[grans[0]] if grans else None)  # type: ignore[attr-defined]
+    except SpecError as err:
+        raise _located(err, grans[0] if grans else len(steps) - 1) from None
     seen: dict[str, int] = {}
     for i, s in enumerate(steps):
         if s.role == "transform":

@@ -33,12 +33,13 @@ def digest(q) -> str:
     return h.hexdigest()[:16]
 
 
-def pins() -> dict[str, str]:
+def pins(names: set[str] | None = None) -> dict[str, str]:
+    """Digests for every built-in preset, or only the presets in ``names``."""
     out = {}
     from kvq.registry import PRESETS
 
     for entry in PRESETS.entries():
-        if entry.source != "kvq":
+        if entry.source != "kvq" or (names is not None and entry.name not in names):
             continue
         name, cfg = entry.name, entry.load()()
         for role, p in (("k", cfg.keys), ("v", cfg.values)):

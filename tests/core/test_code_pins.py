@@ -10,7 +10,8 @@ PINNED = json.loads((Path(__file__).parent / "data" / "code_pins.json").read_tex
 
 
 def test_presets_store_the_pinned_codes():
-    now = pins()
+    # presets added after the pins (new formats) are not pinned; every pinned one must match
+    now = pins({k.split("/")[0] for k in PINNED})
     assert set(now) == set(PINNED)
     changed = [k for k in PINNED if now[k] != PINNED[k]]
     assert not changed, f"{len(changed)} of {len(PINNED)} changed, e.g. {changed[:3]}"
