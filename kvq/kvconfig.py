@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kvq.errors import KVQError, SpecError
 from kvq.pipeline import Pipeline, unwrap
 
-
 KeyRope = Literal["post", "pre"]
 _ROPE_FORM = "keys: {rope: pre, pipeline: pchan>int3}"
 
@@ -59,6 +58,9 @@ def _split_kv(data: Any, top: bool) -> Any:
             if keys["rope"] not in ("pre", "post"):
                 raise SpecError(f"keys: rope: {str(keys['rope'])[:20]!r} is neither 'pre' nor "
                                 "'post'", suggestion=_ROPE_FORM)
+            if data.get("key_rope", keys["rope"]) != keys["rope"]:
+                raise SpecError(f"key_rope: {data['key_rope']!r} contradicts keys: rope: "
+                                f"{keys['rope']!r}", suggestion="give the rope once")
             data["key_rope"] = keys["rope"]
         if "pipeline" in keys:
             data["keys"] = keys["pipeline"]
