@@ -118,7 +118,7 @@ def test_quantized_generate_with_sinks_keeps_them_exact_in_every_beam():
     cache = KVQCache("pchan>int2", model, sinks=2, residual=1, block=4, keep_dequantized=True)
     model.generate(ids, attention_mask=mask, past_key_values=cache, num_beams=2,
                    max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    ref = exact_keys(model, ids, mask, generate_positions=True)  # the prompt part of every beam is the prompt's
+    ref = exact_keys(model, ids, mask, generate_positions=True)  # every beam shares its prompt
     k, v = read(cache)
     for beam_row in range(4):
         row, first = beam_row // 2, (0, 3)[beam_row // 2]
