@@ -68,3 +68,18 @@ def test_sinks_add_exact_tokens_to_the_bits_estimate():
 def test_bad_rope_and_sinks_are_spec_errors(data, message):
     with pytest.raises(SpecError, match=message):
         KVConfig.from_dict(data)
+
+
+def test_cli_shows_rope_and_sinks(tmp_path, capsys):
+    from kvq.cli.main import main
+
+    path = tmp_path / "pre.yaml"
+    path.write_text("keys: {rope: pre, pipeline: pchan>int3}\nvalues: ptok>int3\nsinks: 2\n")
+    assert main(["validate", str(path)]) == 0
+    assert "keys pchan>int3 (before RoPE), values ptok>int3, 2 sink(s)" in capsys.readouterr().out
+    assert main(["explain", str(path), "--head-dim", "64", "--seq", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "(quantized before RoPE)" in out and "first 2 token(s)" in out
+    assert main(["schema"]) == 0
+    schema = capsys.readouterr().out
+    assert '"sinks"' in schema and '"KeysWithRope"' in schema

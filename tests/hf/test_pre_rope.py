@@ -154,15 +154,17 @@ def test_per_channel_scales_of_pre_rope_keys():
                                rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("rope_parameters", [
-    {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
-    {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-     "original_max_position_embeddings": 32},
+@pytest.mark.parametrize("family,rope_parameters", [
+    ("llama", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    ("llama", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+               "original_max_position_embeddings": 32}),
+    ("phi3", {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
 ])
-def test_rope_scaling_is_the_models_own(rope_parameters):
-    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=96,
-                         rope_parameters=rope_parameters, **COMMON)
+def test_rope_scaling_and_partial_rotary_are_the_models_own(family, rope_parameters):
+    make = {"llama": tf.LlamaConfig, "phi3": tf.Phi3Config}[family]
+    cfg = make(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=96, rope_parameters=rope_parameters,
+               **COMMON)
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     ref, cache = DynamicCache(config=cfg), KVQCache(PRE_ID, model, **OPTS)
