@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvq.errors import KVQError
+from kvq.hf.decode import attach_fast_decode
 from kvq.hf.geometry import KVGeometry, kv_geometry
 from kvq.hf.layer import KVQLayer, PrefillMode
 from kvq.hf.memory import MemoryReport, memory_report
@@ -40,11 +41,17 @@ class KVQCache(Cache):
         backend: kvq backend for quantize/dequantize (``"auto"``, ``"torch"``, ``"triton"``).
         keep_dequantized: keep a dequantized copy of the blocks for fast decode (costs memory,
             reported by :meth:`memory_report`).
+        attention: how decode steps read the blocks. ``"auto"``: attention reads the packed
+            blocks directly when the model attends with ``"kvq"``
+            (:func:`kvq.hf.enable_fast_attention`) and both pipelines are covered
+            (:func:`kvq.hf.coverage.fast_path_reason`), else ``update`` dequantizes them;
+            ``"fast"``: the same, but raise when it cannot be used; ``"dequantize"``: never.
     """
 
     def __init__(self, config: Any = None, model_config=None, *, keys: Any = None,
                  values: Any = None, prefill: PrefillMode = "quantized", residual: int = 128,
-                 block: int = 32, backend: str = "auto", keep_dequantized: bool = False):
+                 block: int = 32, backend: str = "auto", keep_dequantized: bool = False,
+                 attention: str = "auto"):
         cfg = _kv_config(config, keys, values)
         geom = kv_geometry(model_config)
         cfg.check(num_layers=geom.num_layers, head_dim=geom.head_dim)
@@ -54,6 +61,8 @@ class KVQCache(Cache):
                             keep_dequantized=keep_dequantized)
         layers = [KVQLayer(*cfg.for_layer(i), layer_idx=i, sliding_window=geom.sliding_windows[i],
                            **self.options) for i in range(geom.num_layers)]
+        self.options["attention"] = attention
+        attach_fast_decode(layers, model_config, attention)
         super().__init__(layers=layers)
 
     @classmethod

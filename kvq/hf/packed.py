@@ -1,0 +1,141 @@
+"""Chunked reads of a layer's packed blocks for the fast decode attention.
+
+A :class:`StreamReader` turns a chunk of quantized blocks of one stream (keys or values) into
+
+    d      (batch, kv_heads, tokens, head_dim) fp32 in a reused scratch buffer, columns in the
+           order ``perm`` (channel ``perm[j]`` is column j: int4/int2 codes unpack fastest as
+           whole nibble planes, so the columns are not interleaved back),
+    factor (batch, kv_heads, tokens) fp32 per-token factor (nsep), or None,
+
+such that the dequantized K/V of those tokens are ``factor * d[..., inv(perm)] @ M`` with ``M``
+the product of the inverse rotations (:meth:`StreamReader.matrix`). Attention then folds ``M``
+into the query (keys) or the output (values) and ``factor`` into the scores (keys) or the value
+weights (values), so the read costs one unpack, the quantizer's affine dequantize and, for nsep,
+one norm over the chunk; K/V in fp32 exist only one chunk at a time.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from kvq.quantizers.packing import unpack
+
+
+class Scratch:
+    """One reusable fp32 buffer per name, grown to the largest chunk asked for."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n or buf.device != torch.device(device):
+            buf = self.bufs[name] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bufs.values())
+
+
+class StreamReader:
+    """Fast reads of one stream's blocks with ``pipeline`` (covered by
+    :func:`kvq.hf.coverage.fast_path_reason`)."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    @cached_property
+    def factor_step(self):
+        found = [t for t in self.pipeline.transforms if t.type == "nsep"]
+        return found[0] if found else None
+
+    @cached_property
+    def rotations(self) -> list:
+        return [t for t in self.pipeline.transforms if t.type == "rot"]
+
+    def matrix(self, head_dim: int, device) -> torch.Tensor | None:
+        """M (head_dim, head_dim) fp32 with x = factor * d @ M, or None (identity)."""
+        m = None
+        for rot in reversed(self.rotations):  # inverses run right to left: x @ R_n.T ... R_1.T
+            r = rot.matrix(head_dim, device).T
+            m = r if m is None else m @ r
+        return m
+
+    def chunk(self, seg, lo: int, hi: int, scratch: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Blocks [lo, hi) of ``seg`` (a :class:`~kvq.hf.blocks.Segment`) ->
+        (d (B, H, (hi-lo)*L, D) fp32, factor (B, H, tokens) or None, perm (D,) or None).
+
+        ``scratch`` is a flat fp32 buffer of at least B*H*(hi-lo)*L*D elements.
+        """
+        q, h, blk = seg.q, seg.heads, seg.block
+        b, d = q.codes.shape[0], q.shape[-1]
+        nc = hi - lo
+        meta = {k: _blocks(v, h, lo, hi) for k, v in q.meta.items()}
+        out = scratch[:b * h * nc * blk * d].view(b, h * nc, blk, d)
+        if self.pipeline.is_identity:
+            out.copy_(_blocks(q.codes, h, lo, hi))
+            return out.view(b, h, nc * blk, d), None, None
+        perm = _unpack_into(_blocks(q.codes, h, lo, hi), self.pipeline.bits, d, out,
+                            planes=all(m.shape[-1] in (1, d) for m in meta.values()))
+        if perm is not None:
+            meta = {k: (m if m.shape[-1] == 1 else m.index_select(-1, perm))
+                    for k, m in meta.items()}
+        x = self.pipeline.quantizer.dequantize(out, meta, self.pipeline.granularity)
+        x = x.reshape(b, h, nc * blk, d)
+        return x, self._factor(x, meta, b, h), perm
+
+    def _factor(self, x: torch.Tensor, meta: dict, b: int, h: int) -> torch.Tensor | None:
+        step = self.factor_step
+        if step is None:
+            return None
+        f = meta["norm"].float().reshape(b, h, -1)
+        if step.renorm:  # as NormSeparation.inverse: n / ||direction||, zero lengths guarded
+            length = x.norm(dim=-1)
+            f = f / torch.where(length > 0, length, torch.ones_like(length))
+        return f
+
+
+def _blocks(t: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
+    """Folded (B, H*n, ...) -> blocks [lo, hi) of every head, folded (B, H*(hi-lo), ...)."""
+    b = t.shape[0]
+    u = t.reshape(b, heads, t.shape[1] // heads, *t.shape[2:])[:, :, lo:hi]
+    return u.reshape(b, heads * (hi - lo), *t.shape[2:])
+
+
+def _unpack_into(packed: torch.Tensor, bits: int, d: int, out: torch.Tensor,
+                 planes: bool) -> torch.Tensor | None:
+    """Unpack uint8 ``packed`` (..., ceil(d/8)*bits) into fp32 ``out`` (..., d).
+
+    int4/int2 with ``planes`` (and d a multiple of 8) write bit planes side by side without
+    interleaving them: column j holds channel ``perm[j]``, which is returned. Otherwise the
+    columns are channels in order (returns None).
+    """
+    if bits == 8:
+        out.copy_(packed[..., :d])
+        return None
+    if bits in (2, 4) and planes and d % 8 == 0:
+        per, mask = 8 // bits, (1 << bits) - 1
+        w = d // per
+        for i in range(per):
+            part = packed >> (bits * i) if i else packed
+            out[..., i * w:(i + 1) * w].copy_(part & mask if i < per - 1 else part)  # top: no mask
+        return _plane_perm(d, per, packed.device)
+    out.copy_(unpack(packed, bits, d))
+    return None
+
+
+_PERMS: dict = {}
+
+
+def _plane_perm(d: int, per: int, device) -> torch.Tensor:
+    key = (d, per, str(device))
+    if key not in _PERMS:
+        _PERMS[key] = torch.cat([torch.arange(i, d, per) for i in range(per)]).to(device)
+    return _PERMS[key]
