@@ -17,6 +17,8 @@ dequantized K/V when needed. Masks are SDPA's (registered under the same name).
 
 from __future__ import annotations
 
+import torch
+
 from kvq.hf.decode import TAG
 
 NAME = "kvq"
@@ -35,13 +37,17 @@ def kvq_attention(module, query, key, value, attention_mask, scaling=None, dropo
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = _decode(query, view, (key, value), attention_mask, scale)
+    with torch.no_grad():
+        out = _decode(query, view, (key, value), attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _fast_ok(query, dropout, kwargs) -> bool:
-    """Plain softmax attention of one query: no dropout, softcap, sinks or returned weights."""
+    """Inference on one query with plain softmax: no gradient, dropout, softcap, sinks or
+    returned weights."""
     extra = ("softcap", "s_aux", "sinks", "position_bias")
+    if torch.is_grad_enabled() and query.requires_grad:
+        return False  # training / autograd: the general path keeps the graph
     return (query.shape[2] == 1 and not dropout and not kwargs.get("output_attentions")
             and all(kwargs.get(k) is None for k in extra))
 

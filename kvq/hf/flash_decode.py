@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvq.errors import KVQError
+from kvq.hf.packed import inverse_perm
 
 NEG = torch.finfo(torch.float32).min  # masked score: exp() gives 0 against any real score
 
@@ -90,8 +91,7 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
             hi = min(lo + step, -(-n_live // blk))
             a, z = pos + lo * blk, pos + min(hi * blk, n_live)  # absolute token range
             skip = max(view.start - a, 0)
-            sk = view.scratch.get("k", (b * h * (hi - lo) * blk * d,), query.device)
-            dk, fk, perm_k = rk.chunk(seg_k, lo, hi, sk)
+            dk, fk, perm_k = rk.chunk(seg_k, lo, hi, view.scratch, "k")
             qq = qk if perm_k is None else qk.index_select(-1, perm_k)
             s = torch.matmul(qq, dk[:, :, skip:z - a].transpose(-1, -2))
             if fk is not None:
@@ -99,13 +99,12 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
             if bias is not None:
                 s.add_(bias[..., a + skip - view.start:z - view.start])
             p = state.scores(s)
-            sv = view.scratch.get("v", (b * h * (hi - lo) * blk * dv,), query.device)
-            dvv, fv, perm_v = rv.chunk(seg_v, lo, hi, sv)
+            dvv, fv, perm_v = rv.chunk(seg_v, lo, hi, view.scratch, "v")
             if fv is not None:
                 p = p * fv[:, :, None, skip:z - a]
             out = torch.matmul(p, dvv[:, :, skip:z - a])  # (B, H, G, Dv) in the packed space
             if perm_v is not None:
-                out = out.index_select(-1, torch.argsort(perm_v))
+                out = out.index_select(-1, inverse_perm(perm_v))
             state.acc.add_(out if mv is None else out @ mv)
         pos += n_live
     skip = max(view.start - pos, 0)

@@ -16,6 +16,7 @@ one norm over the chunk; K/V in fp32 exist only one chunk at a time.
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import torch
@@ -24,18 +25,17 @@ from kvq.quantizers.packing import unpack
 
 
 class Scratch:
-    """One reusable fp32 buffer per name, grown to the largest chunk asked for."""
+    """Reusable flat buffers, one per (name, dtype), grown to the largest chunk asked for."""
 
     def __init__(self) -> None:
-        self.bufs: dict[str, torch.Tensor] = {}
+        self.bufs: dict[tuple, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        buf = self.bufs.get(name)
+    def get(self, name: str, shape: tuple[int, ...], device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get((name, dtype))
         if buf is None or buf.numel() < n or buf.device != torch.device(device):
-            buf = self.bufs[name] = torch.empty(n, dtype=torch.float32, device=device)
+            buf = self.bufs[(name, dtype)] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
     @property
@@ -67,27 +67,31 @@ class StreamReader:
             m = r if m is None else m @ r
         return m
 
-    def chunk(self, seg, lo: int, hi: int, scratch: torch.Tensor
+    def chunk(self, seg, lo: int, hi: int, scratch: Scratch, name: str
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Blocks [lo, hi) of ``seg`` (a :class:`~kvq.hf.blocks.Segment`) ->
         (d (B, H, (hi-lo)*L, D) fp32, factor (B, H, tokens) or None, perm (D,) or None).
 
-        ``scratch`` is a flat fp32 buffer of at least B*H*(hi-lo)*L*D elements.
+        ``d`` lives in ``scratch`` buffer ``name`` until the next read with that name.
         """
         q, h, blk = seg.q, seg.heads, seg.block
         b, d = q.codes.shape[0], q.shape[-1]
         nc = hi - lo
-        meta = {k: _blocks(v, h, lo, hi) for k, v in q.meta.items()}
-        out = scratch[:b * h * nc * blk * d].view(b, h * nc, blk, d)
+        shape = (b, h * nc, blk, d)
+        out = scratch.get(name, shape, q.codes.device)
+        codes = _blocks(q.codes, h, lo, hi)
         if self.pipeline.is_identity:
-            out.copy_(_blocks(q.codes, h, lo, hi))
+            out.copy_(codes)
             return out.view(b, h, nc * blk, d), None, None
-        perm = _unpack_into(_blocks(q.codes, h, lo, hi), self.pipeline.bits, d, out,
-                            planes=all(m.shape[-1] in (1, d) for m in meta.values()))
+        meta = {k: _blocks(v, h, lo, hi) for k, v in q.meta.items()}
+        planes = all(m.shape[-1] in (1, d) for m in meta.values())
+        u8 = scratch.get(name, shape, q.codes.device, torch.uint8)
+        perm = _unpack_into(codes, self.pipeline.bits, d, u8, planes)
+        out.copy_(u8)
         if perm is not None:
             meta = {k: (m if m.shape[-1] == 1 else m.index_select(-1, perm))
                     for k, m in meta.items()}
-        x = self.pipeline.quantizer.dequantize(out, meta, self.pipeline.granularity)
+        x = _affine(out, meta, self.pipeline.quantizer, self.pipeline.granularity)
         x = x.reshape(b, h, nc * blk, d)
         return x, self._factor(x, meta, b, h), perm
 
@@ -111,7 +115,7 @@ def _blocks(t: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
 
 def _unpack_into(packed: torch.Tensor, bits: int, d: int, out: torch.Tensor,
                  planes: bool) -> torch.Tensor | None:
-    """Unpack uint8 ``packed`` (..., ceil(d/8)*bits) into fp32 ``out`` (..., d).
+    """Unpack uint8 ``packed`` (..., ceil(d/8)*bits) into uint8 codes ``out`` (..., d).
 
     int4/int2 with ``planes`` (and d a multiple of 8) write bit planes side by side without
     interleaving them: column j holds channel ``perm[j]``, which is returned. Otherwise the
@@ -125,17 +129,39 @@ def _unpack_into(packed: torch.Tensor, bits: int, d: int, out: torch.Tensor,
         w = d // per
         for i in range(per):
             part = packed >> (bits * i) if i else packed
-            out[..., i * w:(i + 1) * w].copy_(part & mask if i < per - 1 else part)  # top: no mask
+            out[..., i * w:(i + 1) * w] = part & mask if i < per - 1 else part  # top: no mask
         return _plane_perm(d, per, packed.device)
     out.copy_(unpack(packed, bits, d))
     return None
+
+
+def _affine(x: torch.Tensor, meta: dict, quantizer, granularity) -> torch.Tensor:
+    """The integer quantizer's dequantize on fp32 codes ``x``, as one fused pass in place:
+    sym ``code * s - qmax * s``, asym ``code * s + zero`` (IntQuantizer.dequantize up to fp32
+    rounding)."""
+    g = granularity
+    xg = g.view(x)
+    s = g.from_meta(meta["scale"].float())
+    bias = s * -quantizer.qmax if quantizer.scheme == "sym" else g.from_meta(meta["zero"].float())
+    if xg.data_ptr() == x.data_ptr() and xg.is_contiguous():
+        return g.unview(torch.addcmul(bias, xg, s, out=xg), x.shape)
+    return g.unview(torch.addcmul(bias, xg, s), x.shape)  # a padded token-group view
 
 
 _PERMS: dict = {}
 
 
 def _plane_perm(d: int, per: int, device) -> torch.Tensor:
+    """Channel of each column when ``per`` bit planes of d channels lie side by side."""
     key = (d, per, str(device))
     if key not in _PERMS:
         _PERMS[key] = torch.cat([torch.arange(i, d, per) for i in range(per)]).to(device)
+    return _PERMS[key]
+
+
+def inverse_perm(perm: torch.Tensor) -> torch.Tensor:
+    """Column of each channel (cached for the plane permutations)."""
+    key = ("inv", perm.data_ptr(), perm.numel(), str(perm.device))
+    if key not in _PERMS:
+        _PERMS[key] = torch.argsort(perm)
     return _PERMS[key]
