@@ -10,7 +10,7 @@ A caller that cannot use the view calls :meth:`DecodeView.materialize` for today
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,7 @@ class DecodeView:
     total: int
     readers: tuple[StreamReader, StreamReader]
     scratch: Scratch
-    chunk_tokens: int
+    chunk_tokens: int  # tokens read per chunk (whole blocks; at least one block)
 
     @property
     def visible(self) -> int:
@@ -59,8 +59,7 @@ class FastDecode:
     keys: object
     values: object
     model_config: object
-    scratch: Scratch = field(default_factory=Scratch)
-    chunk_tokens: int = 4096
+    scratch_elements: int = 2**21  # fp32 K (or V) values dequantized at a time: 8 MiB
 
     def __post_init__(self) -> None:
         self.reason = fast_path_reason_kv(self.keys, self.values)
@@ -77,14 +76,17 @@ class FastDecode:
             return None
         total = layer.get_seq_length()
         start = 0 if visible is None else max(total - visible, 0)
-        view = DecodeView(layer, start, total, self.readers, self.scratch, self.chunk_tokens)
+        # a fresh scratch per step: freed when attention is done, so nothing is held at rest
+        b, h, _, d = layer.keys.shape
+        chunk = max(1, self.scratch_elements // (b * h * max(d, layer.values.shape[-1])))
+        view = DecodeView(layer, start, total, self.readers, Scratch(), chunk)
         keys, values = layer.keys[:, :, :], layer.values
         setattr(keys, TAG, view)
         return keys, values
 
 
 def attach_fast_decode(layers, model_config, attention: str) -> None:
-    """Give every layer its :class:`FastDecode` (one scratch shared by all layers).
+    """Give every layer its :class:`FastDecode`.
 
     attention: ``"auto"`` (fast where covered), ``"fast"`` (raise :class:`KVQError` where it
     cannot be used), ``"dequantize"`` (never).
@@ -94,9 +96,8 @@ def attach_fast_decode(layers, model_config, attention: str) -> None:
                        "attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
     if attention == "dequantize":
         return
-    scratch = Scratch()
     for layer in layers:
-        layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config, scratch)
+        layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config)
         if attention != "fast":
             continue
         why = layer.fast.reason

@@ -71,16 +71,18 @@ def decode_logits(model, cache, ids, steps, mask=None, tokens=None):
     return torch.stack(out, dim=1)
 
 
-def fast_vs_general(model, config, ids, steps=6, mask=None, **opts):
+def fast_vs_general(model, config, ids, steps=6, mask=None, scratch=None, **opts):
     tokens = torch.randint(3, VOCAB, (ids.shape[0], steps),
                            generator=torch.Generator().manual_seed(5))
     _set(model, "sdpa")
     ref = decode_logits(model, KVQCache(config, model.config, attention="dequantize", **opts),
                         ids, steps, mask, tokens)
     _set(model, "kvq")
+    cache = KVQCache(config, model.config, attention="fast", **opts)
+    for layer in cache.layers:
+        layer.fast.scratch_elements = scratch or layer.fast.scratch_elements
     try:
-        got = decode_logits(model, KVQCache(config, model.config, attention="fast", **opts),
-                            ids, steps, mask, tokens)
+        got = decode_logits(model, cache, ids, steps, mask, tokens)
     finally:
         _set(model, "sdpa")
     return got, ref
@@ -109,8 +111,9 @@ def test_transform_orders_and_granularities(wide, spec, count_fast):
 
 def test_prompt_crossing_many_blocks_with_decode_flushes(count_fast):
     model = tiny_model("llama")  # GQA: 4 query heads on 2 KV heads
+    # ~50 prompt blocks, decode flushes two more; scratch for 12 tokens: 3 blocks per chunk
     got, ref = fast_vs_general(model, "nsep>pchan>int4", prompt(seq=201), steps=9, residual=1,
-                               block=4)  # ~50 prompt blocks; decode flushes two more
+                               block=4, scratch=2 * 2 * 16 * 12)
     assert len(count_fast) == 9 * 2
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
