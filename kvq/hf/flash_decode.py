@@ -25,13 +25,16 @@ NEG = torch.finfo(torch.float32).min  # masked score: exp() gives 0 against any 
 class OnlineSoftmax:
     """Running softmax state for queries (B, H, G): max m, sum l, output acc (B, H, G, Dv)."""
 
-    def __init__(self, b: int, h: int, g: int, dv: int, device):
-        self.m = torch.full((b, h, g), NEG, device=device)
-        self.l = torch.zeros(b, h, g, device=device)
-        self.acc = torch.zeros(b, h, g, dv, device=device)
+    def __init__(self) -> None:
+        self.m = self.l = self.acc = None
 
     def scores(self, s: torch.Tensor) -> torch.Tensor:
         """Take scores s (B, H, G, T); rescale the state; return p = exp(s - m) (B, H, G, T)."""
+        if self.m is None:
+            self.m = s.amax(dim=-1)
+            p = torch.exp(s - self.m.unsqueeze(-1))
+            self.l = p.sum(dim=-1)
+            return p
         m = torch.maximum(self.m, s.amax(dim=-1))
         alpha = torch.exp(self.m - m)
         p = torch.exp(s - m.unsqueeze(-1))
@@ -39,6 +42,13 @@ class OnlineSoftmax:
         self.acc.mul_(alpha.unsqueeze(-1))
         self.m = m
         return p
+
+    def add(self, out: torch.Tensor) -> None:
+        """Add p @ V (B, H, G, Dv) of the chunk whose p :meth:`scores` returned."""
+        if self.acc is None:
+            self.acc = out
+        else:
+            self.acc.add_(out)
 
     def result(self) -> torch.Tensor:
         return self.acc / self.l.unsqueeze(-1)
@@ -78,7 +88,7 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     g = hq // h
     q = query.float().reshape(b, h, g, d) * scaling
     bias = mask_bias(mask, b, h, g, view.visible)
-    state = OnlineSoftmax(b, h, g, dv, query.device)
+    state = OnlineSoftmax()
     rk, rv = view.readers
     mk, mv = rk.matrix(d, query.device), rv.matrix(dv, query.device)
     qk = q if mk is None else q @ mk.T
@@ -105,7 +115,7 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
             out = torch.matmul(p, dvv[:, :, skip:z - a])  # (B, H, G, Dv) in the packed space
             if perm_v is not None:
                 out = out.index_select(-1, inverse_perm(perm_v))
-            state.acc.add_(out if mv is None else out @ mv)
+            state.add(out if mv is None else out @ mv)
         pos += n_live
     skip = max(view.start - pos, 0)
     kw, vw = kwin[:, :, skip:].float(), vwin[:, :, skip:].float()
@@ -113,5 +123,5 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     if bias is not None:
         s.add_(bias[..., pos + skip - view.start:])
     p = state.scores(s)
-    state.acc.add_(torch.matmul(p, vw))
+    state.add(torch.matmul(p, vw))
     return state.result().reshape(b, hq, 1, dv).to(query.dtype)

@@ -49,6 +49,11 @@ class StreamReader:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        self.identity = pipeline.is_identity
+        self.bits = pipeline.bits
+        self.quantizer, self.granularity = pipeline.quantizer, pipeline.granularity
+        nsep = self.factor_step
+        self.renorm = nsep is not None and nsep.renorm
 
     @cached_property
     def factor_step(self):
@@ -80,36 +85,38 @@ class StreamReader:
         shape = (b, h * nc, blk, d)
         out = scratch.get(name, shape, q.codes.device)
         codes = _blocks(q.codes, h, lo, hi)
-        if self.pipeline.is_identity:
+        if self.identity:
             out.copy_(codes)
             return out.view(b, h, nc * blk, d), None, None
         meta = {k: _blocks(v, h, lo, hi) for k, v in q.meta.items()}
         planes = all(m.shape[-1] in (1, d) for m in meta.values())
         u8 = scratch.get(name, shape, q.codes.device, torch.uint8)
-        perm = _unpack_into(codes, self.pipeline.bits, d, u8, planes)
+        perm = _unpack_into(codes, self.bits, d, u8, planes)
         out.copy_(u8)
-        if perm is not None:
-            meta = {k: (m if m.shape[-1] == 1 else m.index_select(-1, perm))
+        if perm is not None:  # per-channel metadata into column order (fp32: the fast kernel)
+            meta = {k: (m if m.shape[-1] == 1 else m.float().index_select(-1, perm))
                     for k, m in meta.items()}
-        x = _affine(out, meta, self.pipeline.quantizer, self.pipeline.granularity)
+        x = _affine(out, meta, self.quantizer, self.granularity)
         x = x.reshape(b, h, nc * blk, d)
         return x, self._factor(x, meta, b, h), perm
 
     def _factor(self, x: torch.Tensor, meta: dict, b: int, h: int) -> torch.Tensor | None:
-        step = self.factor_step
-        if step is None:
+        if self.factor_step is None:
             return None
-        f = meta["norm"].float().reshape(b, h, -1)
-        if step.renorm:  # as NormSeparation.inverse: n / ||direction||, zero lengths guarded
-            length = x.norm(dim=-1)
-            f = f / torch.where(length > 0, length, torch.ones_like(length))
+        f = meta["norm"].reshape(b, h, -1).float()
+        if self.renorm:  # as NormSeparation.inverse: n / ||direction||
+            # a zero length comes from an all-zero direction, whose scores and values are 0
+            # whatever the (finite: norm <= 65504, / 1e-30) factor; NormSeparation divides by 1
+            f = f / torch.linalg.vector_norm(x, dim=-1).clamp_min_(1e-30)
         return f
 
 
 def _blocks(t: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
     """Folded (B, H*n, ...) -> blocks [lo, hi) of every head, folded (B, H*(hi-lo), ...)."""
-    b = t.shape[0]
-    u = t.reshape(b, heads, t.shape[1] // heads, *t.shape[2:])[:, :, lo:hi]
+    b, n = t.shape[0], t.shape[1] // heads
+    if lo == 0 and hi == n:
+        return t
+    u = t.reshape(b, heads, n, *t.shape[2:])[:, :, lo:hi]
     return u.reshape(b, heads * (hi - lo), *t.shape[2:])
 
 
