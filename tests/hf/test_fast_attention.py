@@ -225,3 +225,42 @@ def test_generate_with_cache_kwarg_warns_nothing(llama):
         warnings.simplefilter("error", FutureWarning)
         llama.generate(prompt(seq=9), max_new_tokens=3, do_sample=False,
                        **cache_kwargs(llama, cache))
+
+
+class _KvqConfig:
+    _attn_implementation = "kvq"
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.float16, 2e-3),
+                                        (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("head_dim,spec", [(64, "nsep>pchan>int4"), (80, "rot>ptok>int2(asym)"),
+                                           (96, "kivi3"), (128, "nsep>group(32)>int8"),
+                                           (256, "quanto4")])
+def test_layer_dtypes_and_head_dims(dtype, atol, head_dim, spec):
+    """One layer, odd lengths (a 37-token prompt, then decode flushes): the fast step equals SDPA
+    over the dequantized layer; fp16/bf16 to the model dtype's rounding (the general path rounds
+    the dequantized K/V to it, the fast path attends in fp32)."""
+    from kvq.hf.decode import FastDecode
+    from kvq.hf.flash_decode import decode_attention
+    from kvq.hf.layer import KVQLayer
+    from kvq.loading import kv
+
+    cfg = kv(spec)
+    layer = KVQLayer(cfg.keys, cfg.values, residual=3, block=32, layer_idx=0)
+    layer.fast = FastDecode(cfg.keys, cfg.values, _KvqConfig())
+    g = torch.Generator().manual_seed(head_dim)
+    b, h = 2, 3
+    kv_ = [torch.randn(b, h, 37, head_dim, generator=g).to(dtype) for _ in range(2)]
+    layer.update(*kv_)
+    for _ in range(35):  # the window reaches residual + block: one block is flushed
+        kw, vw = layer.update(*[torch.randn(b, h, 1, head_dim, generator=g).to(dtype)
+                                for _ in range(2)])
+    view = kw._kvq_view
+    assert len(view.layer.k_store) == 37 + 32  # prompt (block + 5-token tail), one decode block
+    q = torch.randn(b, 2 * h, 1, head_dim, generator=g).to(dtype)
+    got = decode_attention(q, view, (kw, vw), None, head_dim ** -0.5)
+    k, v = view.materialize()
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                           enable_gqa=True)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, atol=atol, rtol=0)
