@@ -14,10 +14,11 @@ makes), so all caches start from the same prompt K/V; KVQCache quantizes them as
 for each thread count, for each cache, one token, timed alone. Speed is reported as the median
 over steps of the per-step ratio against DynamicCache at the same step and thread count (with
 its 10-90% range), plus tokens/s, in wall time and in CPU time (``time.process_time``: on a
-shared machine waiting for a core inflates wall time only; the PNG shows CPU time). Bytes at rest (everything a cache holds, window included) and
-the peak during one decode step (bytes held + the step's transient allocations, from torch's
-profiler) are measured after decoding. All caches attend through the ``"kvq"`` attention
-function, which is transformers' SDPA for every cache but KVQCache's fast decode steps.
+shared machine waiting for a core inflates wall time only; the PNG shows CPU time). Bytes at
+rest (everything a cache holds, window included) and the peak during one decode step (bytes held
++ the step's transient allocations, from torch's profiler) are measured after decoding. All
+caches attend through the ``"kvq"`` attention function, which is transformers' SDPA for every
+cache but KVQCache's fast decode steps.
 
     python benchmarks/bench_hf_cache.py                       # 1024/4096/8192, 32 steps, PNG
     python benchmarks/bench_hf_cache.py --prompts 256 --new 4 --out /tmp/smoke   # smoke test
