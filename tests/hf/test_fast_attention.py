@@ -136,7 +136,7 @@ def test_sliding_window_past_the_window(count_fast):
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "gptj", "qwen2", "gemma", "phi3"])
 def test_other_families(family, count_fast):
     got, ref = fast_vs_general(tiny_model(family), "quarot4", prompt(seq=23), residual=2,
                                block=4)
@@ -195,6 +195,18 @@ def test_unknown_step_takes_the_general_path(count_fast):
     ref = decode_logits(model, KVQCache(cfg, model.config, residual=2, block=4,
                                         attention="dequantize"), prompt(seq=19), 4, tokens=tokens)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
+def test_model_without_attention_interface_keeps_the_general_path(count_fast):
+    """Falcon does not dispatch through AttentionInterface: transformers refuses "kvq", so the
+    cache stays on the general path ("auto") or says why ("fast")."""
+    model = tiny_model("falcon")
+    enable_fast_attention(model)
+    with pytest.raises(KVQError, match="enable_fast_attention"):
+        KVQCache("nsep>pchan>int4", model.config, attention="fast")
+    decode_logits(model, KVQCache("nsep>pchan>int4", model.config, residual=2, block=4),
+                  prompt(seq=11), 2, tokens=prompt(seq=2))
+    assert not count_fast
 
 
 def test_fast_needs_the_kvq_attention(llama):
