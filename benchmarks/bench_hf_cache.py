@@ -231,7 +231,15 @@ def main(argv=None) -> None:
     ap.add_argument("--skip", nargs="*", default=[], help="cache names (substrings) to skip")
     ap.add_argument("--model", default=None, help="kvq model name or path (default SmolLM2)")
     ap.add_argument("--out", default="benchmarks/out/hf_cache", help="JSON + PNG path stem")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                    help="only merge the rows of earlier runs' JSON files into --out's PNG")
     args = ap.parse_args(argv)
+    if args.plot:
+        rows = [r for f in args.plot for r in json.loads(Path(f).read_text())]
+        threads = sorted({r["threads"] for r in rows})
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_png(rows, Path(args.out).with_suffix(".png"), threads)
+        return
 
     import kvq.hf
     from kvq.eval.models import load
