@@ -119,9 +119,10 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
         pos += n_live
     skip = max(view.start - pos, 0)
     kw, vw = kwin[:, :, skip:].float(), vwin[:, :, skip:].float()
-    s = torch.matmul(q, kw.transpose(-1, -2))
-    if bias is not None:
-        s.add_(bias[..., pos + skip - view.start:])
-    p = state.scores(s)
-    state.add(torch.matmul(p, vw))
+    if kw.shape[2]:  # residual=0 can leave the window empty
+        s = torch.matmul(q, kw.transpose(-1, -2))
+        if bias is not None:
+            s.add_(bias[..., pos + skip - view.start:])
+        p = state.scores(s)
+        state.add(torch.matmul(p, vw))
     return state.result().reshape(b, hq, 1, dv).to(query.dtype)

@@ -118,12 +118,12 @@ def test_prompt_crossing_many_blocks_with_decode_flushes(count_fast):
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("prefill", ["quantized", "exact"])
-def test_left_padded_batch(prefill, count_fast):
+@pytest.mark.parametrize("prefill,residual", [("quantized", 3), ("exact", 0)])
+def test_left_padded_batch(prefill, residual, count_fast):
     model = tiny_model("llama")
     ids, mask = left_padded(batch=3, seq=30, pads=(0, 7, 13))
     got, ref = fast_vs_general(model, "nsep>pchan>int4", ids, mask=mask,
-                               residual=3, block=4, prefill=prefill)
+                               residual=residual, block=4, prefill=prefill)
     assert count_fast
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
