@@ -8,6 +8,7 @@
     layers:
       0: {keys: nsep>pchan>int4, values: nsep>pchan>int4}
       # or {kv: nsep>pchan>int4} for both
+    skip: [0, 1, -2, -1]            # layers kept unquantized; negative counts from the end
 
 ``kv:`` at the top sets keys and values at once; a preset name works wherever a spec does.
 """
@@ -19,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from kvq.errors import KVQError, SpecError
-from kvq.pipeline import Pipeline, unwrap
+from kvq.errors import KVQError, SpecError, shorten
+from kvq.pipeline import KVQModelMeta, Pipeline, parse_cached, unwrap
 
 
 def _split_kv(data: Any) -> Any:
@@ -39,7 +40,19 @@ def _split_kv(data: Any) -> Any:
         value = data.get(role)
         if isinstance(value, str) and value.strip() in PRESETS:
             data[role] = getattr(PRESETS.get(value.strip())(), role)
+        elif isinstance(value, str):
+            data[role] = parse_cached(value)
     return data
+
+
+def _layer_key(key: Any) -> int:
+    """A layer number from an int or a decimal string; ``True``, ``1.5`` or ``"01"`` refused."""
+    if isinstance(key, str) and key.isascii() and key.isdigit() and str(int(key)) == key:
+        return int(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    raise SpecError(f"layer key {shorten(key)} is not a layer number",
+                    suggestion="write layers as integers: 0, 1, 2, ...")
 
 
 class LayerOverride(BaseModel):
@@ -58,7 +71,7 @@ class LayerOverride(BaseModel):
         return _split_kv(data)
 
 
-class KVConfig(BaseModel):
+class KVConfig(BaseModel, metaclass=KVQModelMeta):
     """Key and value pipelines for a whole model."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,11 +80,22 @@ class KVConfig(BaseModel):
     keys: Pipeline
     values: Pipeline
     layers: dict[int, LayerOverride] = {}
+    skip: tuple[int, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
     def _kv(cls, data: Any) -> Any:
-        return _split_kv(data)
+        data = _split_kv(data)
+        if isinstance(data, dict) and isinstance(data.get("layers"), dict):
+            data["layers"] = {_layer_key(k): v for k, v in data["layers"].items()}
+        return data
+
+    @model_validator(mode="after")
+    def _skip_once(self) -> KVConfig:
+        twice = sorted({i for i in self.skip if self.skip.count(i) > 1})
+        if twice:
+            raise SpecError(f"skip lists layer {twice[0]} twice", suggestion="list each layer once")
+        return self
 
     # construction ------------------------------------------------------------------------
     @classmethod
@@ -89,6 +113,10 @@ class KVConfig(BaseModel):
         if not isinstance(data, dict):
             raise SpecError(f"{source}: expected a mapping with keys/values (or kv), "
                             f"got {type(data).__name__}")
+        if not all(isinstance(k, str) for k in data):
+            bad = next(k for k in data if not isinstance(k, str))
+            raise SpecError(f"{source}: key {shorten(bad)} is not a name",
+                            suggestion="known keys: name, kv, keys, values, layers")
         if not ({"keys", "values", "kv"} & set(data)):
             raise SpecError(f"{source}: no pipeline given",
                             suggestion="add 'kv: nsep>pchan>int4' or 'keys:' and 'values:'")
@@ -99,8 +127,29 @@ class KVConfig(BaseModel):
             raise type(err)(f"{source}: {err}") if isinstance(err, SpecError) else err from None
 
     # access --------------------------------------------------------------------------------------
-    def for_layer(self, layer: int) -> tuple[Pipeline, Pipeline]:
-        """(keys, values) pipelines of ``layer`` after overrides."""
+    def skipped(self, num_layers: int | None = None) -> set[int]:
+        """Layer indices kept unquantized, negative ``skip`` entries resolved against
+        ``num_layers``; raises :class:`SpecError` for an index out of range (or a negative one
+        without ``num_layers``)."""
+        if num_layers is None:
+            neg = [i for i in self.skip if i < 0]
+            if neg:
+                raise SpecError(f"skip layer {neg[0]} counts from the end, so the number of "
+                                "layers is needed", suggestion="pass num_layers=")
+            return set(self.skip)
+        bad = [i for i in self.skip if not -num_layers <= i < num_layers]
+        if bad:
+            raise SpecError(f"skip layer {bad[0]} is out of range for a model with {num_layers} "
+                            f"layers", suggestion=f"use 0..{num_layers - 1} or "
+                            f"-{num_layers}..-1 (from the end)")
+        return {i % num_layers for i in self.skip}
+
+    def for_layer(self, layer: int, num_layers: int | None = None) -> tuple[Pipeline, Pipeline]:
+        """(keys, values) pipelines of ``layer`` after ``skip`` and overrides (``num_layers``
+        resolves negative ``skip`` entries)."""
+        if self.skip and layer in self.skipped(num_layers):
+            none = Pipeline.parse("none")
+            return none, none
         o = self.layers.get(layer)
         if o is None:
             return self.keys, self.values
@@ -119,6 +168,10 @@ class KVConfig(BaseModel):
         if missing:
             raise SpecError(f"per-layer override for layer {missing[0]}, but the model has "
                             f"{num_layers} layers (0..{num_layers - 1})")
+        both = sorted(self.skipped(num_layers) & set(self.layers))
+        if both:
+            raise SpecError(f"layer {both[0]} is both skipped and overridden",
+                            suggestion="drop it from 'skip' or from 'layers'")
         import torch
 
         probe = torch.Size([1, 1, 2, head_dim])
@@ -135,15 +188,16 @@ class KVConfig(BaseModel):
         """Short name for tables: the name, or the spec when keys and values agree."""
         if self.name:
             return self.name
+        skip = f" skip={list(self.skip)}" if self.skip else ""
         if self.keys == self.values and not self.layers:
-            return self.keys.to_spec()
-        return f"K:{self.keys.to_spec()} V:{self.values.to_spec()}"
+            return self.keys.to_spec() + skip
+        return f"K:{self.keys.to_spec()} V:{self.values.to_spec()}" + skip
 
     def bits_per_element(self, head_dim: int, seq: int, num_layers: int = 1) -> float:
-        """Average over keys, values and layers."""
+        """Average over keys, values and layers (skipped layers count 16 bits: fp16 K/V)."""
         total = 0.0
         for layer in range(num_layers):
-            k, v = self.for_layer(layer)
+            k, v = self.for_layer(layer, num_layers)
             total += k.bits_per_element(head_dim, seq) + v.bits_per_element(head_dim, seq)
         return total / (2 * num_layers)
 
@@ -157,6 +211,8 @@ class KVConfig(BaseModel):
         if self.layers:
             out["layers"] = {i: {k: p.to_spec() for k, p in (("keys", o.keys), ("values", o.values))
                                  if p is not None} for i, o in sorted(self.layers.items())}
+        if self.skip:
+            out["skip"] = list(self.skip)
         return out
 
     def to_yaml(self) -> str:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from kvq.errors import SpecError
+from kvq.errors import SpecError, shorten
 from kvq.kvconfig import KVConfig
 from kvq.pipeline import Pipeline
+from kvq.spec.files import load_json, load_yaml, read_text
 
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -23,16 +23,9 @@ def load(path: str | Path) -> KVConfig:
     """A :class:`KVConfig` from a YAML or JSON file."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"no such pipeline file: {str(path)!r}")
-    text = path.read_text()
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: "
-                            f"{exc.msg}") from None
-    else:
-        data = _yaml(text, path)
+        raise SpecError(f"no such pipeline file: {shorten(str(path))}")
+    text = read_text(path)
+    data = load_json(text, str(path)) if path.suffix == ".json" else load_yaml(text, str(path))
     if isinstance(data, (str, list)):
         data = {"kv": data}
     return KVConfig.from_dict(data, source=str(path))
@@ -53,15 +46,3 @@ def kv(source: Any) -> KVConfig:
         return KVConfig.from_spec(source)
     raise SpecError(f"cannot make a K/V configuration from {type(source).__name__}",
                     suggestion="pass a spec string, preset name, YAML path or dict")
-
-
-def _yaml(text: str, path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"malformed YAML in {path}{where}: {problem}") from None

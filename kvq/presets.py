@@ -1,6 +1,6 @@
 """Named K/V configurations so methods can be compared by name (``kvq list`` shows them).
 
-Each family exists at 2, 3, 4 and 8 bits (``naive4``, ``naive3``, ...):
+Families exist at several bit widths (``naive4``, ``naive3``, ...; 2, 3, 4 and 8 unless noted):
 
 - ``naive{b}``: per-token symmetric absmax (the seed's "naive INT4"), keys and values.
 - ``nsep{b}`` / ``pchan{b}``: the seed's ablations (norm separation only / per-channel only).
@@ -10,19 +10,50 @@ Each family exists at 2, 3, 4 and 8 bits (``naive4``, ``naive3``, ...):
 - ``quanto{b}``: like transformers' QuantizedCache with optimum-quanto: groups of 64 channels,
   asymmetric, keys and values.
 - ``quarot{b}``: QuaRot-like Hadamard rotation then per-token asymmetric.
+- ``turboquant{b}`` (2, 3, 4): vLLM's ``turboquant_{b}bit_nc`` (vllm/model_executor/layers/
+  quantization/turboquant/config.py): keys fp16 norm + Hadamard rotation + Lloyd-Max codebook
+  with norm correction (``nsep`` renorm); values per-token asymmetric uniform with fp16 scale and
+  zero; the first and last 2 layers unquantized, as vLLM does by default.
+
+One-off presets:
+
+- ``turboquant-k8v4``: vLLM ``turboquant_k8v4``: FP8 E4M3 keys cast with scale 1, 4-bit values.
+- ``turboquant-k3v4``: vLLM ``turboquant_k3v4_nc``: 3-bit Lloyd-Max keys, 4-bit values.
+- ``fp8`` / ``fp8-e5m2``: vLLM's / SGLang's FP8 KV cache format (``--kv-cache-dtype fp8``,
+  E4M3; ``fp8_e5m2``), with a per-head scale computed per cache block (kvq has no offline
+  calibration; vLLM's uncalibrated per-tensor scale 1.0 is ``fp8(e4m3,none)``).
+- ``nvfp4``: NVIDIA NVFP4 (E2M1, E4M3 scale per 16 values, fp32 second-level scale).
+- ``mxfp4``: OCP MX v1.0 MXFP4 (E2M1, E8M0 power-of-two scale per 32 values).
 - ``fp16``: no quantization (K/V stored unchanged), the reference point.
+
+llama.cpp's KV cache types (``-ctk/-ctv``), fixed widths, see :data:`GGML`:
+``q4_0``, ``q4_1``, ``q8_0`` and ``q4_0-rot``, ``q4_1-rot``, ``q8_0-rot`` (with the Hadamard
+rotation recent llama.cpp applies when the cache is quantized).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 from kvq.kvconfig import KVConfig
 from kvq.pipeline import Pipeline
 
 BITS = (2, 3, 4, 8)
+VLLM_SKIP = (0, 1, -2, -1)  # vLLM TurboQuant keeps the first and last 2 layers unquantized
 
-FAMILIES: dict[str, tuple[str, str]] = {
+
+@dataclass(frozen=True)
+class Family:
+    """A preset family: key / value spec templates with ``{b}``, its bit widths, skipped layers."""
+
+    keys: str
+    values: str
+    bits: tuple[int, ...] = BITS
+    skip: tuple[int, ...] = ()
+
+
+FAMILIES: dict[str, Family | tuple[str, str]] = {
     "naive": ("ptok>int{b}", "ptok>int{b}"),
     "nsep": ("nsep>ptok>int{b}", "nsep>ptok>int{b}"),
     "pchan": ("pchan>int{b}", "pchan>int{b}"),
@@ -30,36 +61,90 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "kivi": ("group(32,token)>int{b}(asym)", "group(32)>int{b}(asym)"),
     "quanto": ("group(64)>int{b}(asym)", "group(64)>int{b}(asym)"),
     "quarot": ("rot>ptok>int{b}(asym)", "rot>ptok>int{b}(asym)"),
+    "turboquant": Family("nsep>rot>lloyd{b}(none)", "ptok>int{b}(asym)", (2, 3, 4), VLLM_SKIP),
+}
+
+#: one-off presets: name -> (keys, values, skipped layers)
+FIXED: dict[str, tuple[str, str, tuple[int, ...]]] = {
+    "fp16": ("none", "none", ()),
+    "turboquant-k8v4": ("fp8(e4m3,none)", "ptok>int4(asym)", VLLM_SKIP),
+    "turboquant-k3v4": ("nsep>rot>lloyd3(none)", "ptok>int4(asym)", VLLM_SKIP),
+    "fp8": ("phead>fp8", "phead>fp8", ()),
+    "fp8-e5m2": ("phead>fp8(e5m2)", "phead>fp8(e5m2)", ()),
+    "nvfp4": ("group(16)>fp4(nv)", "group(16)>fp4(nv)", ()),
+    "mxfp4": ("group(32)>fp4(mx)", "group(32)>fp4(mx)", ()),
 }
 
 
-def make_preset(name: str, keys: str, values: str) -> KVConfig:
-    return KVConfig(name=name, keys=Pipeline.parse(keys), values=Pipeline.parse(values))
+def family(name: str) -> Family:
+    """The :class:`Family` called ``name`` (plain ``(keys, values)`` entries get the defaults)."""
+    f = FAMILIES[name]
+    return f if isinstance(f, Family) else Family(*f)
+
+
+# llama.cpp's cache types. Source: ggml-org/llama.cpp, `ggml/src/ggml-quants.c` (formats, whose
+# Python reference is gguf-py `gguf/quants.py`) and `src/llama-kv-cache.cpp` (rotation: since
+# PR #21038, 2026-04, a quantized K cache is multiplied by the normalised Walsh-Hadamard matrix of
+# the largest power-of-two block >= 64 dividing head_dim, V by 64x64 blocks, when head_dim % 64
+# == 0; LLAMA_ATTN_ROT_DISABLE=1 turns it off). kvq's `rot(hadamard)` is that matrix for the
+# power-of-two head dims llama.cpp models have.
+GGML_ROT_KEYS, GGML_ROT_VALUES = "rot(hadamard)>{q}", "rot(hadamard,block=64)>{q}"
+GGML: dict[str, str] = {
+    "q4_0": "llama.cpp `-ctk q4_0 -ctv q4_0`: blocks of 32, fp16 scale, 16 levels (4.5 bits)",
+    "q4_1": "llama.cpp `-ctk q4_1 -ctv q4_1`: blocks of 32, fp16 scale and min (5.0 bits)",
+    "q8_0": "llama.cpp `-ctk q8_0 -ctv q8_0`: blocks of 32, fp16 scale, int8 (8.5 bits)",
+}
+
+
+
+def make_preset(name: str, keys: str | list, values: str | list,
+                skip: tuple[int, ...] = ()) -> KVConfig:
+    return KVConfig(name=name, keys=Pipeline.parse(keys), values=Pipeline.parse(values),
+                    skip=skip)
 
 
 def builtin_presets() -> dict[str, partial]:
     """name -> factory returning the KVConfig."""
-    out = {"fp16": partial(make_preset, "fp16", "none", "none")}
-    for family, (keys, values) in FAMILIES.items():
-        for b in BITS:
-            name = f"{family}{b}"
-            out[name] = partial(make_preset, name, keys.format(b=b), values.format(b=b))
+    out = {name: partial(make_preset, name, *spec) for name, spec in FIXED.items()}
+    for fname in FAMILIES:
+        f = family(fname)
+        for b in f.bits:
+            name = f"{fname}{b}"
+            out[name] = partial(make_preset, name, f.keys.format(b=b), f.values.format(b=b),
+                                f.skip)
+    for q, doc in GGML.items():
+        # a step list, not the string: a lone name in a spec string would resolve to this preset
+        out[q] = _documented(partial(make_preset, q, [q], [q]), doc + ", no rotation "
+                             "(llama.cpp before 2026-04 or LLAMA_ATTN_ROT_DISABLE=1)")
+        rotated = partial(make_preset, f"{q}-rot", GGML_ROT_KEYS.format(q=q),
+                          GGML_ROT_VALUES.format(q=q))
+        out[f"{q}-rot"] = _documented(rotated, doc + ", with llama.cpp's automatic Hadamard "
+                                      "rotation (K: whole head, V: blocks of 64)")
     return out
+
+
+def _documented(factory: partial, doc: str) -> partial:
+    factory.__doc__ = doc
+    return factory
 
 
 def presets() -> dict[str, KVConfig]:
     """Every registered preset (built-in and from plugins), built."""
     from kvq.registry import PRESETS
 
-    return {e.name: e.load()() for e in PRESETS.entries()}
+    return {e.name: factory() for e, factory in PRESETS.loaded()}
 
 
 def with_bits(name: str, bits: int) -> str:
     """The same preset family at another bit width: ``with_bits("naive4", 3) == "naive3"``."""
-    family = name.rstrip("0123456789")
-    if family not in FAMILIES:
-        from kvq.errors import SpecError
+    from kvq.errors import SpecError
 
+    fname = name.rstrip("0123456789")
+    if fname not in FAMILIES:
         raise SpecError(f"{name!r} is not a preset family with bit variants",
                         suggestion="families: " + ", ".join(FAMILIES))
-    return f"{family}{bits}"
+    widths = family(fname).bits
+    if bits not in widths:
+        raise SpecError(f"preset family {fname!r} has no {bits}-bit variant",
+                        suggestion="its bit widths: " + ", ".join(map(str, widths)))
+    return f"{fname}{bits}"

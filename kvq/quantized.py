@@ -15,6 +15,8 @@ class QuantizedTensor:
         :mod:`kvq.quantizers.packing`; for the ``none`` quantizer, the tensor itself.
     meta: named metadata tensors at their storage dtype, e.g. ``norm`` (B, H, T, 1),
         ``scale`` / ``zero`` in the granularity's layout.
+    spec: the steps of the pipeline that produced it (set by ``Pipeline.quantize``); dequantizing
+        with another pipeline is refused. Empty: not recorded, not checked.
     """
 
     codes: torch.Tensor
@@ -22,6 +24,7 @@ class QuantizedTensor:
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float16
     bits: int = 16
+    spec: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -39,7 +42,8 @@ class QuantizedTensor:
 
     def to(self, device) -> QuantizedTensor:
         meta = {k: v.to(device) for k, v in self.meta.items()}
-        return QuantizedTensor(self.codes.to(device), meta, self.shape, self.dtype, self.bits)
+        return QuantizedTensor(self.codes.to(device), meta, self.shape, self.dtype, self.bits,
+                               self.spec)
 
     def __repr__(self) -> str:
         metas = ", ".join(f"{k}{tuple(v.shape)}:{str(v.dtype).removeprefix('torch.')}"

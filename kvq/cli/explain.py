@@ -44,12 +44,19 @@ def run(args) -> int:
         for s in p.steps:
             doc = (type(s).__doc__ or "").strip().splitlines()[0]
             print(f"  {s.role:<12} {s.to_spec():<22} {doc}")
-        if not any(s.role == "granularity" for s in p.steps) and not p.is_identity:
-            print(f"  {'granularity':<12} {'ptok':<22} (default: one scale per token)")
+        scaled = not p.is_identity and p.quantizer.meta_bits(1) > 0
+        if not any(s.role == "granularity" for s in p.steps) and scaled:
+            g = p.granularity.to_spec()
+            why = ("default: one scale per token" if g == "ptok"
+                   else f"implied by {p.quantizer.to_spec()}")
+            print(f"  {'granularity':<12} {g:<22} ({why})")
         bpe = p.bits_per_element(head_dim=d, seq=t)
         print(f"  bits/element {bpe:.3f}  ({bpe / 16:.3f}x fp16), "
               f"{_human(p.nbytes(t, d) * heads)} per layer for this shape")
-    total = sum(sum(p.nbytes(t, d) for p in cfg.for_layer(i)) for i in range(args.layers)) * heads
+    if cfg.skip:
+        print(f"\nunquantized (skip): layers {sorted(cfg.skipped(args.layers))} of {args.layers}")
+    n = args.layers
+    total = sum(sum(p.nbytes(t, d) for p in cfg.for_layer(i, n)) for i in range(n)) * heads
     fp16 = 2 * args.layers * heads * t * d * 2
     print(f"\ntotal K+V: {_human(total)} vs fp16 {_human(fp16)} ({total / fp16:.3f}x), "
           f"{cfg.bits_per_element(d, t, args.layers):.3f} bits/element on average")

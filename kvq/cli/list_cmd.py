@@ -8,6 +8,8 @@ EXAMPLES = """examples:
   kvq list                 everything
   kvq list presets         named K/V configurations (usable wherever a spec is)
   kvq list steps           transforms, granularities and quantizers
+  kvq list plugins         each plugin: ok, broken (with the reason) or disabled
+  KVQ_DISABLE_PLUGINS=a,b kvq list   skip the plugins named a and b
 """
 
 
@@ -16,18 +18,32 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", choices=["steps", "backends", "presets", "plugins"],
                    help="only this kind")
+    p.add_argument("--plugins", action="store_true", help="same as 'kvq list plugins'")
     p.set_defaults(run=run)
 
 
+BLOCK, LAYERS = 32, 30  # KVQCache's default block; SmolLM2-135M's depth (the default model)
+
+
 def run(args) -> int:
-    from kvq.plugins import plugin_names
+    import warnings
+
+    from kvq.plugins import KVQPluginWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KVQPluginWarning)  # broken plugins are listed below
+        return _list(args)
+
+
+def _list(args) -> int:
+    from kvq.plugins import plugin_status
     from kvq.registry import BACKENDS, PRESETS, STEPS
 
-    show = [args.what] if args.what else ["steps", "backends", "presets", "plugins"]
+    what = "plugins" if args.plugins else args.what
+    show = [what] if what else ["steps", "backends", "presets", "plugins"]
     if "steps" in show:
         print("steps:")
-        for e in STEPS.entries():
-            cls = e.load()
+        for e, cls in STEPS.loaded():
             doc = (cls.__doc__ or "").strip().splitlines()[0]
             fixed = ", ".join(f"{k}={v}" for k, v in e.defaults.items())
             fixed = f" [{fixed}]" if fixed else ""
@@ -38,16 +54,21 @@ def run(args) -> int:
             print(f"  {e.name:<8} {e.target if isinstance(e.target, str) else e.target.__name__}"
                   + _source(e))
     if "presets" in show:
-        print("presets:")
-        for e in PRESETS.entries():
-            cfg = e.load()()
-            bpe = cfg.bits_per_element(head_dim=128, seq=4096)
-            print(f"  {e.name:<14} {bpe:5.2f} b/elem  K: {cfg.keys.to_spec():<28} "
-                  f"V: {cfg.values.to_spec()}" + _source(e))
+        print(f"presets:  bits/element as KVQCache stores them (blocks of {BLOCK} tokens, "
+              f"metadata included; skipped layers at fp16 over {LAYERS} layers) at head_dim 64 "
+              "/ 128")
+        for e, factory in PRESETS.loaded():
+            cfg = factory()
+            b64, b128 = (cfg.bits_per_element(head_dim=d, seq=BLOCK, num_layers=LAYERS)
+                         for d in (64, 128))
+            skip = f"  skip {list(cfg.skip)}" if cfg.skip else ""
+            print(f"  {e.name:<16} {b64:6.3f} {b128:6.3f}  K: {cfg.keys.to_spec():<28} "
+                  f"V: {cfg.values.to_spec()}{skip}" + _source(e))
     if "plugins" in show:
         print("plugins:")
-        for name in plugin_names():
-            print(f"  {name}")
+        for st in plugin_status():
+            detail = f"{st.components} component(s)" if st.state == "ok" else st.reason
+            print(f"  {st.name:<14} {st.state:<9} {detail}")
     return 0
 
 

@@ -20,11 +20,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from kvq.errors import KVQError
     from kvq.loading import kv
 
+    for name in ("head_dim", "layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise KVQError(f"--{name.replace('_', '-')} must be at least 1")
     for f in args.files:
         cfg = kv(f)
-        if args.head_dim or args.layers:
+        if args.head_dim is not None or args.layers is not None:
             cfg.check(num_layers=args.layers or 10**9, head_dim=args.head_dim or 128)
         extra = f", {len(cfg.layers)} layer override(s)" if cfg.layers else ""
         print(f"ok  {f}: keys {cfg.keys.to_spec()}, values {cfg.values.to_spec()}{extra}")

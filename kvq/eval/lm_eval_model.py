@@ -10,8 +10,8 @@ Model args on top of ``hf``'s: ``kv=`` (spec, preset or YAML/JSON path, keys and
 ``quantized``: loglikelihood forwards see quantized K/V, otherwise they would measure nothing),
 ``residual=`` and ``block=`` (cache options). ``pretrained=smollm2`` is kvq's embedded default
 model. The pipeline, its spec and its bits/element are added to the results' ``config``.
-Loglikelihood batches are right-padded by lm-eval: keep ``batch_size=1`` (the default) so that
-pad positions never enter per-channel statistics.
+Loglikelihood batches are right-padded by lm-eval, so pad positions would enter per-channel
+statistics: ``batch_size`` other than 1 (or ``auto``) is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +23,29 @@ from lm_eval.models.huggingface import HFLM
 
 from kvq.eval.caches import geometry, make_cache
 from kvq.hf.compat import cache_arg, cache_kwargs
+
+
+def _int_option(name: str, value) -> int:
+    """An integer model arg (lm-eval passes ``--model_args`` values as strings or numbers)."""
+    from kvq.errors import shorten
+    from kvq.eval.errors import EvalError
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    raise EvalError(f"kvq_hf model arg {name}={shorten(value)}: expected a whole number of "
+                    f"tokens, e.g. {name}=128")
+
+
+def _check_batch_size(batch_size) -> None:
+    from kvq.errors import shorten
+    from kvq.eval.errors import EvalError
+
+    if str(batch_size).strip() != "1":
+        raise EvalError(f"kvq_hf batch_size={shorten(batch_size)}: only batch_size=1 is "
+                        "supported; lm-eval right-pads loglikelihood batches and the pad "
+                        "positions would enter kvq's per-channel (token-axis) statistics")
 
 
 @register_model("kvq_hf")
@@ -43,6 +66,8 @@ class KVQLM(HFLM):
         import kvq
         from kvq.eval import models
 
+        residual, block = _int_option("residual", residual), _int_option("block", block)
+        _check_batch_size(kwargs.get("batch_size", 1))
         if isinstance(pretrained, str):
             pretrained, extra = models.resolve(pretrained)
             for key, value in extra.items():
@@ -56,7 +81,7 @@ class KVQLM(HFLM):
             }
             cfg = cfg.model_copy(update=sides | {"name": None})
         self.kv_config = cfg
-        self.cache_options = dict(prefill=prefill, residual=int(residual), block=int(block))
+        self.cache_options = dict(prefill=prefill, residual=residual, block=block)
         make_cache(cfg, self._model.config, **self.cache_options)  # validates now, not mid-run
 
     def new_cache(self):

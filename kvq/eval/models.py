@@ -8,7 +8,6 @@ well under a second. Every failure becomes an :class:`~kvq.eval.errors.EvalError
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from kvq.eval import assets
@@ -21,7 +20,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 def default_model_dir() -> Path:
     """Directory of the default model as fp32 safetensors, converted from the GGUF on first use."""
     out = assets.cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if (out / ".complete").exists():
+    if assets.verified(out):  # manifest of sha256/size/mtime per file, see kvq.eval.assets
         return out
     gguf = assets.model_gguf()
     assets.log(f"kvq: converting {gguf.name} to safetensors in {out} (first use only, ~20 s)")
@@ -32,10 +31,8 @@ def default_model_dir() -> Path:
     with assets._staging(out.parent) as tmp:
         model.save_pretrained(tmp / "m")
         tokenizer.save_pretrained(tmp / "m")
-        (tmp / "m" / ".complete").touch()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / "m", out)
+        assets.write_manifest(tmp / "m")
+        assets._swap(tmp / "m", out)
     return out
 
 

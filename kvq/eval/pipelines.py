@@ -2,8 +2,10 @@
 
 A name is a preset (``naive4``), an inline spec (``'nsep>pchan>int4'``) or a YAML/JSON file.
 With bit widths, each entry is taken at every width: presets by family (``naive4`` ->
-``naive3``), specs and files by rewriting every ``int<b>`` quantizer. The ``fp16`` reference
-(no quantization) is always run first, once, as the baseline for ΔPPL.
+``naive3``), specs and files by rewriting every ``int<b>`` and ``lloyd<b>`` quantizer. The
+``fp16`` reference (no quantization) is always run first, once, as the baseline for ΔPPL.
+A preset outside the families (``q4_0``, ``fp8``) and a spec without ``int<b>`` or ``lloyd<b>``
+have a fixed width: they run once.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from kvq.errors import KVQError
 from kvq.eval.errors import EvalError
 from kvq.kvconfig import KVConfig
 from kvq.presets import FAMILIES, with_bits
+from kvq.registry import PRESETS
 
 BASELINE = "fp16"
 DEFAULT_FAMILIES = ("naive", "nsep-pchan", "kivi", "quanto", "quarot")
 DEFAULT_BITS = (4, 3)
-_INT = re.compile(r"\bint[2348]\b")
+_INT = re.compile(r"\b(int|lloyd)[2348]\b")
 
 
 def expand(names: list[str], bits: list[int] | None) -> dict[str, KVConfig]:
@@ -46,10 +49,14 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
         if family in FAMILIES and family != name:
             preset = with_bits(name, bits) if bits else name
             return preset, kvq.kv(preset)
+        if name in PRESETS:  # a one-off preset (q4_0, q8_0-rot): its own width, run once
+            return name, kvq.kv(name)
         cfg = kvq.kv(name)
         if bits is None:
             return cfg.label, cfg
         data = _rewrite(cfg.to_dict(), bits)
+        if data == cfg.to_dict():  # no int<b> in it (q4_0, fp8, ...): its own width, run once
+            return cfg.label, cfg
         data.pop("name", None)
         cfg = KVConfig.from_dict(data, source=name)
         return f"{cfg.label}", cfg
@@ -59,7 +66,7 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
 
 def _rewrite(data, bits: int):
     if isinstance(data, str):
-        return _INT.sub(f"int{bits}", data)
+        return _INT.sub(lambda m: f"{m.group(1)}{bits}", data)
     if isinstance(data, dict):
         return {k: _rewrite(v, bits) for k, v in data.items()}
     return data

@@ -15,6 +15,9 @@ from pydantic import Field
 from kvq.errors import KVQError
 from kvq.granularity.base import Granularity
 
+#: largest group: 64k channels or tokens (a bigger token group would pad every block to it)
+MAX_SIZE = 1 << 16
+
 
 class Group(Granularity):
     """Groups of ``size`` channels (per token) or ``size`` tokens (per channel).
@@ -24,7 +27,7 @@ class Group(Granularity):
     """
 
     type: Literal["group"] = "group"
-    size: int = Field(gt=0, description="elements per group")
+    size: int = Field(gt=0, le=MAX_SIZE, description="elements per group")
     axis: Literal["channel", "token"] = "channel"
 
     positional = ("size", "axis")

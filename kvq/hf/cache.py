@@ -1,7 +1,7 @@
 """KVQCache: a transformers ``Cache`` that stores K/V quantized by kvq pipelines.
 
 >>> cache = KVQCache.from_spec("nsep>pchan>int4", model.config)          # doctest: +SKIP
->>> out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+>>> out = model.generate(ids, cache=cache, max_new_tokens=64)             # doctest: +SKIP
 >>> print(cache.memory_report())                                         # doctest: +SKIP
 """
 
@@ -55,11 +55,13 @@ class KVQCache(Cache):
         cfg = _kv_config(config, keys, values)
         geom = kv_geometry(model_config)
         cfg.check(num_layers=geom.num_layers, head_dim=geom.head_dim)
-        _check_options(cfg, geom, prefill, residual, block)
+        _check_options(cfg, geom, prefill, residual, block, backend, keep_dequantized,
+                       _context(model_config))
         self.kv_config, self.geometry = cfg, geom
         self.options = dict(prefill=prefill, residual=residual, block=block, backend=backend,
                             keep_dequantized=keep_dequantized)
-        layers = [KVQLayer(*cfg.for_layer(i), layer_idx=i, sliding_window=geom.sliding_windows[i],
+        layers = [KVQLayer(*cfg.for_layer(i, geom.num_layers), layer_idx=i,
+                           sliding_window=geom.sliding_windows[i],
                            **self.options) for i in range(geom.num_layers)]
         self.options["attention"] = attention
         attach_fast_decode(layers, model_config, attention)
@@ -127,17 +129,46 @@ def _kv_config(config: Any, keys: Any, values: Any) -> KVConfig:
     return cfg
 
 
+#: residual + block when the model config does not give its context length
+MAX_WINDOW = 1 << 20
+
+
+def _context(model_config) -> int | None:
+    cfg = model_config.get_text_config(decoder=True)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def _check_options(cfg: KVConfig, geom: KVGeometry, prefill: str, residual: int,
-                   block: int) -> None:
+                   block: int, backend: str = "auto", keep_dequantized: bool = False,
+                   context: int | None = None) -> None:
+    """Types and ranges of the cache options. Decode tokens leave the exact window once it
+    holds ``residual + block`` tokens, so that sum must fit the model's context
+    (``max_position_embeddings``; :data:`MAX_WINDOW` if unknown): otherwise nothing would
+    ever be quantized after the prefill and the cache would silently stay exact."""
+    from kvq.errors import shorten
+    from kvq.registry import BACKENDS
+
     if prefill not in ("quantized", "exact"):
-        raise KVQError(f"prefill={prefill!r}: use 'quantized' (prefill attention sees the "
+        raise KVQError(f"prefill={shorten(prefill)}: use 'quantized' (prefill attention sees the "
                        "dequantized K/V) or 'exact' (it sees the exact K/V)")
-    if not isinstance(residual, int) or residual < 0:
-        raise KVQError(f"residual={residual!r}: expected a number of tokens >= 0")
-    if not isinstance(block, int) or block < 1:
-        raise KVQError(f"block={block!r}: expected a number of tokens >= 1")
+    if type(residual) is not int or residual < 0:
+        raise KVQError(f"residual={shorten(residual)}: expected a number of tokens >= 0")
+    if type(block) is not int or block < 1:
+        raise KVQError(f"block={shorten(block)}: expected a number of tokens >= 1")
+    if type(keep_dequantized) is not bool:
+        raise KVQError(f"keep_dequantized={shorten(keep_dequantized)}: expected True or False")
+    if backend != "auto" and backend not in BACKENDS:
+        raise KVQError(f"backend={shorten(backend)}: expected 'auto' or one of "
+                       f"{BACKENDS.names()}")
+    limit = context or MAX_WINDOW
+    if residual + block > limit:
+        what = f"the model's context ({limit} tokens)" if context else f"{limit} tokens"
+        raise KVQError(f"residual={residual} + block={block} exceeds {what}: the exact window "
+                       "would never fill, so decode tokens would never be quantized; use a "
+                       "smaller residual or block (defaults: residual=128, block=32)")
     for i in range(geom.num_layers):
-        for role, p in zip(("keys", "values"), cfg.for_layer(i)):
+        for role, p in zip(("keys", "values"), cfg.for_layer(i, geom.num_layers)):
             tb = p.token_block
             if tb and block % tb:
                 raise KVQError(f"block={block} is not a multiple of the token group {tb} of the "

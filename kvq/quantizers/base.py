@@ -28,6 +28,16 @@ class Quantizer(Step):
                    granularity: Granularity) -> torch.Tensor:
         raise NotImplementedError
 
+    def resolve_granularity(self, given: Granularity | None) -> Granularity:
+        """The granularity this quantizer runs with: ``given`` (the spec's), else per token.
+
+        A format that fixes its own blocks (llama.cpp's ``q4_0``) returns them, and raises
+        :class:`~kvq.errors.SpecError` for a granularity that contradicts them.
+        """
+        from kvq.granularity.ptok import PerToken
+
+        return given if given is not None else PerToken()
+
     def meta_bits(self, groups: int) -> float:
         """Bits of metadata for ``groups`` scale groups."""
         return 0.0

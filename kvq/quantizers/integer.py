@@ -49,12 +49,14 @@ class IntQuantizer(Quantizer):
         lo, hi = xg.amin(dim=dim, keepdim=True), xg.amax(dim=dim, keepdim=True)
         if self.scheme == "sym":
             absmax = torch.maximum(hi, lo.neg_())
-            scale = dtypes.store(g.to_meta(absmax / self.qmax), self.dtype, "scale")
+            scale = dtypes.store(g.to_meta(absmax / self.qmax), self.dtype, "scale",
+                                 round_up=True)
             codes = xg.div_(_safe(g.from_meta(scale).float())).round_()
             codes = codes.clamp_(-self.qmax, self.qmax).add_(self.qmax)
             return g.unview(codes.to(torch.uint8), x.shape), {"scale": scale}
-        scale = dtypes.store(g.to_meta((hi - lo) / self.levels), self.dtype, "scale")
-        zero = dtypes.store(g.to_meta(lo), self.dtype, "zero point")
+        scale = dtypes.store(g.to_meta((hi - lo) / self.levels), self.dtype, "scale",
+                             round_up=True)
+        zero = dtypes.store(g.to_meta(lo), self.dtype, "zero point", check_precision=False)
         s, z = _safe(g.from_meta(scale).float()), g.from_meta(zero).float()
         codes = xg.sub_(z).div_(s).round_().clamp_(0, self.levels)
         return g.unview(codes.to(torch.uint8), x.shape), {"scale": scale, "zero": zero}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kvq.errors import SpecError
+from kvq.errors import SpecError, shorten
 from kvq.spec.grammar import ParsedStep, parse
 from kvq.spec.step import Step
 
@@ -19,7 +19,7 @@ def make_step(item: Any, index: int = 0) -> Step:
     if isinstance(item, str):
         parsed = parse(item)
         if len(parsed) != 1:
-            raise _located(SpecError(f"expected one step, got {item!r}"), index)
+            raise _located(SpecError(f"expected one step, got {shorten(item)}"), index)
         item = parsed[0]
     if isinstance(item, dict):
         data = dict(item)
@@ -28,14 +28,15 @@ def make_step(item: Any, index: int = 0) -> Step:
             raise _located(SpecError("step without a 'type'",
                                      suggestion="write e.g. {type: int, bits: 4}"), index)
         entry = _entry(STEPS, name, index)
-        cls = entry.load()
+        cls = STEPS.load(entry)
         clash = {k for k in entry.defaults if k in data and data[k] != entry.defaults[k]}
         if clash:
-            raise _located(SpecError(f"{sorted(clash)} contradict the step name {name!r}"), index)
+            raise _located(SpecError(f"{sorted(clash)} contradict the step name "
+                                     f"{shorten(name)}"), index)
         return cls.validated({**data, **entry.defaults}, name)
     if isinstance(item, ParsedStep):
         entry = _entry(STEPS, item.name, index)
-        return entry.load().from_parsed(item, entry.defaults)
+        return STEPS.load(entry).from_parsed(item, entry.defaults)
     raise _located(SpecError(f"cannot make a step from {type(item).__name__}"), index)
 
 
@@ -45,7 +46,7 @@ def _entry(registry, name: str, index: int):
     except SpecError as unknown:
         m = re.fullmatch(r"int(\d+)", name)
         err = unknown if not m else SpecError(
-            f"unsupported bit width {m.group(1)} in {name!r}",
+            f"unsupported bit width {m.group(1)[:20]} in {shorten(name)}",
             suggestion="kvq quantizes to int2, int3, int4 or int8")
         raise _located(err, index) from None
 
@@ -77,6 +78,10 @@ def check_structure(steps: list[Step]) -> None:
                                  f"{steps[grans[0]].to_spec()!r}",
                                  suggestion="write transforms first, e.g. 'nsep>rot>pchan>int4'"),
                        late)
+    try:
+        steps[-1].resolve_granularity(steps[grans[0]] if grans else None)  # type: ignore[attr-defined]
+    except SpecError as err:
+        raise _located(err, grans[0] if grans else len(steps) - 1) from None
     seen: dict[str, int] = {}
     for i, s in enumerate(steps):
         if s.role == "transform":

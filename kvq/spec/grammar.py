@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvq.errors import SpecError
+from kvq.errors import SpecError, shorten
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _ARG = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)\s*=\s*)?([^,()=>\s]+)\s*")
@@ -55,7 +55,8 @@ def parse(spec: str) -> list[ParsedStep]:
         if i >= len(spec):
             return steps
         if spec[i] != ">":
-            raise SpecError(f"unexpected {spec[i]!r} after step {step.name!r}", spec=spec, pos=i,
+            raise SpecError(f"unexpected {spec[i]!r} after step {shorten(step.name)}",
+                            spec=spec, pos=i,
                             suggestion="join steps with '>' and put arguments in parentheses")
         i += 1
 
@@ -66,7 +67,7 @@ def _parse_args(spec: str, i: int, step: ParsedStep) -> int:
     while True:
         m = _ARG.match(spec, i)
         if not m:
-            raise SpecError(f"malformed argument of {step.name!r}", spec=spec, pos=i,
+            raise SpecError(f"malformed argument of {shorten(step.name)}", spec=spec, pos=i,
                             suggestion="arguments are values or key=value, separated by ','")
         key, value = m.group(1), _value(m.group(2))
         if key is None:
@@ -74,7 +75,7 @@ def _parse_args(spec: str, i: int, step: ParsedStep) -> int:
                 raise SpecError("positional argument after key=value", spec=spec, pos=m.start(2))
             step.args.append(value)
         elif key in step.kwargs:
-            raise SpecError(f"argument {key!r} given twice", spec=spec, pos=m.start(1))
+            raise SpecError(f"argument {shorten(key)} given twice", spec=spec, pos=m.start(1))
         else:
             step.kwargs[key] = value
         i = m.end()
@@ -83,7 +84,7 @@ def _parse_args(spec: str, i: int, step: ParsedStep) -> int:
         elif i < len(spec) and spec[i] == ")":
             return i + 1
         else:
-            raise SpecError(f"unclosed argument list of {step.name!r}", spec=spec, pos=i,
+            raise SpecError(f"unclosed argument list of {shorten(step.name)}", spec=spec, pos=i,
                             suggestion="close it with ')'")
 
 

@@ -11,7 +11,7 @@ def step_union():
     """``Annotated[Union[NormSeparation, ...], discriminator="type"]`` over registered steps."""
     from kvq.registry import STEPS
 
-    classes = list(dict.fromkeys(e.load() for e in STEPS.entries()))
+    classes = list(dict.fromkeys(cls for _, cls in STEPS.loaded()))
     return Annotated[Union[tuple(classes)], Field(discriminator="type")]  # noqa: UP007
 
 

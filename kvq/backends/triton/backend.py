@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from kvq.backends.base import Backend
+from kvq.backends.triton.codebook import dequantize_codebook, quantize_codebook
 from kvq.backends.triton.common import is_interpreted
 from kvq.backends.triton.plan import KernelPlan, Unsupported
 from kvq.backends.triton.quantize_pack import _quantize_rows_kernel, quantize_pack
@@ -19,7 +20,8 @@ from kvq.quantized import QuantizedTensor
 
 
 class TritonBackend(Backend):
-    """nsep / rot transforms, ptok / pchan / group(g, channel|token), int2/3/4/8 sym/asym."""
+    """nsep / rot transforms, ptok / pchan / group(g, channel|token), int2/3/4/8 sym/asym;
+    nsep / rot then an unscaled codebook (lloyd{b}(none))."""
 
     name = "triton"
 
@@ -50,8 +52,9 @@ class TritonBackend(Backend):
         if pipeline.is_identity:
             return QuantizedTensor(x, {}, tuple(x.shape), x.dtype, 8 * x.element_size())
         plan = KernelPlan.from_pipeline(pipeline)
+        run = quantize_codebook if plan.codebook else quantize_pack
         with torch.cuda.device_of(x):  # launch on x's GPU (no-op on CPU)
-            codes, meta, status = quantize_pack(plan, x)
+            codes, meta, status = run(plan, x)
         if status & 1 and pipeline.check_finite:
             raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite K/V "
                                 "(fix the model or build the pipeline with check_finite=False)")
@@ -66,5 +69,6 @@ class TritonBackend(Backend):
         if pipeline.is_identity:
             return q.codes
         plan = KernelPlan.from_pipeline(pipeline)
+        run = dequantize_codebook if plan.codebook else unpack_dequantize
         with torch.cuda.device_of(q.codes):
-            return unpack_dequantize(plan, q.codes, q.meta, tuple(q.shape), q.dtype)
+            return run(plan, q.codes, q.meta, tuple(q.shape), q.dtype)

@@ -168,13 +168,13 @@ def quantize_codes(y, s32, z32, BITS: tl.constexpr, ASYM: tl.constexpr):
 
 
 @triton.jit
-def dequantize_codes(u, s32, z32, BITS: tl.constexpr, ASYM: tl.constexpr):
-    """float32 values of codes u: (u - qmax) * s (sym) or u * s + z (asym)."""
+def dequantize_codes(u, s32, z32, OFF: tl.constexpr, ASYM: tl.constexpr):
+    """float32 values of codes u: (u - OFF) * s (sym; OFF = qmax, or 8 / 128 for q4_0 / q8_0)
+    or u * s + z (asym, q4_1)."""
     if ASYM:
         return u.to(tl.float32) * s32 + z32
     else:
-        qmax: tl.constexpr = (1 << (BITS - 1)) - 1
-        return (u - qmax).to(tl.float32) * s32
+        return (u - OFF).to(tl.float32) * s32
 
 
 @triton.jit

@@ -25,9 +25,11 @@ from kvq.backends.triton import common
 
 # rows kernel, token kernel in one pass and streamed (group of 24 tokens), rotation, all widths
 PIPELINES = ("nsep>pchan>int4", "group(32)>int3(asym)", "rot>nsep>ptok>int2",
-             "group(24,token)>int8(asym)")
+             "group(24,token)>int8(asym)", "nsep>rot>lloyd3(none)")
 # bfloat16 input and metadata, a padded head_dim, a random rotation with nsep before it
-EXTRA = (("nsep(bf16)>rot>group(16,token)>int4(asym,dtype=bf16)", 80, torch.bfloat16),)
+EXTRA = (("nsep(bf16)>rot>group(16,token)>int4(asym,dtype=bf16)", 80, torch.bfloat16),
+         ("rot>q4_0", 64, torch.float16), ("q4_1", 96, torch.bfloat16),
+         ("q8_0", 128, torch.float32))  # llama.cpp's block formats
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
         torch.uint8: "*u8", torch.int32: "*i32"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -68,6 +70,7 @@ def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 9
     """Compile quantize and dequantize of each pipeline (fp16 input at head_dim) and of each
     (spec, head_dim, dtype) in extra; returns one line per compiled kernel."""
     import kvq
+    from kvq.backends.triton.codebook import dequantize_codebook, quantize_codebook
     from kvq.backends.triton.plan import KernelPlan
     from kvq.backends.triton.quantize_pack import quantize_pack
     from kvq.backends.triton.unpack_dequantize import unpack_dequantize
@@ -79,8 +82,10 @@ def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 9
         for spec, d, dtype in cases:
             x = torch.randn(1, 1, seq, d, dtype=dtype)
             plan = KernelPlan.from_pipeline(kvq.build(spec))
-            codes, meta, _ = quantize_pack(plan, x)
-            unpack_dequantize(plan, codes, meta, tuple(x.shape), x.dtype)
+            quantize = quantize_codebook if plan.codebook else quantize_pack
+            dequantize = dequantize_codebook if plan.codebook else unpack_dequantize
+            codes, meta, _ = quantize(plan, x)
+            dequantize(plan, codes, meta, tuple(x.shape), x.dtype)
     return log
 
 

@@ -28,8 +28,8 @@ NEG = -3.0e38
 
 @triton.jit
 def _tile(codes_ptr, norm_ptr, scale_ptr, zero_ptr, rows, rmask, L, D, RB, NT, NC, TGS, CGS,
-          DP: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, NSEP: tl.constexpr,
-          RENORM: tl.constexpr):
+          DP: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr, OFF: tl.constexpr,
+          NSEP: tl.constexpr, RENORM: tl.constexpr):
     """(BT, DP) fp32 dequantized rows (0 on padding) and their (BT,) per-token factor."""
     cols = tl.arange(0, DP)
     u = unpack_load(codes_ptr, rows, rmask, cols, D, RB, BITS)
@@ -40,7 +40,7 @@ def _tile(codes_ptr, norm_ptr, scale_ptr, zero_ptr, rows, rmask, L, D, RB, NT, N
     z = s
     if ASYM:
         z = tl.load(zero_ptr + moffs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.where(mask, dequantize_codes(u, s, z, BITS, ASYM), 0.0)
+    x = tl.where(mask, dequantize_codes(u, s, z, OFF, ASYM), 0.0)
     f = tl.full(rows.shape, 1.0, tl.float32)
     if NSEP:
         f = tl.load(norm_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
@@ -57,8 +57,9 @@ def _split_kernel(
     NB, L, LIVE, FIRST, PER_SPLIT, BIAS_OFF, BIAS_LEN, BIAS_B, HEADS, G, D, DV, RBK, RBV,
     KNT, KNC, KTGS, KCGS, VNT, VNC, VTGS, VCGS,
     BT: tl.constexpr, GP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-    KBITS: tl.constexpr, KASYM: tl.constexpr, KNSEP: tl.constexpr, KRENORM: tl.constexpr,
-    VBITS: tl.constexpr, VASYM: tl.constexpr, VNSEP: tl.constexpr, VRENORM: tl.constexpr,
+    KBITS: tl.constexpr, KASYM: tl.constexpr, KOFF: tl.constexpr, KNSEP: tl.constexpr,
+    KRENORM: tl.constexpr, VBITS: tl.constexpr, VASYM: tl.constexpr, VOFF: tl.constexpr,
+    VNSEP: tl.constexpr, VRENORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
     """Partials for tokens [FIRST + split*PER_SPLIT, ...) of one (batch, kv_head) of a segment.
@@ -85,7 +86,7 @@ def _split_kernel(
         tmask = t < hi
         rows = bh * NB * L + t
         k, fk = _tile(kc_ptr, kn_ptr, ks_ptr, kz_ptr, rows, tmask, L, D, RBK, KNT, KNC, KTGS,
-                      KCGS, DP, KBITS, KASYM, KNSEP, KRENORM)
+                      KCGS, DP, KBITS, KASYM, KOFF, KNSEP, KRENORM)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * fk[None, :]  # (GP, BT)
         if HAS_BIAS:
             bb = tl.minimum(b, BIAS_B - 1)
@@ -96,7 +97,7 @@ def _split_kernel(
         p = tl.where(tmask[None, :], tl.exp(s - m_new[:, None]), 0.0)
         lsum = lsum * alpha + tl.sum(p, axis=1)
         v, fv = _tile(vc_ptr, vn_ptr, vs_ptr, vz_ptr, rows, tmask, L, DV, RBV, VNT, VNC, VTGS,
-                      VCGS, DVP, VBITS, VASYM, VNSEP, VRENORM)
+                      VCGS, DVP, VBITS, VASYM, VOFF, VNSEP, VRENORM)
         acc = acc * alpha[:, None] + tl.dot(p * fv[None, :], v, input_precision="ieee")
         m = m_new
     out = bh * nsplit + split
@@ -119,13 +120,17 @@ def _gran_index(plan: KernelPlan, L: int, d: int) -> tuple[int, int, int, int]:
 def plans(view) -> tuple[KernelPlan, KernelPlan] | None:
     """The kernel plans of a :class:`~kvq.hf.decode.DecodeView`'s pipelines, or None."""
     try:
-        return tuple(KernelPlan.from_pipeline(r.pipeline) for r in view.readers)
+        out = tuple(KernelPlan.from_pipeline(r.pipeline) for r in view.readers)
     except Unsupported:
         return None
+    # kvq's integer codes only: block formats and codebooks have other kernels
+    ok = all(p.fmt == "int" and p.codebook is None for p in out)
+    return out if ok else None
 
 
 def triton_decode_supported(view) -> bool:
-    """True when both pipelines have kernel plans (int codes; nsep, rot; any granularity)."""
+    """True when both pipelines have integer kernel plans (int2/3/4/8; nsep, rot; ptok, pchan,
+    group)."""
     return plans(view) is not None
 
 
@@ -166,8 +171,9 @@ def segment_partials(q: torch.Tensor, seg_k, seg_v, plan_k: KernelPlan, plan_v: 
         bias_t.shape[0] if has_bias else 1, h, g, d, dv, row_bytes(d, plan_k.bits),
         row_bytes(dv, plan_v.bits), *_gran_index(plan_k, L, d), *_gran_index(plan_v, L, dv),
         BT=bt, GP=gp, DP=dp, DVP=dvp,
-        KBITS=plan_k.bits, KASYM=plan_k.asym, KNSEP=plan_k.nsep != 0, KRENORM=plan_k.renorm,
-        VBITS=plan_v.bits, VASYM=plan_v.asym, VNSEP=plan_v.nsep != 0, VRENORM=plan_v.renorm,
+        KBITS=plan_k.bits, KASYM=plan_k.asym, KOFF=plan_k.offset, KNSEP=plan_k.nsep != 0,
+        KRENORM=plan_k.renorm, VBITS=plan_v.bits, VASYM=plan_v.asym, VOFF=plan_v.offset,
+        VNSEP=plan_v.nsep != 0, VRENORM=plan_v.renorm,
         HAS_BIAS=has_bias, enable_fp_fusion=False,
     )
     shape = (b, h, splits)

@@ -9,7 +9,8 @@
   into a float32 buffer with atomics (max/min are exact in any order), then
   `_quantize_tokens_kernel` recomputes the transforms of its tile and quantizes.
 Programs write status bits: 1 = NaN/Inf in the (transformed) input, 2 = a stored
-norm/scale/zero is not finite (e.g. it overflows float16); the backend raises for them."""
+norm/scale/zero is not finite (e.g. it overflows float16), or a llama.cpp block would dequantize
+past float16's maximum; the backend raises for them (through the reference's error)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from kvq.backends.triton.common import (
     tiles,
     token_tiles,
 )
+from kvq.backends.triton.ggml_blocks import ggml_block_codes, ggml_fp16_overflow
 from kvq.backends.triton.plan import KernelPlan
 
 
@@ -58,10 +60,12 @@ def _quantize_rows_kernel(
     x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, flag_ptr, N, D, RB, NM,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
+    FMT: tl.constexpr = 0,
 ):
     """x (N, D) -> codes (N, RB), scale/zero (N, NM), norm (N,); GS = group along channels.
 
     NM = D // GS meta columns (1 for ptok, where GS = DP covers the whole padded row).
+    FMT: 0 kvq's int quantizer, else a llama.cpp block format (`ggml_blocks.FORMATS`).
     """
     rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     rmask = rows < N
@@ -72,18 +76,27 @@ def _quantize_rows_kernel(
     col3 = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS)
     valid3 = (col3 < D)[None, :, :]
     y3 = tl.reshape(y, (BT, NG, GS))
-    if ASYM:
-        gvalid = (tl.arange(0, NG) < NM)[None, :]  # all-padding groups: keep them finite
-        mn = tl.where(gvalid, tl.min(tl.where(valid3, y3, float("inf")), axis=2), 0.0)
-        mx = tl.where(gvalid, tl.max(tl.where(valid3, y3, -float("inf")), axis=2), 0.0)
-        s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
-        z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
-        z32 = z_m.to(tl.float32)
+    gvalid = (tl.arange(0, NG) < NM)[None, :]  # all-padding groups: keep them finite
+    if FMT != 0:
+        s, mn, u3 = ggml_block_codes(y3, valid3, gvalid, FMT, GS)
+        s_m = cast_rne(s, scale_ptr.dtype.element_ty)
+        z_m = s_m
+        if ASYM:  # q4_1 stores the block minimum
+            z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
+        over = ggml_fp16_overflow(y3, valid3, s_m.to(tl.float32), z_m.to(tl.float32), FMT)
+        flag = flag | tl.max(tl.ravel(tl.where(over & rmask[:, None], 2, 0)), axis=0)
     else:
-        s = tl.math.div_rn(tl.max(tl.abs(y3), axis=2), (1 << (BITS - 1)) - 1.0)
-        z32 = tl.zeros((BT, NG), tl.float32)
-    s_m = cast_rne(s, scale_ptr.dtype.element_ty)
-    u3 = quantize_codes(y3, s_m.to(tl.float32)[:, :, None], z32[:, :, None], BITS, ASYM)
+        if ASYM:
+            mn = tl.where(gvalid, tl.min(tl.where(valid3, y3, float("inf")), axis=2), 0.0)
+            mx = tl.where(gvalid, tl.max(tl.where(valid3, y3, -float("inf")), axis=2), 0.0)
+            s = tl.math.div_rn(mx - mn, (1 << BITS) - 1.0)
+            z_m = cast_rne(mn, zero_ptr.dtype.element_ty)
+            z32 = z_m.to(tl.float32)
+        else:
+            s = tl.math.div_rn(tl.max(tl.abs(y3), axis=2), (1 << (BITS - 1)) - 1.0)
+            z32 = tl.zeros((BT, NG), tl.float32)
+        s_m = cast_rne(s, scale_ptr.dtype.element_ty)
+        u3 = quantize_codes(y3, s_m.to(tl.float32)[:, :, None], z32[:, :, None], BITS, ASYM)
     u = tl.reshape(tl.where(valid3, u3, 0), (BT, DP))
     pack_store(codes_ptr, rows, rmask, u, RB, BT, DP, BITS)
 
@@ -250,7 +263,7 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
         kernel, mshape = _quantize_rows_kernel, (B, H, T, nm)
         bt, bk = tiles(B * H * T, dp, is_interpreted(kernel))
         grid = (triton.cdiv(B * H * T, bt),)
-        args, extra = (B * H * T, D, rb, nm), dict(GS=gs)
+        args, extra = (B * H * T, D, rb, nm), dict(GS=gs, FMT=plan.fmt_code)
     meta["scale"] = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)
     if plan.asym:
         meta["zero"] = torch.empty(mshape, dtype=plan.meta_dtype, device=dev)

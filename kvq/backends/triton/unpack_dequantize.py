@@ -31,7 +31,7 @@ from kvq.backends.triton.plan import KernelPlan
 
 @triton.jit
 def _dequant_cols(codes_ptr, scale_ptr, zero_ptr, rows, rmask, mrow, cols, D, RB, NC, CGS,
-                  BITS: tl.constexpr, ASYM: tl.constexpr):
+                  BITS: tl.constexpr, ASYM: tl.constexpr, OFF: tl.constexpr):
     """(BT, K) float32 dequantized values of rows at channels cols (0 on padding)."""
     u = unpack_load(codes_ptr, rows, rmask, cols, D, RB, BITS)
     mask = rmask[:, None] & (cols < D)[None, :]
@@ -40,7 +40,7 @@ def _dequant_cols(codes_ptr, scale_ptr, zero_ptr, rows, rmask, mrow, cols, D, RB
     z = s
     if ASYM:
         z = tl.load(zero_ptr + moffs, mask=mask, other=0.0).to(tl.float32)
-    return dequantize_codes(u, s, z, BITS, ASYM)
+    return dequantize_codes(u, s, z, OFF, ASYM)
 
 
 @triton.jit
@@ -48,6 +48,7 @@ def _dequantize_kernel(
     codes_ptr, norm_ptr, scale_ptr, zero_ptr, r_ptr, out_ptr, N, T, D, RB, NT, NC, TGS, CGS,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, NSEP: tl.constexpr,
     RENORM: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
+    OFF: tl.constexpr,
 ):
     """codes (N, RB) uint8 + meta -> out (N, D) in out's dtype."""
     rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
@@ -59,13 +60,13 @@ def _dequantize_kernel(
         for k0 in tl.static_range(0, DP, BK):
             kc = k0 + tl.arange(0, BK)
             dq = _dequant_cols(codes_ptr, scale_ptr, zero_ptr, rows, rmask, mrow, kc, D, RB, NC,
-                               CGS, BITS, ASYM)
+                               CGS, BITS, ASYM, OFF)
             rt = tl.load(r_ptr + cols[None, :] * D + kc[:, None],  # R^T[k, j] = R[j, k]
                          mask=(kc < D)[:, None] & (cols < D)[None, :], other=0.0)
             y += tl.dot(dq, rt, input_precision="ieee")
     else:
         y = _dequant_cols(codes_ptr, scale_ptr, zero_ptr, rows, rmask, mrow, cols, D, RB, NC, CGS,
-                          BITS, ASYM)
+                          BITS, ASYM, OFF)
     if NSEP != 0:
         n = tl.load(norm_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         if RENORM:
@@ -100,6 +101,6 @@ def unpack_dequantize(plan: KernelPlan, codes: torch.Tensor, meta: dict[str, tor
         _dequantize_kernel, (triton.cdiv(n, bt),), codes.contiguous(), norm, scale, zero, rmat,
         out, n, T, D, rb, nt, nc, tgs, cgs,
         BT=bt, DP=dp, BK=bk, NSEP=plan.nsep, RENORM=plan.renorm, HAS_ROT=plan.rot is not None,
-        BITS=plan.bits, ASYM=plan.asym, **launch_options(bt, dp),
+        BITS=plan.bits, ASYM=plan.asym, OFF=plan.offset, **launch_options(bt, dp),
     )
     return out

