@@ -276,3 +276,22 @@ def test_layer_dtypes_and_head_dims(dtype, atol, head_dim, spec):
                                                            enable_gqa=True)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("spec", ["nsep>rot>lloyd4(none)", "q4_0", "phead>int4"])
+def test_formats_added_later_fall_back(wide, spec, count_fast):
+    """Quantizers and granularities added after the fast path (codebooks, llama.cpp blocks,
+    per-head scales) are not in its table: "auto" keeps the general path, same logits."""
+    cfg = kvq.kv(spec)
+    assert fast_path_reason(cfg.keys) is not None
+    tokens = prompt(seq=3, seed=7)
+    _set(wide, "kvq")
+    try:
+        got = decode_logits(wide, KVQCache(cfg, wide.config, residual=2, block=32), prompt(seq=40),
+                            3, tokens=tokens)
+    finally:
+        _set(wide, "sdpa")
+    assert not count_fast
+    ref = decode_logits(wide, KVQCache(cfg, wide.config, residual=2, block=32,
+                                       attention="dequantize"), prompt(seq=40), 3, tokens=tokens)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
