@@ -24,6 +24,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from kvq.eval.caches import geometry, make_cache
+from kvq.hf.compat import cache_arg, cache_kwargs
 
 
 def _int_option(name: str, value) -> int:
@@ -101,10 +102,11 @@ class KVQLM(HFLM):
         if attn_mask is not None or labels is not None:  # seq2seq: no decoder cache to replace
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         with torch.no_grad():
-            return self.model(inps, past_key_values=self.new_cache(), use_cache=True).logits
+            kw = cache_kwargs(self.model, self.new_cache())
+            return self.model(inps, use_cache=True, **kw).logits
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
-        generation_kwargs["past_key_values"] = self.new_cache()
+        generation_kwargs[cache_arg(self.model)] = self.new_cache()
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def get_model_info(self) -> dict:

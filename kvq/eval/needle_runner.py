@@ -15,6 +15,7 @@ import torch
 from kvq.eval.caches import fp16_bytes, is_identity, make_cache
 from kvq.eval.pipelines import BASELINE
 from kvq.eval.tasks.needle import first_number, make_documents
+from kvq.hf.compat import cache_kwargs
 
 
 def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
@@ -41,7 +42,7 @@ def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
                 out = model.generate(
                     ids,
                     attention_mask=torch.ones_like(ids),
-                    past_key_values=cache,
+                    **cache_kwargs(model, cache),
                     max_new_tokens=8,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

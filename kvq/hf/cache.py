@@ -1,7 +1,7 @@
 """KVQCache: a transformers ``Cache`` that stores K/V quantized by kvq pipelines.
 
 >>> cache = KVQCache.from_spec("nsep>pchan>int4", model.config)          # doctest: +SKIP
->>> out = model.generate(ids, past_key_values=cache, max_new_tokens=64)  # doctest: +SKIP
+>>> out = model.generate(ids, cache=cache, max_new_tokens=64)             # doctest: +SKIP
 >>> print(cache.memory_report())                                         # doctest: +SKIP
 """
 
@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from kvq.errors import KVQError
+from kvq.hf.decode import attach_fast_decode
 from kvq.hf.geometry import KVGeometry, kv_geometry
 from kvq.hf.layer import KVQLayer, PrefillMode
 from kvq.hf.memory import MemoryReport, memory_report
@@ -46,6 +47,11 @@ class KVQCache(Cache):
         sinks: keep the first ``sinks`` real tokens of every sequence exact (default: the
             config's ``sinks``, 0 unless set). With left padding the cache must know the padding
             mask (attach it to the model, or :meth:`set_padding`).
+        attention: how decode steps read the blocks. ``"auto"``: attention reads the packed
+            blocks directly when the model attends with ``"kvq"``
+            (:func:`kvq.hf.enable_fast_attention`) and both pipelines are covered
+            (:func:`kvq.hf.coverage.fast_path_reason`), else ``update`` dequantizes them;
+            ``"fast"``: the same, but raise when it cannot be used; ``"dequantize"``: never.
 
     Keys are quantized before the rotary embedding on layers whose config says
     ``keys: {rope: pre, ...}`` (``cfg.key_rope_for(i)``); that needs the model (pass it instead of
@@ -55,7 +61,7 @@ class KVQCache(Cache):
     def __init__(self, config: Any = None, model_config=None, *, keys: Any = None,
                  values: Any = None, prefill: PrefillMode = "quantized", residual: int = 128,
                  block: int = 32, backend: str = "auto", keep_dequantized: bool = False,
-                 sinks: int | None = None):
+                 sinks: int | None = None, attention: str = "auto"):
         model = model_config if isinstance(model_config, torch.nn.Module) else None
         if model is not None:
             model_config = model.config
@@ -76,6 +82,8 @@ class KVQCache(Cache):
                            sliding_window=geom.sliding_windows[i],
                            rope=self.rope if cfg.key_rope_for(i) == "pre" else None,
                            **self.options) for i in range(geom.num_layers)]
+        self.options["attention"] = attention
+        attach_fast_decode(layers, model_config, attention)
         super().__init__(layers=layers)
         self._hooks: list = []
         if model is not None:

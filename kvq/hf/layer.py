@@ -77,6 +77,7 @@ class KVQLayer(DynamicLayer):
         self.k_store, self.v_store = BlockStore(keys, backend), BlockStore(values, backend)
         self.k_work, self.v_work = WorkingCopy(), WorkingCopy()  # keep_dequantized only
         self._valid: torch.Tensor | None = None  # (batch, N) bool: real tokens at positions < N
+        self.fast = None  # kvq.hf.decode.FastDecode: decode steps hand attention the packed blocks
 
     def __repr__(self) -> str:
         return (f"KVQLayer(keys={self.key_pipeline.to_spec()!r}, values="
@@ -119,9 +120,15 @@ class KVQLayer(DynamicLayer):
             self._flush()
         if first and self.prefill == "exact":
             return key_states, value_states
-        keys, values = self._read()
+        visible = None
         if self.sliding_window is not None and not first:
             visible = min(start, self.sliding_window - 1) + key_states.shape[-2]
+        if self.fast is not None and not first:
+            packed = self.fast.read(self, key_states.shape[-2], visible)
+            if packed is not None:
+                return packed
+        keys, values = self._read()
+        if visible is not None:
             keys, values = keys[:, :, -visible:], values[:, :, -visible:]
         return keys, values
 

@@ -9,6 +9,7 @@ import yaml
 
 import kvq
 from kvq.hf import KVQCache
+from kvq.hf.compat import cache_kwargs
 from kvq.kvconfig import KVConfig
 
 
@@ -70,7 +71,7 @@ def test_cache_keeps_skipped_layers_unquantized():
     ids = torch.randint(3, 64, (1, 40))
     cache = KVQCache(cfg(skip=[0, -1]), config, residual=0)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     kinds = [layer.key_pipeline.quantizer.type for layer in cache.layers]
     assert kinds == ["none", "lloyd", "lloyd", "lloyd", "none"]
     report = cache.memory_report()

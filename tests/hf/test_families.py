@@ -13,7 +13,7 @@ import torch
 from hf_models import VOCAB, family_configs, left_padded, tiny_model
 from transformers import DynamicCache
 
-from kvq.hf import KVQCache
+from kvq.hf import KVQCache, cache_kwargs
 
 FAMILIES = list(family_configs())
 OPTS = dict(residual=3, block=4)
@@ -21,7 +21,7 @@ INT4 = dict(residual=1, block=4)  # 5 decode tokens written: one block flushes
 
 
 def generate(model, ids, cache, **kw):
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, min_new_tokens=6,
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=6, min_new_tokens=6,
                          output_scores=True, return_dict_in_generate=True, **kw)
     return out.sequences, torch.stack(out.scores)
 
@@ -65,7 +65,7 @@ def test_int4_cache_forward_generate_beam_padded(family):
     with torch.no_grad():
         exact = model(ids).logits
         cache = KVQCache("nsep>pchan>int4", cfg, **INT4)
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **cache_kwargs(model, cache)).logits
     assert cache.get_seq_length() == 16
     rel = ((logits - exact).norm() / exact.norm()).item()
     assert 0 < rel < 0.2, f"{family}: relative logit error {rel:.3f}"
@@ -93,8 +93,9 @@ def test_mistral_sliding_window_beyond_the_window():
     assert model.config.sliding_window == 12
     ids = ids_for(seq=10)
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)  # 30 tokens > window
-    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-    got = model.generate(ids, past_key_values=KVQCache("fp16", model.config, **OPTS), **kw)
+    ref = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **kw)
+    got = model.generate(ids, **cache_kwargs(model, KVQCache("fp16", model.config, **OPTS)),
+                         **kw)
     assert torch.equal(got, ref)
 
 

@@ -6,6 +6,7 @@ import transformers as tf
 
 from kvq.errors import SpecError
 from kvq.hf import KVQCache
+from kvq.hf.compat import cache_kwargs
 
 
 def llama(head_dim: int) -> tf.LlamaConfig:
@@ -21,7 +22,7 @@ def test_rot_presets_run_a_model_and_8_bits_beat_4():
     with torch.no_grad():
         ref = model(ids).logits
         for name in ("q4_0-rot", "q8_0-rot"):
-            got = model(ids, past_key_values=KVQCache.from_spec(name, model.config)).logits
+            got = model(ids, **cache_kwargs(model, KVQCache.from_spec(name, model.config))).logits
             assert torch.isfinite(got).all()
             err[name] = (got - ref).norm().item()
     assert 0 < err["q8_0-rot"] < err["q4_0-rot"] / 4

@@ -7,7 +7,7 @@ import transformers as tf
 from hf_models import left_padded
 
 import kvq
-from kvq.hf import KVQCache
+from kvq.hf import KVQCache, cache_kwargs
 from kvq.hf.padding import fill_pads
 
 CFG = tf.LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
@@ -91,12 +91,12 @@ def test_watch_reads_the_mask_generate_passes(llama):
     opts = dict(residual=2, block=4)
     watched = KVQCache("nsep>pchan>int4", llama.config, **opts)
     with watched.watch(llama):
-        a = llama.generate(ids, attention_mask=mask, past_key_values=watched, max_new_tokens=6,
-                           do_sample=False)
+        a = llama.generate(ids, attention_mask=mask, **cache_kwargs(llama, watched),
+                           max_new_tokens=6, do_sample=False)
     assert torch.equal(watched.layers[0]._valid[:, :20], mask.bool())
     explicit = KVQCache("nsep>pchan>int4", llama.config, **opts)
     explicit.set_padding(mask)
-    b = llama.generate(ids, attention_mask=mask, past_key_values=explicit, max_new_tokens=6,
+    b = llama.generate(ids, attention_mask=mask, **cache_kwargs(llama, explicit), max_new_tokens=6,
                        do_sample=False)
     assert torch.equal(a, b)
     assert not llama._forward_pre_hooks  # the hook is gone
@@ -106,6 +106,6 @@ def test_padding_mask_follows_beam_expansion(llama):
     ids, mask = left_padded(pads=(0, 6))
     cache = KVQCache("nsep>pchan>int4", llama.config, residual=2, block=4)
     cache.set_padding(mask)  # batch 2; generate expands it to 2 x 3 beams
-    out = llama.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5,
+    out = llama.generate(ids, attention_mask=mask, **cache_kwargs(llama, cache), max_new_tokens=5,
                          num_beams=3, do_sample=False)
     assert out.shape == (2, 25) and cache.layers[0]._valid.shape[0] == 6

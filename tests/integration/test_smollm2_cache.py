@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from kvq.hf import KVQCache
+from kvq.hf.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +39,15 @@ def smollm2():
 
 def nll(model, ids, cache=None) -> float:
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=cache is not None)
+        out = model(ids, **cache_kwargs(model, cache), use_cache=cache is not None)
     return torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:]).item()
 
 
 def test_identity_cache_matches_dynamic_cache(smollm2):
     model, ids = smollm2
     kw = dict(max_new_tokens=12, do_sample=False)
-    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-    got = model.generate(ids, past_key_values=KVQCache("fp16", model.config), **kw)
+    ref = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **kw)
+    got = model.generate(ids, **cache_kwargs(model, KVQCache("fp16", model.config)), **kw)
     assert torch.equal(got, ref)
 
 
@@ -73,7 +74,7 @@ def test_quantized_prefill_perplexity_and_bytes(smollm2):
 def test_int4_generate_streams_decode_tokens_into_blocks(smollm2):
     model, ids = smollm2
     cache = KVQCache("nsep>pchan>int4", model.config, residual=16, block=32)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=50, do_sample=False)
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=50, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 50
     m = cache.memory_report().total
     assert m.quantized_tokens + m.residual_tokens == ids.shape[1] + 49

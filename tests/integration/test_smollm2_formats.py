@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvq.hf import KVQCache
+from kvq.hf.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def smollm2():
 
 def nll(model, ids, cache=None) -> float:
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=cache is not None)
+        out = model(ids, **cache_kwargs(model, cache), use_cache=cache is not None)
     return torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:]).item()
 
 

@@ -18,6 +18,7 @@ import torch
 from kvq.eval.caches import fp16_bytes
 from kvq.eval.errors import EvalError
 from kvq.eval.protocols.base import Protocol, Score, nll_sum
+from kvq.hf.compat import cache_kwargs
 
 
 class Seed(Protocol):
@@ -42,12 +43,13 @@ class Seed(Protocol):
         for w in windows:
             with torch.no_grad():
                 exact = DynamicCache(config=model.config)
-                model(w[None, :split], past_key_values=exact, use_cache=True)
+                model(w[None, :split], **cache_kwargs(model, exact), use_cache=True)
             for label, cfg in configs.items():
                 start = time.perf_counter()
                 cache, nbytes = _quantized_copy(exact, cfg, model)
                 with torch.no_grad():
-                    logits = model(w[None, split:], past_key_values=cache, use_cache=True).logits[0]
+                    kw = cache_kwargs(model, cache)
+                    logits = model(w[None, split:], use_cache=True, **kw).logits[0]
                 out[label].add(
                     Score(
                         nll=nll_sum(logits[:-1], w[split + 1 :]),

@@ -17,6 +17,7 @@ import torch
 from kvq.eval.caches import fp16_bytes, make_cache
 from kvq.eval.errors import EvalError
 from kvq.eval.protocols.base import Protocol, Score, nll_sum
+from kvq.hf.compat import cache_kwargs
 
 
 class Streaming(Protocol):
@@ -46,16 +47,11 @@ class Streaming(Protocol):
                 cache = make_cache(cfg, model, prefill=self.prefill, **self.cache_options)
                 start = time.perf_counter()
                 rows = []
+                kw = cache_kwargs(model, cache)
                 with torch.no_grad():
-                    rows.append(
-                        model(w[None, :split], past_key_values=cache, use_cache=True).logits[0, -1]
-                    )
+                    rows.append(model(w[None, :split], use_cache=True, **kw).logits[0, -1])
                     for t in range(split, w.numel() - 1):
-                        rows.append(
-                            model(w[None, t : t + 1], past_key_values=cache, use_cache=True).logits[
-                                0, -1
-                            ]
-                        )
+                        rows.append(model(w[None, t : t + 1], use_cache=True, **kw).logits[0, -1])
                 score.add(
                     Score(
                         nll=nll_sum(torch.stack(rows), w[split:]),

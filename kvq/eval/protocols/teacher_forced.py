@@ -15,6 +15,7 @@ import torch
 
 from kvq.eval.caches import fp16_bytes, make_cache
 from kvq.eval.protocols.base import Protocol, Score, nll_sum
+from kvq.hf.compat import cache_kwargs
 
 
 class TeacherForced(Protocol):
@@ -32,7 +33,7 @@ class TeacherForced(Protocol):
                 cache = make_cache(cfg, model, prefill="quantized", **self.cache_options)
                 start = time.perf_counter()
                 with torch.no_grad():
-                    logits = model(w[None], past_key_values=cache, use_cache=True).logits[0]
+                    logits = model(w[None], **cache_kwargs(model, cache), use_cache=True).logits[0]
                 score.add(
                     Score(
                         nll=nll_sum(logits[:-1], w[1:]),

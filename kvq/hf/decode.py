@@ -1,0 +1,129 @@
+"""What ``KVQLayer.update`` hands the fast attention on a decode step: a :class:`DecodeView`.
+
+With the fast attention on (:class:`FastDecode`), a decode step's ``update`` does not dequantize
+the layer: it returns the exact residual window ``(keys, values)``, each (B, H, window, D), tagged
+with a :class:`DecodeView` (attribute ``_kvq_view`` on the returned key tensor). The ``"kvq"``
+attention function (:mod:`kvq.hf.attention`) finds the tag and attends over the packed blocks
+plus the window; an untagged key is an ordinary full K/V (prefill, other caches) and goes to SDPA.
+A caller that cannot use the view calls :meth:`DecodeView.materialize` for today's full K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvq.errors import KVQError
+from kvq.hf.coverage import fast_path_reason_kv
+from kvq.hf.packed import Scratch, StreamReader
+
+TAG = "_kvq_view"
+
+
+@dataclass
+class DecodeView:
+    """The visible K/V of one layer at one decode step, still packed.
+
+    layer: the :class:`~kvq.hf.layer.KVQLayer` (its stores and window are read, not copied).
+    start: first visible absolute position (> 0 only for sliding-window layers).
+    total: tokens held (visible ones are positions [start, total)).
+    """
+
+    layer: object
+    start: int
+    total: int
+    readers: tuple[StreamReader, StreamReader]
+    scratch: Scratch
+    chunk_tokens: int  # tokens read per chunk (whole blocks; at least one block)
+
+    @property
+    def visible(self) -> int:
+        return self.total - self.start
+
+    @property
+    def quantized(self) -> int:
+        return len(self.layer.k_store)
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visible K/V dequantized, (B, H, visible, D) each: the general path's result."""
+        k, v = self.layer._read()
+        return k[:, :, self.start:], v[:, :, self.start:]
+
+
+@dataclass
+class FastDecode:
+    """A layer's fast-decode switch: on when the model attends with ``"kvq"`` and both pipelines
+    are covered (``reason`` says why not otherwise)."""
+
+    keys: object
+    values: object
+    model_config: object
+    scratch_elements: int = 2**21  # fp32 K (or V) values dequantized at a time: 8 MiB
+
+    def __post_init__(self) -> None:
+        self.reason = fast_path_reason_kv(self.keys, self.values)
+        self.readers = (StreamReader(self.keys), StreamReader(self.values))
+
+    @property
+    def active(self) -> bool:
+        return self.reason is None and attn_implementation(self.model_config) == "kvq"
+
+    def read(self, layer, new_tokens: int, visible: int | None
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Tagged window for a one-token decode step, or None (use the general path)."""
+        if new_tokens != 1 or not self.active or layer.keep_dequantized:
+            return None
+        total = layer.get_seq_length()
+        start = 0 if visible is None else max(total - visible, 0)
+        # a fresh scratch per step: freed when attention is done, so nothing is held at rest
+        b, h, _, d = layer.keys.shape
+        chunk = max(1, self.scratch_elements // (b * h * max(d, layer.values.shape[-1])))
+        view = DecodeView(layer, start, total, self.readers, Scratch(), chunk)
+        keys, values = layer.keys[:, :, :], layer.values
+        setattr(keys, TAG, view)
+        return keys, values
+
+
+def attach_fast_decode(layers, model_config, attention: str) -> None:
+    """Give every layer its :class:`FastDecode`.
+
+    attention: ``"auto"`` (fast where covered), ``"fast"`` (raise :class:`KVQError` where it
+    cannot be used), ``"dequantize"`` (never).
+    """
+    if attention not in ("auto", "fast", "dequantize"):
+        raise KVQError(f"attention={attention!r}: use 'auto' (read packed blocks when the model "
+                       "attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
+    if attention == "dequantize":
+        return
+    for layer in layers:
+        layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config)
+        layer.fast.reason = layer.fast.reason or _layer_reason(layer)
+        if attention != "fast":
+            continue
+        why = layer.fast.reason
+        if why is None and layer.keep_dequantized:
+            why = "keep_dequantized=True already serves decode from a dequantized copy"
+        if why is None and attn_implementation(model_config) != "kvq":
+            why = (f"the model attends with {attn_implementation(model_config)!r}; call "
+                   "kvq.hf.enable_fast_attention(model) first")
+        if why:
+            raise KVQError(f"attention='fast' cannot be used for layer {layer.layer_idx}: {why}; "
+                           "or use attention='auto' to fall back to dequantizing")
+
+
+def _layer_reason(layer) -> str | None:
+    """Why a layer's own options rule the fast path out (it reads the blocks as stored)."""
+    if getattr(layer, "pre_rope", False):
+        return "its keys are stored before RoPE (the fast path reads post-RoPE keys)"
+    if getattr(layer, "sinks", 0):
+        return "it keeps sink tokens exact (the fast path reads only blocks and the window)"
+    return None
+
+
+def attn_implementation(model_config) -> str | None:
+    """The attention implementation the model's text config names (``"sdpa"``, ``"kvq"``...)."""
+    cfg = model_config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    return getattr(cfg, "_attn_implementation", None)
