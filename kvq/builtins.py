@@ -7,6 +7,7 @@ from kvq.hookspecs import hookimpl
 STEPS = {
     "nsep": ("kvq.transforms.nsep:NormSeparation", None),
     "rot": ("kvq.transforms.rot:Rotation", None),
+    "sparse": ("kvq.transforms.sparse:Sparse", None),
     "ptok": ("kvq.granularity.ptok:PerToken", None),
     "pchan": ("kvq.granularity.pchan:PerChannel", None),
     "group": ("kvq.granularity.group:Group", None),
