@@ -127,14 +127,18 @@ class Pipeline(BaseModel):
         if not self.is_identity:
             self.granularity.check(x.shape)
 
-    def check_output(self, q: QuantizedTensor) -> None:
+    def check_output(self, q: QuantizedTensor, x: torch.Tensor | None = None) -> None:
         """Raise :class:`NumericsError` if the input held NaN/Inf.
 
-        Every norm, scale and zero is a max/min/sum over its group, so a non-finite input
-        element shows up in the (small) metadata: checking it costs nothing.
+        Every floating-point norm, scale and zero is a max/min/sum over its group, so a
+        non-finite input element shows up in the (small) metadata: checking it costs nothing.
+        Without such metadata (a codebook with no scale, integer-coded scales such as E8M0), the
+        input ``x`` itself is checked.
         """
         if self.check_finite and not self.is_identity:
-            if not all(bool(torch.isfinite(m).all()) for m in q.meta.values()):
+            floats = [m for m in q.meta.values() if m.is_floating_point()]
+            shown = floats if floats else ([] if x is None else [x])
+            if not all(bool(torch.isfinite(m).all()) for m in shown):
                 raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite "
                                     "K/V (fix the model or build the pipeline with "
                                     "check_finite=False)")
@@ -145,7 +149,7 @@ class Pipeline(BaseModel):
 
         self.check_input(x)
         q = resolve_backend(backend, self, x).quantize(self, x)
-        self.check_output(q)
+        self.check_output(q, x)
         return q
 
     def dequantize(self, q: QuantizedTensor, backend: str = "auto") -> torch.Tensor:
