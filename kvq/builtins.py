@@ -16,6 +16,7 @@ STEPS = {
     "int3": ("kvq.quantizers.integer:IntQuantizer", {"bits": 3}),
     "int4": ("kvq.quantizers.integer:IntQuantizer", {"bits": 4}),
     "int8": ("kvq.quantizers.integer:IntQuantizer", {"bits": 8}),
+    "nuq": ("kvq.quantizers.nuq:Nuq", None),
     "none": ("kvq.quantizers.none:NoQuantizer", None),
 }
 
