@@ -100,10 +100,10 @@ def levels(ref: str, bits: int) -> tuple[Path, dict[str, str], torch.Tensor]:
     lv = tensors[name]
     n = 2**bits
     if lv.dim() != 1 or lv.numel() != n:
+        fitted = max(lv.numel(), 1).bit_length() - 1
         raise SpecError(f"codebook {name!r} in {str(path)!r} has {lv.numel()} levels, but "
-                        f"{bits} bits need {n} (calibrated for {meta.get('bits', '?')} bits)",
-                        suggestion=f"use nuq({meta.get('bits', '?')}, ...) or calibrate at "
-                                   f"{bits} bits")
+                        f"{bits} bits need {n} (it was calibrated for {fitted} bits)",
+                        suggestion=f"use nuq({fitted},...) or calibrate at {bits} bits")
     lv = lv.to(torch.float32)
     if not (torch.isfinite(lv).all() and (lv[1:] > lv[:-1]).all()):
         raise SpecError(f"codebook {name!r} in {str(path)!r} is not finite and strictly "

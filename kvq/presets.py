@@ -10,6 +10,11 @@ Each family exists at 2, 3, 4 and 8 bits (``naive4``, ``naive3``, ...):
 - ``quanto{b}``: like transformers' QuantizedCache with optimum-quanto: groups of 64 channels,
   asymmetric, keys and values.
 - ``quarot{b}``: QuaRot-like Hadamard rotation then per-token asymmetric.
+- ``kvquant{b}``: KVQuant's recipe *without calibration*: 1% dense-and-sparse outliers
+  (keys per channel in each block, values per token), per-channel keys, per-token values,
+  min-max normalization with *uniform* levels (``int{b}(asym)``). The calibrated version, with
+  ``nuq(b)`` codebooks fitted per layer and K/V, is what ``kvq calibrate --recipe kvquant{b}``
+  writes (see :data:`RECIPES` and docs/kvquant.md).
 - ``fp16``: no quantization (K/V stored unchanged), the reference point.
 """
 
@@ -30,6 +35,13 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "kivi": ("group(32,token)>int{b}(asym)", "group(32)>int{b}(asym)"),
     "quanto": ("group(64)>int{b}(asym)", "group(64)>int{b}(asym)"),
     "quarot": ("rot>ptok>int{b}(asym)", "rot>ptok>int{b}(asym)"),
+    "kvquant": ("sparse(0.01,channel)>pchan>int{b}(asym)", "sparse(0.01)>ptok>int{b}(asym)"),
+}
+
+#: what ``kvq calibrate --recipe NAME`` fits: (keys, values) specs ending in ``nuq(b)``
+RECIPES: dict[str, tuple[str, str]] = {
+    f"kvquant{b}": (f"sparse(0.01,channel)>pchan>nuq({b})",
+                    f"sparse(0.01)>ptok>nuq({b})") for b in (2, 3, 4)
 }
 
 
