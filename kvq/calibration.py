@@ -19,21 +19,21 @@ from kvq.errors import SpecError
 from kvq.spec import parse
 from kvq.spec.build import make_step
 
-_NUQ = re.compile(r"\bnuq\((\d)\)")
+_NUQ = re.compile(r"\bnuq\((\d)((?:,[^()]*)?)\)\s*$")
 
 
 def recipe_bits(recipe: str) -> int:
-    """The bit width of the single ``nuq(b)`` a recipe spec ends with."""
-    found = _NUQ.findall(recipe)
-    if len(found) != 1 or not recipe.rstrip().endswith(f"nuq({found[0]})"):
+    """The bit width of the ``nuq(b)`` (or ``nuq(b,scale=static)``) a recipe spec ends with."""
+    m = _NUQ.search(recipe)
+    if m is None or recipe.count("nuq(") != 1 or "source" in m.group(2):
         raise SpecError(f"recipe {recipe[:200]!r} must end with one nuq(b) without a codebook",
                         suggestion="e.g. 'sparse(0.01,channel)>pchan>nuq(3)'")
-    return int(found[0])
+    return int(m.group(1))
 
 
 def with_source(recipe: str, source: str) -> str:
-    """The recipe with its ``nuq(b)`` given a codebook: ``nuq(b,source=FILE#NAME)``."""
-    return _NUQ.sub(lambda m: f"nuq({m.group(1)},source={source})", recipe)
+    """The recipe with its ``nuq(b...)`` given a codebook: ``nuq(b...,source=FILE#NAME)``."""
+    return _NUQ.sub(lambda m: f"nuq({m.group(1)}{m.group(2)},source={source})", recipe)
 
 
 class LevelFit:
@@ -47,7 +47,10 @@ class LevelFit:
 
     def __init__(self, recipe: str, max_samples: int = 400_000, seed: int = 0):
         self.bits = recipe_bits(recipe)
-        steps = [make_step(p, i) for i, p in enumerate(parse(recipe)[:-1])]
+        parsed = parse(recipe)
+        self.static = parsed[-1].kwargs.get("scale") == "static"
+        self.zero = self.scale = None
+        steps = [make_step(p, i) for i, p in enumerate(parsed[:-1])]
         self.transforms = [s for s in steps if s.role == "transform"]
         grans = [s for s in steps if s.role == "granularity"]
         from kvq.granularity import PerToken
@@ -65,12 +68,19 @@ class LevelFit:
         """
         from kvq.quantizers.nuq import minmax_normalize
 
+        heads = x.shape[1]
         if block is not None:
             x = fold_blocks(x, block)
             sensitivity = None if sensitivity is None else fold_blocks(sensitivity, block)
         h = x.detach().to(torch.float32, copy=True)
         for t in self.transforms:
             h, _ = t.forward(h)
+        if self.static:  # per (head, channel) statistics over every calibration token: keep all
+            unfold = lambda t: t.reshape(t.shape[0], heads, -1, t.shape[-1])  # noqa: E731
+            self.values.append(unfold(h))
+            self.weights.append(unfold(torch.ones_like(h) if sensitivity is None
+                                       else sensitivity.detach().float()))
+            return
         g = self.granularity
         v, scale, _ = minmax_normalize(h, g)
         # weight the error in K/V units: sensitivity * (scale * dv)^2
@@ -85,11 +95,29 @@ class LevelFit:
         """Sorted fp32 levels (2**bits,) in [-1, 1]."""
         if not self.values:
             raise SpecError("no calibration samples were collected")
-        v, w = torch.cat(self.values), torch.cat(self.weights)
+        if self.static:
+            v, w = self._static_normalize()
+        else:
+            v, w = torch.cat(self.values), torch.cat(self.weights)
         if v.numel() > self.max_samples:
             keep = torch.randperm(v.numel(), generator=self.gen)[: self.max_samples]
             v, w = v[keep], w[keep]
         return weighted_kmeans_1d(v, w, 2**self.bits, iters)
+
+
+    def _static_normalize(self, clip: float = 0.001) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit per-(head, channel) zero/scale on the [clip, 1 - clip] quantiles of every
+        calibration token; return the normalized values and their weights (flattened)."""
+        x = torch.cat([t.transpose(0, 1).flatten(1, 2) for t in self.values], 1)  # (H, N, D)
+        w = torch.cat([t.transpose(0, 1).flatten(1, 2) for t in self.weights], 1)
+        q = torch.tensor([clip, 1 - clip])
+        lo, hi = torch.quantile(x.transpose(1, 2), q, dim=-1)  # each (H, D)
+        scale = ((hi - lo) / 2).clamp_min(1e-6 * float((hi - lo).abs().max().clamp_min(1e-30)))
+        self.zero, self.scale = (hi + lo) / 2, scale
+        v = (x - self.zero[:, None]) / scale[:, None]
+        w = w * scale[:, None].pow(2)
+        keep = torch.randperm(v.numel(), generator=self.gen)[: self.max_samples]
+        return v.flatten()[keep], w.flatten()[keep]
 
 
 def fold_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -111,6 +111,21 @@ def levels(ref: str, bits: int) -> tuple[Path, dict[str, str], torch.Tensor]:
     return path, meta, lv
 
 
+def static_scales(path: Path, name: str, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero, scale) fp32 (kv_heads, head_dim) stored as ``NAME.zero`` / ``NAME.scale``."""
+    _, tensors = read(path)
+    zero, scale = tensors.get(f"{name}.zero"), tensors.get(f"{name}.scale")
+    if zero is None or scale is None:
+        raise SpecError(f"codebook file {str(path)!r} has no static scales for {name!r}",
+                        suggestion="use scale=minmax, or calibrate a recipe with "
+                                   "nuq(b,scale=static)")
+    if zero.dim() != 2 or zero.shape != scale.shape or not bool((scale > 0).all()) \
+            or not bool(torch.isfinite(zero).all() & torch.isfinite(scale).all()):
+        raise SpecError(f"static scales of {name!r} in {str(path)!r} are not finite positive "
+                        "(kv_heads, head_dim) tensors (corrupt file?)", suggestion=_FIX)
+    return zero.float().to(device), scale.float().to(device)
+
+
 def write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
     """Write fp32 level tensors and string metadata (``format``/``version`` added)."""
     from safetensors.torch import save_file

@@ -133,7 +133,11 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         bar.tick()
     bar.close()
 
-    tensors = {f"L{i}.{r}": fit.fit() for (i, r), fit in fits.items()}
+    tensors = {}
+    for (i, r), fit in fits.items():
+        tensors[f"L{i}.{r}"] = fit.fit()
+        if fit.static:
+            tensors[f"L{i}.{r}.zero"], tensors[f"L{i}.{r}.scale"] = fit.zero, fit.scale
     tokens = sum(c.keys[0].shape[0] * c.keys[0].shape[2] for c in caps)
     st_path = out.with_suffix(".safetensors")
     codebooks.write(st_path, tensors, {

@@ -17,20 +17,27 @@ import torch
 from pydantic import PrivateAttr, ValidationError, model_validator
 
 from kvq import codebooks, dtypes
-from kvq.errors import SpecError
+from kvq.errors import KVQError, SpecError
 from kvq.quantizers.codebook import CodebookQuantizer
 
 
 class Nuq(CodebookQuantizer):
     """``nuq(bits, source=FILE#NAME)``: min-max normalized, calibrated levels in [-1, 1].
 
-    Metadata: ``scale`` and ``zero`` in the granularity's layout, stored at ``dtype`` (the
-    stored values are the ones used). A group whose entries are all equal decodes exactly.
+    ``scale="minmax"``: each granularity group is normalized by its own range; metadata
+    ``scale`` and ``zero`` in the granularity's layout, stored at ``dtype`` (the stored values
+    are the ones used). A group whose entries are all equal decodes exactly.
+    ``scale="static"``: KVQuant's offline per-channel key scaling: one ``zero`` and ``scale`` per
+    (kv head, channel), fitted by ``kvq calibrate`` and read from the codebook file
+    (``NAME.zero``, ``NAME.scale``, (kv_heads, head_dim)); nothing is stored per block, the
+    granularity is unused, and values beyond the calibrated range take the outer levels (put
+    ``sparse`` first). Inputs are (batch, kv_heads * n, seq, head_dim) with n blocks per head
+    folded head-major, as :class:`kvq.hf.KVQCache` quantizes them (n = 1 for plain K/V).
     There is no default codebook: a ``nuq`` step without ``source`` is an error.
     """
 
     type: Literal["nuq"] = "nuq"
-    scale: Literal["minmax"] = "minmax"
+    scale: Literal["minmax", "static"] = "minmax"
     source: str | None = None
 
     positional = ("bits",)
@@ -60,7 +67,14 @@ class Nuq(CodebookQuantizer):
                             suggestion="rename the file")
         path, _, _ = codebooks.levels(self.source, self.bits)
         self._path = str(path)
+        if self.scale == "static":
+            self.static()
         return self
+
+    def static(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(zero, scale), each fp32 (kv_heads, head_dim), of ``scale="static"``."""
+        name = codebooks.split_ref(self.source)[1]
+        return codebooks.static_scales(self.file, name, device)
 
     def spec_name(self):
         return "nuq"
@@ -92,18 +106,37 @@ class Nuq(CodebookQuantizer):
 
     def quantize(self, x, granularity):
         lv = self.levels(x.shape[-1], x.device)
+        mids = (lv[1:] + lv[:-1]) / 2
+        if self.scale == "static":
+            zero, scale = self._per_head(x.shape, x.device)
+            return torch.bucketize(x.sub_(zero).div_(scale), mids, right=True).to(torch.uint8), {}
         v, scale, zero = minmax_normalize(x, granularity, self.dtype)
-        codes = torch.bucketize(v, (lv[1:] + lv[:-1]) / 2, right=True).to(torch.uint8)
+        codes = torch.bucketize(v, mids, right=True).to(torch.uint8)
         return granularity.unview(codes, x.shape), {"scale": scale, "zero": zero}
 
+    def _per_head(self, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static (zero, scale) broadcast to (1, kv_heads * n, 1, head_dim), head-major."""
+        zero, scale = self.static(device)
+        heads, d = zero.shape
+        if shape[1] % heads or shape[-1] != d:
+            raise KVQError(f"nuq static scales in {self._path!r} are for {heads} kv heads x "
+                           f"head_dim {d}, but the K/V have shape {tuple(shape)}; use the codebook "
+                           "file calibrated for this model")
+        n = shape[1] // heads
+        return tuple(t.repeat_interleave(n, 0)[None, :, None] for t in (zero, scale))
+
     def dequantize(self, codes, meta, granularity):
+        if self.scale == "static":
+            zero, scale = self._per_head(codes.shape, codes.device)
+            lv = self.levels(codes.shape[-1], codes.device)
+            return lv[codes.long()].mul_(scale).add_(zero)
         g = granularity
         out = g.view(self.levels(codes.shape[-1], codes.device)[codes.long()])
         out = out.mul_(g.from_meta(meta["scale"].float())).add_(g.from_meta(meta["zero"].float()))
         return g.unview(out, codes.shape)
 
     def meta_bits(self, groups):
-        return 2 * groups * dtypes.BITS[self.dtype]
+        return 0 if self.scale == "static" else 2 * groups * dtypes.BITS[self.dtype]
 
 
 def minmax_normalize(x: torch.Tensor, granularity, dtype: dtypes.MetaDtype = "fp16"):
