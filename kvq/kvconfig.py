@@ -10,68 +10,118 @@
       # or {kv: nsep>pchan>int4} for both
 
 ``kv:`` at the top sets keys and values at once; a preset name works wherever a spec does.
+
+Keys can be quantized before the rotary embedding, and the first tokens kept exact
+(docs/pre-rope-and-sinks.md):
+
+.. code-block:: yaml
+
+    keys: {rope: pre, pipeline: pchan>int3}   # rope: post (default) | pre; also in layers:
+    values: ptok>int3
+    sinks: 1                                  # first real token of each sequence kept exact
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvq.errors import KVQError, SpecError
 from kvq.pipeline import Pipeline, unwrap
 
+KeyRope = Literal["post", "pre"]
+_ROPE_FORM = "keys: {rope: pre, pipeline: pchan>int3}"
 
-def _split_kv(data: Any) -> Any:
-    """Expand ``kv:`` into keys and values; a preset name in ``keys:``/``values:`` gives the
-    preset's pipeline for that role (``values: kivi2`` -> KIVI's value pipeline)."""
+
+def _split_kv(data: Any, top: bool) -> Any:
+    """Expand ``kv:`` into keys and values and ``keys: {rope, pipeline}`` into ``key_rope`` and
+    ``keys``; a preset name in ``keys:``/``values:`` gives the preset's pipeline for that role
+    (``values: kivi2`` -> KIVI's value pipeline; ``keys:`` also takes the preset's key rope)."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
     if "kv" in data:
         both = data.pop("kv")
+        if isinstance(both, dict) and "rope" in both:  # rope is a key option: values get the rest
+            data.setdefault("keys", both)
+            both = both.get("pipeline")
         data.setdefault("keys", both)
         data.setdefault("values", both)
+    keys = data.get("keys")
+    if isinstance(keys, dict) and ({"rope", "pipeline"} & set(keys)):
+        extra = sorted(set(keys) - {"rope", "pipeline"})
+        if extra:
+            raise SpecError(f"keys: unknown option {extra[0]!r}; expected {_ROPE_FORM}")
+        if "rope" in keys:
+            if keys["rope"] not in ("pre", "post"):
+                raise SpecError(f"keys: rope: {str(keys['rope'])[:20]!r} is neither 'pre' nor "
+                                "'post'", suggestion=_ROPE_FORM)
+            if data.get("key_rope", keys["rope"]) != keys["rope"]:
+                raise SpecError(f"key_rope: {data['key_rope']!r} contradicts keys: rope: "
+                                f"{keys['rope']!r}", suggestion="give the rope once")
+            data["key_rope"] = keys["rope"]
+        if "pipeline" in keys:
+            data["keys"] = keys["pipeline"]
+        elif top:
+            raise SpecError("keys: {rope: ...} without a pipeline", suggestion=_ROPE_FORM)
+        else:
+            data.pop("keys")
+    values = data.get("values")
+    if isinstance(values, dict) and "rope" in values:
+        raise SpecError("values: 'rope' is a key option (values carry no rotary embedding)",
+                        suggestion=_ROPE_FORM)
     from kvq.registry import PRESETS
 
     for role in ("keys", "values"):
         value = data.get(role)
         if isinstance(value, str) and value.strip() in PRESETS:
-            data[role] = getattr(PRESETS.get(value.strip())(), role)
+            preset = PRESETS.get(value.strip())()
+            data[role] = getattr(preset, role)
+            if role == "keys" and preset.key_rope != "post":
+                data.setdefault("key_rope", preset.key_rope)
     return data
 
 
 class LayerOverride(BaseModel):
-    """Pipelines replacing the defaults on one layer (either may be left out)."""
+    """Pipelines (and key rope) replacing the defaults on one layer (any may be left out)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     keys: Pipeline | None = None
     values: Pipeline | None = None
+    key_rope: KeyRope | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _kv(cls, data: Any) -> Any:
         if isinstance(data, str):
             data = {"kv": data}
-        return _split_kv(data)
+        return _split_kv(data, top=False)
 
 
 class KVConfig(BaseModel):
-    """Key and value pipelines for a whole model."""
+    """Key and value pipelines for a whole model.
+
+    ``key_rope``: ``"post"`` (default) quantizes keys as the model hands them to the cache, after
+    the rotary embedding; ``"pre"`` quantizes them before it (the cache undoes and redoes RoPE).
+    ``sinks``: the first ``sinks`` real tokens of every sequence are kept exact.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str | None = None
     keys: Pipeline
     values: Pipeline
+    key_rope: KeyRope = "post"
+    sinks: int = Field(default=0, ge=0)
     layers: dict[int, LayerOverride] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _kv(cls, data: Any) -> Any:
-        return _split_kv(data)
+        return _split_kv(data, top=True)
 
     # construction ------------------------------------------------------------------------
     @classmethod
@@ -106,6 +156,16 @@ class KVConfig(BaseModel):
             return self.keys, self.values
         return o.keys or self.keys, o.values or self.values
 
+    def key_rope_for(self, layer: int) -> KeyRope:
+        """``"pre"`` or ``"post"``: where ``layer``'s keys are quantized, after overrides."""
+        o = self.layers.get(layer)
+        return o.key_rope if o is not None and o.key_rope is not None else self.key_rope
+
+    @property
+    def uses_pre_rope(self) -> bool:
+        """True if any layer quantizes keys before RoPE."""
+        return self.key_rope == "pre" or any(o.key_rope == "pre" for o in self.layers.values())
+
     def pipelines(self) -> list[Pipeline]:
         out = [self.keys, self.values]
         for o in self.layers.values():
@@ -139,16 +199,21 @@ class KVConfig(BaseModel):
         if self.name:
             return self.name
         if self.keys == self.values and not self.layers:
-            return self.keys.to_spec()
-        return f"K:{self.keys.to_spec()} V:{self.values.to_spec()}"
+            base = self.keys.to_spec()
+        else:
+            base = f"K:{self.keys.to_spec()} V:{self.values.to_spec()}"
+        if self.uses_pre_rope:
+            base += " K@pre-rope"
+        return base + (f" sinks={self.sinks}" if self.sinks else "")
 
     def bits_per_element(self, head_dim: int, seq: int, num_layers: int = 1) -> float:
-        """Average over keys, values and layers."""
+        """Average over keys, values and layers, for blocks of ``seq`` tokens; ``sinks`` adds
+        its exact tokens (at 16 bits) spread over the ``seq`` tokens."""
         total = 0.0
         for layer in range(num_layers):
             k, v = self.for_layer(layer)
             total += k.bits_per_element(head_dim, seq) + v.bits_per_element(head_dim, seq)
-        return total / (2 * num_layers)
+        return total / (2 * num_layers) + 16 * min(self.sinks, seq) / seq
 
     # serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -156,10 +221,12 @@ class KVConfig(BaseModel):
         out: dict[str, Any] = {}
         if self.name:
             out["name"] = self.name
-        out["keys"], out["values"] = self.keys.to_spec(), self.values.to_spec()
+        out["keys"] = _keys_entry(self.keys, self.key_rope if self.key_rope != "post" else None)
+        out["values"] = self.values.to_spec()
+        if self.sinks:
+            out["sinks"] = self.sinks
         if self.layers:
-            out["layers"] = {i: {k: p.to_spec() for k, p in (("keys", o.keys), ("values", o.values))
-                                 if p is not None} for i, o in sorted(self.layers.items())}
+            out["layers"] = {i: _override_dict(o) for i, o in sorted(self.layers.items())}
         return out
 
     def to_yaml(self) -> str:
@@ -175,3 +242,19 @@ class KVConfig(BaseModel):
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.write_text(self.to_json() if path.suffix == ".json" else self.to_yaml())
+
+
+def _keys_entry(keys: Pipeline | None, rope: str | None) -> Any:
+    """``keys:`` as written in files: a spec, or ``{rope, pipeline}`` when the rope is set."""
+    if rope is None:
+        return keys.to_spec()
+    return {"rope": rope} | ({"pipeline": keys.to_spec()} if keys is not None else {})
+
+
+def _override_dict(o: LayerOverride) -> dict:
+    out: dict[str, Any] = {}
+    if o.keys is not None or o.key_rope is not None:
+        out["keys"] = _keys_entry(o.keys, o.key_rope)
+    if o.values is not None:
+        out["values"] = o.values.to_spec()
+    return out

@@ -5,11 +5,12 @@ from __future__ import annotations
 from kvq.kvconfig import KVConfig
 
 
-def make_cache(cfg: KVConfig, model_config, prefill: str = "quantized", **options):
-    """A fresh :class:`kvq.hf.KVQCache` for one forward or one ``generate`` call."""
+def make_cache(cfg: KVConfig, model, prefill: str = "quantized", **options):
+    """A fresh :class:`kvq.hf.KVQCache` for one forward or one ``generate`` call, attached to
+    ``model`` (pre-RoPE keys read its rotary embedding, sinks its padding mask)."""
     from kvq.hf import KVQCache
 
-    return KVQCache(cfg, model_config, prefill=prefill, **options)
+    return KVQCache(cfg, model, prefill=prefill, **options)
 
 
 def geometry(model_config) -> tuple[int, int, int]:

@@ -8,8 +8,10 @@ a fresh :class:`kvq.hf.KVQCache`.
 Model args on top of ``hf``'s: ``kv=`` (spec, preset or YAML/JSON path, keys and values),
 ``keys=`` / ``values=`` (override one side), ``prefill=quantized|exact`` (default
 ``quantized``: loglikelihood forwards see quantized K/V, otherwise they would measure nothing),
-``residual=`` and ``block=`` (cache options). ``pretrained=smollm2`` is kvq's embedded default
-model. The pipeline, its spec and its bits/element are added to the results' ``config``.
+``residual=`` and ``block=`` (cache options), ``sinks=N`` (first N real tokens exact) and
+``key_rope=pre`` (keys quantized before RoPE; both also settable in the ``kv=`` YAML).
+``pretrained=smollm2`` is kvq's embedded default model. The pipeline, its spec and its
+bits/element are added to the results' ``config``.
 Loglikelihood batches are right-padded by lm-eval: keep ``batch_size=1`` (the default) so that
 pad positions never enter per-channel statistics.
 """
@@ -37,6 +39,8 @@ class KVQLM(HFLM):
         prefill: str = "quantized",
         residual: int = 128,
         block: int = 32,
+        sinks=None,
+        key_rope=None,
         **kwargs,
     ):
         import kvq
@@ -54,13 +58,19 @@ class KVQLM(HFLM):
                 k: kvq.build(v) for k, v in (("keys", keys), ("values", values)) if v is not None
             }
             cfg = cfg.model_copy(update=sides | {"name": None})
+        if sinks is not None or key_rope is not None:
+            data = cfg.to_dict() | {"name": None, "keys": cfg.keys.to_spec()}
+            data["key_rope"] = cfg.key_rope if key_rope is None else key_rope
+            if sinks is not None:
+                data["sinks"] = sinks
+            cfg = kvq.KVConfig.from_dict(data, source="model_args")
         self.kv_config = cfg
         self.cache_options = dict(prefill=prefill, residual=int(residual), block=int(block))
-        make_cache(cfg, self._model.config, **self.cache_options)  # validates now, not mid-run
+        make_cache(cfg, self._model, **self.cache_options)  # validates now, not mid-run
 
     def new_cache(self):
         """A fresh cache for one forward or one ``generate`` call."""
-        return make_cache(self.kv_config, self._model.config, **self.cache_options)
+        return make_cache(self.kv_config, self._model, **self.cache_options)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         if attn_mask is not None or labels is not None:  # seq2seq: no decoder cache to replace

@@ -31,7 +31,7 @@ def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
             ids = tokenizer(doc["prompt"], return_tensors="pt")["input_ids"].to(model.device)
             cache = make_cache(
                 cfg,
-                model.config,
+                model,
                 prefill="quantized",
                 block=settings.block,
                 residual=settings.residual,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,6 +18,7 @@ from kvq.errors import KVQError
 from kvq.hf.geometry import KVGeometry, kv_geometry
 from kvq.hf.layer import KVQLayer, PrefillMode
 from kvq.hf.memory import MemoryReport, memory_report
+from kvq.hf.rope import RopeTracker, rope_adapter
 from kvq.kvconfig import KVConfig
 from kvq.loading import build, kv
 
@@ -28,7 +30,8 @@ class KVQCache(Cache):
         config: the K/V configuration: a :class:`kvq.KVConfig`, spec string
             (``"nsep>pchan>int4"``), preset name (``"kivi4"``), YAML/JSON path or dict. Per-layer
             overrides apply (``cfg.for_layer(i)``).
-        model_config: the model's ``config`` (gives layers, head_dim, layer types).
+        model_config: the model's ``config`` (gives layers, head_dim, layer types), or the model
+            itself: the cache then attaches to it (:meth:`attach`), which pre-RoPE keys need.
         keys, values: spec strings replacing the keys / values pipelines of ``config`` (either
             may be given alone, or both without ``config``).
         prefill: ``"quantized"`` (default): the prefill forward's attention sees dequantized K/V
@@ -40,21 +43,41 @@ class KVQCache(Cache):
         backend: kvq backend for quantize/dequantize (``"auto"``, ``"torch"``, ``"triton"``).
         keep_dequantized: keep a dequantized copy of the blocks for fast decode (costs memory,
             reported by :meth:`memory_report`).
+        sinks: keep the first ``sinks`` real tokens of every sequence exact (default: the
+            config's ``sinks``, 0 unless set). With left padding the cache must know the padding
+            mask (attach it to the model, or :meth:`set_padding`).
+
+    Keys are quantized before the rotary embedding on layers whose config says
+    ``keys: {rope: pre, ...}`` (``cfg.key_rope_for(i)``); that needs the model (pass it instead of
+    its config, or call :meth:`attach`). See docs/pre-rope-and-sinks.md.
     """
 
     def __init__(self, config: Any = None, model_config=None, *, keys: Any = None,
                  values: Any = None, prefill: PrefillMode = "quantized", residual: int = 128,
-                 block: int = 32, backend: str = "auto", keep_dequantized: bool = False):
+                 block: int = 32, backend: str = "auto", keep_dequantized: bool = False,
+                 sinks: int | None = None):
+        model = model_config if isinstance(model_config, torch.nn.Module) else None
+        if model is not None:
+            model_config = model.config
         cfg = _kv_config(config, keys, values)
+        if sinks is not None:
+            if not isinstance(sinks, int) or sinks < 0:
+                raise KVQError(f"sinks={sinks!r}: expected a number of tokens >= 0")
+            cfg = cfg.model_copy(update={"sinks": sinks})
         geom = kv_geometry(model_config)
         cfg.check(num_layers=geom.num_layers, head_dim=geom.head_dim)
         _check_options(cfg, geom, prefill, residual, block)
         self.kv_config, self.geometry = cfg, geom
+        self.rope = RopeTracker(rope_adapter(model_config)) if cfg.uses_pre_rope else None
         self.options = dict(prefill=prefill, residual=residual, block=block, backend=backend,
-                            keep_dequantized=keep_dequantized)
+                            keep_dequantized=keep_dequantized, sinks=cfg.sinks)
         layers = [KVQLayer(*cfg.for_layer(i), layer_idx=i, sliding_window=geom.sliding_windows[i],
+                           rope=self.rope if cfg.key_rope_for(i) == "pre" else None,
                            **self.options) for i in range(geom.num_layers)]
         super().__init__(layers=layers)
+        self._hooks: list = []
+        if model is not None:
+            self.attach(model)
 
     @classmethod
     def from_spec(cls, spec: Any, model_config, **options) -> KVQCache:
@@ -64,6 +87,67 @@ class KVQCache(Cache):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"KVQCache({self.kv_config.label!r}, layers={len(self.layers)}, {opts})"
+
+    # the model ------------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module) -> KVQCache:
+        """Follow ``model``'s forwards that use this cache: read the rotation positions from its
+        rotary embedding (pre-RoPE keys) and the 2D ``attention_mask`` of each ``model(...)``
+        call given this cache (as ``generate`` makes them) for :meth:`set_padding`. Hooks only,
+        removed by :meth:`detach` or when the cache is garbage collected. Returns the cache."""
+        self.detach()
+        if self.rope is not None:
+            self.rope.attach(model)
+        ref = weakref.ref(self)
+
+        def hook(_module, _args, kwargs):
+            cache = ref()
+            if cache is None:
+                return
+            if kwargs.get("past_key_values", kwargs.get("cache")) is not cache:
+                return
+            mask = kwargs.get("attention_mask")
+            if torch.is_tensor(mask) and mask.dim() == 2:
+                cache.set_padding(mask)
+
+        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        weakref.finalize(self, handle.remove)
+        self._hooks = [handle]
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks of :meth:`attach` (pre-RoPE keys then fail on the next write)."""
+        for handle in getattr(self, "_hooks", []):
+            handle.remove()
+        self._hooks = []
+        if self.rope is not None:
+            self.rope.detach()
+
+    # shared per-cache state: the rotary positions table follows batch ops and crops --------------
+    def reset(self) -> None:
+        super().reset()
+        if self.rope is not None:
+            self.rope.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.rope is not None:
+            self.rope.crop(self.get_seq_length())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.rope is not None:
+            self.rope.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.rope is not None:
+            self.rope.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.rope is not None:
+            self.rope.map_batch(
+                lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
 
     # padding ----------------------------------------------------------------------------------
     def set_padding(self, attention_mask: torch.Tensor | None) -> None:
@@ -102,7 +186,8 @@ class KVQCache(Cache):
     @property
     def nbytes(self) -> int:
         """Total bytes really held by all layers."""
-        return sum(layer.nbytes for layer in self.layers)
+        rope = self.rope.nbytes if self.rope is not None else 0
+        return sum(layer.nbytes for layer in self.layers) + rope
 
 
 def _kv_config(config: Any, keys: Any, values: Any) -> KVConfig:

@@ -10,6 +10,11 @@ and leave the window; quantized blocks are never quantized again. ``update`` ret
 dequantized blocks followed by the window, which the model's attention then uses.
 
 The first write of a sequence (the prefill) is special, see ``prefill`` in :class:`KVQLayer`.
+
+Two options change what the blocks hold (docs/pre-rope-and-sinks.md): with ``rope`` (pre-RoPE
+keys) key blocks are un-rotated before quantization and rotated again on read
+(:mod:`kvq.hf.rope`); with ``sinks=n`` the first ``n`` real tokens of each row are kept exact
+beside the blocks and out of their statistics (:mod:`kvq.hf.sinks`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 
 from kvq.errors import KVQError
 from kvq.hf.blocks import BlockStore
+from kvq.hf.sinks import SinkStore
 from kvq.hf.working import WorkingCopy
 
 PrefillMode = Literal["quantized", "exact"]
@@ -47,6 +53,9 @@ class KVQLayer(DynamicLayer):
             ``get_mask_sizes`` announces the same window as ``DynamicSlidingWindowLayer``
             (``sliding_window - 1`` past tokens plus the new ones); older tokens are kept, not
             evicted, so memory is not bounded by the window.
+        rope: a :class:`~kvq.hf.rope.RopeTracker` shared by the cache's layers: keys are
+            quantized before RoPE (``pre_rope`` is then True). None: keys as the model gives them.
+        sinks: the first ``sinks`` real tokens of every row are kept exact (default 0).
         layer_idx: for error messages.
 
     ``self.keys`` / ``self.values`` are the residual window (as in HF's ``QuantizedLayer``).
@@ -54,8 +63,11 @@ class KVQLayer(DynamicLayer):
 
     def __init__(self, keys, values, *, prefill: PrefillMode = "quantized", residual: int = 128,
                  block: int = 32, backend: str = "auto", keep_dequantized: bool = False,
-                 sliding_window: int | None = None, layer_idx: int | None = None):
+                 sliding_window: int | None = None, layer_idx: int | None = None,
+                 rope=None, sinks: int = 0):
         super().__init__()
+        self.rope, self.pre_rope = rope, rope is not None
+        self.sinks, self.sink_store = sinks, SinkStore(sinks)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.key_pipeline, self.value_pipeline = keys, values
@@ -69,7 +81,8 @@ class KVQLayer(DynamicLayer):
     def __repr__(self) -> str:
         return (f"KVQLayer(keys={self.key_pipeline.to_spec()!r}, values="
                 f"{self.value_pipeline.to_spec()!r}, prefill={self.prefill!r}, "
-                f"residual={self.residual}, block={self.block})")
+                f"residual={self.residual}, block={self.block}, pre_rope={self.pre_rope}, "
+                f"sinks={self.sinks})")
 
     # transformers CacheLayerMixin API ----------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -89,6 +102,12 @@ class KVQLayer(DynamicLayer):
             self._check(key_states, value_states)
         start = self.get_seq_length()
         first = start == 0
+        t = key_states.shape[-2]
+        if self.pre_rope:
+            self.rope.sync(start, t, self.layer_idx)
+        if self.sinks:
+            self.sink_store.write(key_states, value_states, start,
+                                  self._mask_slice(start, t, key_states.shape[0]))
         if self.keep_dequantized:
             self.k_work.write(start, key_states)
             self.v_work.write(start, value_states)
@@ -127,6 +146,7 @@ class KVQLayer(DynamicLayer):
         self.v_store.clear()
         self.k_work.clear()
         self.v_work.clear()
+        self.sink_store.clear()
         self._valid = None
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -142,6 +162,7 @@ class KVQLayer(DynamicLayer):
         if drop > cut:
             self.k_store.crop(drop - cut)
             self.v_store.crop(drop - cut)
+        self.sink_store.crop(self.get_seq_length())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -163,7 +184,8 @@ class KVQLayer(DynamicLayer):
         """Bytes and tokens really held (K and V together)."""
         if not self.is_initialized:
             return dict(quantized_tokens=0, residual_tokens=0, quantized_bytes=0,
-                        residual_bytes=0, working_bytes=0, fp16_bytes=0, elements_quantized=0)
+                        residual_bytes=0, working_bytes=0, fp16_bytes=0, elements_quantized=0,
+                        sink_tokens=0, sink_bytes=0)
         b, h, r, d = self.keys.shape
         dv = self.values.shape[-1]
         nq = len(self.k_store)
@@ -174,13 +196,14 @@ class KVQLayer(DynamicLayer):
             residual_bytes=sum(t.numel() * t.element_size() for t in (self.keys, self.values)),
             working_bytes=working,
             fp16_bytes=2 * b * h * (nq + r) * (d + dv),
-            elements_quantized=b * h * nq * (d + dv))
+            elements_quantized=b * h * nq * (d + dv),
+            sink_tokens=self.sink_store.tokens, sink_bytes=self.sink_store.nbytes)
 
     @property
     def nbytes(self) -> int:
-        """Bytes really held: packed blocks with metadata, residual window, working copy."""
+        """Bytes really held: packed blocks with metadata, residual window, working copy, sinks."""
         m = self.memory()
-        return m["quantized_bytes"] + m["residual_bytes"] + m["working_bytes"]
+        return m["quantized_bytes"] + m["residual_bytes"] + m["working_bytes"] + m["sink_bytes"]
 
     # internals ----------------------------------------------------------------------------------
     def _write_prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -211,12 +234,22 @@ class KVQLayer(DynamicLayer):
     def _quantize(self, k: torch.Tensor, v: torch.Tensor, block: int) -> None:
         start = len(self.k_store)
         valid = self._valid_slice(start, k.shape[-2], k.shape[0])
+        if self.sinks and self.token_axis:  # sinks stay out of token-axis statistics
+            sink = self.sink_store.mask(start, k.shape[-2], k.shape[0], k.device)
+            if sink is not None:
+                valid = ~sink if valid is None else valid & ~sink
+        if self.pre_rope:
+            k = self.rope.unrotate(k, start)
         qk = self.k_store.append(k.contiguous(), block, valid)
         qv = self.v_store.append(v.contiguous(), block, valid)
         if self.keep_dequantized:
             h = k.shape[1]
-            self.k_work.write(start, self.k_store.unfold(qk, h))
-            self.v_work.write(start, self.v_store.unfold(qv, h))
+            kd, vd = self.k_store.unfold(qk, h), self.v_store.unfold(qv, h)
+            if self.pre_rope:
+                kd = self.rope.rotate(kd, start)
+            self.sink_store.overwrite(kd, vd, start)
+            self.k_work.write(start, kd)
+            self.v_work.write(start, vd)
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keep_dequantized:
@@ -225,12 +258,17 @@ class KVQLayer(DynamicLayer):
         ks, vs = self.k_store.dequantize(), self.v_store.dequantize()
         if not ks:
             return self.keys, self.values
-        return torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+        if self.pre_rope:
+            ks = [self.rope.rotate(torch.cat(ks, dim=-2), 0)]
+        keys, values = torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
+        self.sink_store.overwrite(keys, values)
+        return keys, values
 
-    def _valid_slice(self, start: int, length: int, batch: int) -> torch.Tensor | None:
-        """Real-token mask (batch, length) for absolute positions start.., or None (all real)."""
+    def _mask_slice(self, start: int, length: int, batch: int) -> torch.Tensor | None:
+        """Real-token mask (batch, length) for positions start.. (None: all real), from the
+        padding mask whatever the pipelines; a pre-beam mask is expanded to ``batch``."""
         m = self._valid
-        if m is None or start >= m.shape[1] or not self.token_axis:
+        if m is None or start >= m.shape[1]:
             return None
         if m.shape[0] != batch:
             if batch % m.shape[0]:
@@ -241,6 +279,10 @@ class KVQLayer(DynamicLayer):
         if out.shape[1] < length:
             out = torch.cat([out, out.new_ones(batch, length - out.shape[1])], dim=1)
         return out
+
+    def _valid_slice(self, start: int, length: int, batch: int) -> torch.Tensor | None:
+        """Real-token mask (batch, length) for absolute positions start.., or None (all real)."""
+        return self._mask_slice(start, length, batch) if self.token_axis else None
 
     def _map_batch(self, fn) -> None:
         """Apply one batch-axis op to every tensor held (the padding mask too, when it is at the
@@ -254,6 +296,7 @@ class KVQLayer(DynamicLayer):
         self.v_store.map_batch(fn)
         self.k_work.map_batch(fn)
         self.v_work.map_batch(fn)
+        self.sink_store.map_batch(fn)
 
     def _check_pair(self, k: torch.Tensor, v: torch.Tensor) -> None:
         where = f"layer {self.layer_idx}: " if self.layer_idx is not None else ""

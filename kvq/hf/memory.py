@@ -13,6 +13,10 @@ class LayerMemory:
     residual_bytes: the exact residual window, in the model dtype.
     working_bytes: the dequantized working copy (``keep_dequantized=True`` only).
     fp16_bytes: what the same tokens take in an fp16 cache (2 bytes per element).
+    sink_tokens, sink_bytes: exact sink tokens per row (``sinks=n``) and their bytes (K/V in the
+        model dtype and their positions), held beside the blocks.
+    rope_bytes: the rotary positions of the tokens (pre-RoPE keys), one table per cache: counted
+        in the total row only.
     """
 
     layer: int
@@ -23,24 +27,35 @@ class LayerMemory:
     working_bytes: int
     fp16_bytes: int
     elements_quantized: int
+    sink_tokens: int = 0
+    sink_bytes: int = 0
+    rope_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.quantized_bytes + self.residual_bytes + self.working_bytes
+        return (self.quantized_bytes + self.residual_bytes + self.working_bytes + self.sink_bytes
+                + self.rope_bytes)
+
+    @property
+    def side_bytes(self) -> int:
+        """What the quantized tokens need besides their blocks: exact sinks, rotary positions."""
+        return self.sink_bytes + self.rope_bytes
 
     @property
     def bits_per_element(self) -> float:
-        """Stored bits per quantized K/V element, metadata included (nan if none quantized)."""
+        """Stored bits per quantized K/V element, metadata, sinks and rotary positions included
+        (nan if none quantized)."""
         if not self.elements_quantized:
             return float("nan")
-        return 8 * self.quantized_bytes / self.elements_quantized
+        return 8 * (self.quantized_bytes + self.side_bytes) / self.elements_quantized
 
     @property
     def quantized_ratio(self) -> float:
-        """Quantized part vs fp16 for the same tokens (nan if none quantized)."""
+        """Quantized part (with sinks and positions) vs fp16 for the same tokens (nan if none
+        quantized)."""
         if not self.elements_quantized:
             return float("nan")
-        return self.quantized_bytes / (2 * self.elements_quantized)
+        return (self.quantized_bytes + self.side_bytes) / (2 * self.elements_quantized)
 
     @property
     def ratio(self) -> float:
@@ -58,7 +73,8 @@ class MemoryReport:
     def as_dict(self) -> dict:
         def row(m: LayerMemory) -> dict:
             out = {f.name: getattr(m, f.name) for f in fields(m)}
-            out.update(total_bytes=m.total_bytes, bits_per_element=m.bits_per_element,
+            out.update(total_bytes=m.total_bytes, side_bytes=m.side_bytes,
+                       bits_per_element=m.bits_per_element,
                        quantized_ratio=m.quantized_ratio, ratio=m.ratio)
             return out
 
@@ -66,13 +82,14 @@ class MemoryReport:
 
     def __str__(self) -> str:
         head = (f"{'layer':>5} {'q tok':>6} {'res tok':>7} {'quantized':>11} {'residual':>10} "
-                f"{'working':>10} {'fp16':>11} {'bits/el':>7} {'q/fp16':>6} {'all/fp16':>8}")
+                f"{'working':>10} {'sinks+pos':>9} {'fp16':>11} {'bits/el':>7} {'q/fp16':>6} "
+                f"{'all/fp16':>8}")
         lines = [head]
         for m in [*self.layers, self.total]:
             name = "total" if m.layer < 0 else str(m.layer)
             lines.append(f"{name:>5} {m.quantized_tokens:>6} {m.residual_tokens:>7} "
                          f"{m.quantized_bytes:>11,} {m.residual_bytes:>10,} {m.working_bytes:>10,} "
-                         f"{m.fp16_bytes:>11,} {m.bits_per_element:>7.3f} "
+                         f"{m.side_bytes:>9,} {m.fp16_bytes:>11,} {m.bits_per_element:>7.3f} "
                          f"{m.quantized_ratio:>6.3f} {m.ratio:>8.3f}")
         return "\n".join(lines)
 
@@ -80,9 +97,11 @@ class MemoryReport:
 def memory_report(cache) -> MemoryReport:
     """What ``cache`` (a :class:`~kvq.hf.KVQCache`) holds right now."""
     rows = [LayerMemory(layer=i, **layer.memory()) for i, layer in enumerate(cache.layers)]
+    per_row = ("quantized_tokens", "residual_tokens", "sink_tokens")
     sums = {f.name: sum(getattr(r, f.name) for r in rows) for f in fields(LayerMemory)
-            if f.name not in ("layer", "quantized_tokens", "residual_tokens")}
+            if f.name not in ("layer", *per_row)}
+    sums["rope_bytes"] = cache.rope.nbytes if getattr(cache, "rope", None) is not None else 0
     first = rows[0] if rows else None
-    total = LayerMemory(layer=-1, quantized_tokens=first.quantized_tokens if first else 0,
-                        residual_tokens=first.residual_tokens if first else 0, **sums)
+    total = LayerMemory(layer=-1, **{k: getattr(first, k) if first else 0 for k in per_row},
+                        **sums)
     return MemoryReport(rows, total)

@@ -4,7 +4,9 @@ For each window of L tokens: the first L - c - 1 tokens (the prefix) run once wi
 ``DynamicCache``; each pipeline then quantizes and dequantizes that whole cache at once
 (statistics over the prefix), and the last c + 1 tokens run on top of it with exact K/V for
 themselves, scoring the last c tokens. The seed used 150-token prefixes and c = 30
-(REFERENCE.md §1). The prefix forward is shared by all pipelines.
+(REFERENCE.md §1). The prefix forward is shared by all pipelines. Configs with pre-RoPE keys
+have them un-rotated before and re-rotated after the round trip (:mod:`kvq.hf.rope`); with
+``sinks: n`` the first n tokens stay exact and out of token statistics, as in the cache.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Seed(Protocol):
                 model(w[None, :split], past_key_values=exact, use_cache=True)
             for label, cfg in configs.items():
                 start = time.perf_counter()
-                cache, nbytes = _quantized_copy(exact, cfg, model.config)
+                cache, nbytes = _quantized_copy(exact, cfg, model)
                 with torch.no_grad():
                     logits = model(w[None, split:], past_key_values=cache, use_cache=True).logits[0]
                 out[label].add(
@@ -60,17 +62,56 @@ class Seed(Protocol):
         return out
 
 
-def _quantized_copy(exact, cfg, model_config):
+def _quantized_copy(exact, cfg, model):
     """A new DynamicCache holding ``exact``'s K/V after a quantize/dequantize round trip."""
     from transformers import DynamicCache
 
-    cache, nbytes = DynamicCache(config=model_config), 0
+    total = exact.get_seq_length()
+    rope = _rope(cfg, model, total)
+    cache, nbytes = DynamicCache(config=model.config), rope.nbytes if rope else 0
     for i, layer in enumerate(exact.layers):
         kp, vp = cfg.for_layer(i)
-        kq, vq = kp.quantize(layer.keys), vp.quantize(layer.values)
+        k, v = layer.keys, layer.values
+        start = total - k.shape[-2]  # sliding-window layers hold only the newest tokens
+        sinks = max(0, cfg.sinks - start)
+        pre = rope is not None and cfg.key_rope_for(i) == "pre"
+        kq, vq = kp.quantize(_no_sinks(rope.unrotate(k, start) if pre else k, kp, sinks)), \
+            vp.quantize(_no_sinks(v, vp, sinks))
+        kd, vd = kp.dequantize(kq), vp.dequantize(vq)
+        if pre:
+            kd = rope.rotate(kd, start)
+        if sinks:
+            kd[:, :, :sinks], vd[:, :, :sinks] = k[:, :, :sinks], v[:, :, :sinks]
+            nbytes += sum(t[:, :, :sinks].numel() * t.element_size() for t in (k, v))
         nbytes += _held(kq, kp) + _held(vq, vp)
-        cache.update(kp.dequantize(kq), vp.dequantize(vq), i)
+        cache.update(kd, vd, i)
     return cache, nbytes
+
+
+def _rope(cfg, model, total: int):
+    """A rotary tracker for positions 0..total-1 of ``model``, or None without pre-RoPE keys."""
+    if not cfg.uses_pre_rope:
+        return None
+    from kvq.hf.rope import RopeTracker, rope_adapter
+
+    rope = RopeTracker(rope_adapter(model.config))
+    rope.attach(model)
+    rope.detach()  # only the module is needed: positions are known here
+    rope.positions = torch.arange(total, dtype=torch.int32, device=model.device)[None]
+    return rope
+
+
+def _no_sinks(x, pipeline, sinks: int):
+    """x (B, H, T, D) with its first ``sinks`` rows kept out of token-axis statistics."""
+    if not sinks or not pipeline.token_axis_stats:
+        return x
+    from kvq.hf.padding import fill_pads
+
+    b, _, t, _ = x.shape
+    valid = torch.ones(b, 1, t, dtype=torch.bool, device=x.device)
+    valid[..., :sinks] = False
+    unit = pipeline.token_block if pipeline.token_block and t % pipeline.token_block == 0 else t
+    return fill_pads(x[:, :, None], valid, unit)[:, :, 0]
 
 
 def _held(q, pipeline) -> int:

@@ -43,7 +43,7 @@ class Streaming(Protocol):
         for label, cfg in configs.items():
             score = Score()
             for w in windows:
-                cache = make_cache(cfg, model.config, prefill=self.prefill, **self.cache_options)
+                cache = make_cache(cfg, model, prefill=self.prefill, **self.cache_options)
                 start = time.perf_counter()
                 rows = []
                 with torch.no_grad():
@@ -72,8 +72,7 @@ class Streaming(Protocol):
 
 
 def _held(cache) -> int:
-    """Bytes at rest: packed blocks with metadata plus the exact residual window."""
-    return sum(
-        m["quantized_bytes"] + m["residual_bytes"]
-        for m in (layer.memory() for layer in cache.layers)
-    )
+    """Bytes at rest: packed blocks with metadata, the exact residual window, sinks and rotary
+    positions (not the working copy)."""
+    total = cache.memory_report().total
+    return total.total_bytes - total.working_bytes

@@ -29,7 +29,7 @@ class TeacherForced(Protocol):
         for label, cfg in configs.items():
             score = Score()
             for w in windows:
-                cache = make_cache(cfg, model.config, prefill="quantized", **self.cache_options)
+                cache = make_cache(cfg, model, prefill="quantized", **self.cache_options)
                 start = time.perf_counter()
                 with torch.no_grad():
                     logits = model(w[None], past_key_values=cache, use_cache=True).logits[0]
