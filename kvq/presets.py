@@ -10,11 +10,12 @@ Each family exists at 2, 3, 4 and 8 bits (``naive4``, ``naive3``, ...):
 - ``quanto{b}``: like transformers' QuantizedCache with optimum-quanto: groups of 64 channels,
   asymmetric, keys and values.
 - ``quarot{b}``: QuaRot-like Hadamard rotation then per-token asymmetric.
-- ``kvquant{b}``: KVQuant's recipe *without calibration*: 1% dense-and-sparse outliers
-  (keys per channel in each block, values per token), per-channel keys, per-token values,
-  min-max normalization with *uniform* levels (``int{b}(asym)``). The calibrated version, with
-  ``nuq(b)`` codebooks fitted per layer and K/V, is what ``kvq calibrate --recipe kvquant{b}``
-  writes (see :data:`RECIPES` and docs/kvquant.md).
+- ``kvquant{b}``: KVQuant's recipe *without calibration*: pre-RoPE keys, the first token kept
+  exact (1 sink), 1% dense-and-sparse outliers (keys per channel in each block, values per
+  token), per-channel keys, per-token values, min-max normalization with *uniform* levels
+  (``int{b}(asym)``) and per-block key scales. The calibrated version, with ``nuq(b)``
+  codebooks and static key scales fitted per layer and K/V, is what ``kvq calibrate --recipe
+  kvquant{b}`` writes (see :data:`RECIPES` and docs/kvquant.md).
 - ``fp16``: no quantization (K/V stored unchanged), the reference point.
 """
 
@@ -38,15 +39,22 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "kvquant": ("sparse(0.01,channel)>pchan>int{b}(asym)", "sparse(0.01)>ptok>int{b}(asym)"),
 }
 
-#: what ``kvq calibrate --recipe NAME`` fits: (keys, values) specs ending in ``nuq(b)``
-RECIPES: dict[str, tuple[str, str]] = {
-    f"kvquant{b}": (f"sparse(0.01,channel)>pchan>nuq({b})",
-                    f"sparse(0.01)>ptok>nuq({b})") for b in (2, 3, 4)
+#: cache options of a family's presets (KVConfig fields)
+FAMILY_OPTIONS: dict[str, dict] = {"kvquant": {"key_rope": "pre", "sinks": 1}}
+
+#: what ``kvq calibrate --recipe NAME`` fits: keys / values specs ending in ``nuq(b...)``, and
+#: KVConfig options. KVQuant: pre-RoPE keys with offline per-channel scales, per-token values,
+#: 1% dense-and-sparse outliers, calibrated codebooks, the first token kept exact.
+RECIPES: dict[str, dict] = {
+    f"kvquant{b}": {"keys": f"sparse(0.01,channel)>nuq({b},scale=static)",
+                    "values": f"sparse(0.01)>ptok>nuq({b})", "key_rope": "pre", "sinks": 1}
+    for b in (2, 3, 4)
 }
 
 
-def make_preset(name: str, keys: str, values: str) -> KVConfig:
-    return KVConfig(name=name, keys=Pipeline.parse(keys), values=Pipeline.parse(values))
+def make_preset(name: str, keys: str, values: str, **options) -> KVConfig:
+    return KVConfig(name=name, keys=Pipeline.parse(keys), values=Pipeline.parse(values),
+                    **options)
 
 
 def builtin_presets() -> dict[str, partial]:
@@ -55,7 +63,8 @@ def builtin_presets() -> dict[str, partial]:
     for family, (keys, values) in FAMILIES.items():
         for b in BITS:
             name = f"{family}{b}"
-            out[name] = partial(make_preset, name, keys.format(b=b), values.format(b=b))
+            out[name] = partial(make_preset, name, keys.format(b=b), values.format(b=b),
+                                **FAMILY_OPTIONS.get(family, {}))
     return out
 
 

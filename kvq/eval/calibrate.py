@@ -36,34 +36,43 @@ class CalibrationSettings:
     context: int = 512
     block: int = 32
     sensitivity: str = "fisher"
+    key_rope: str | None = None  # "pre" / "post" (default: the recipe's, else post)
+    sinks: int | None = None  # first tokens kept exact (default: the recipe's, else 0)
     device: str | None = None
 
 
-def recipes(settings: CalibrationSettings) -> tuple[str, str]:
-    """(keys recipe, values recipe) specs, from the named recipe and the overrides."""
+def recipe(settings: CalibrationSettings) -> dict:
+    """``{keys, values, key_rope, sinks}``: the named recipe with the settings' overrides."""
     from kvq.eval.errors import EvalError
     from kvq.presets import RECIPES
 
-    keys, values = settings.keys, settings.values
-    if keys is None or values is None:
-        if settings.recipe not in RECIPES:
-            raise EvalError(f"unknown recipe {settings.recipe[:80]!r}; known: "
-                            f"{', '.join(RECIPES)} (or give --keys and --values specs ending "
-                            "in nuq(b))")
-        k, v = RECIPES[settings.recipe]
-        keys, values = keys or k, values or v
-    return keys, values
+    custom = settings.keys is not None and settings.values is not None
+    if not custom and settings.recipe not in RECIPES:
+        raise EvalError(f"unknown recipe {settings.recipe[:80]!r}; known: {', '.join(RECIPES)} "
+                        "(or give --keys and --values specs ending in nuq(b))")
+    base = {"key_rope": "post", "sinks": 0} if custom else dict(RECIPES[settings.recipe])
+    for name in ("keys", "values", "key_rope", "sinks"):
+        if getattr(settings, name) is not None:
+            base[name] = getattr(settings, name)
+    if base["key_rope"] not in ("pre", "post"):
+        raise EvalError(f"--key-rope {base['key_rope']!r}: use pre or post")
+    if base["sinks"] < 0:
+        raise EvalError(f"--sinks must be >= 0, got {base['sinks']}")
+    return base
 
 
-def capture_corpus(settings: CalibrationSettings, loaded=None, progress: bool = True):
+def capture_corpus(settings: CalibrationSettings, loaded=None, progress: bool = True,
+                   key_ropes: tuple[str, ...] | None = None):
     """(model, [Captured per window]) for the settings' model, corpus, tokens and context: reuse
-    it to fit several recipes on the same K/V (``calibrate(..., captured=...)``)."""
+    it to fit several recipes on the same K/V (``calibrate(..., captured=...)``); ``key_ropes``
+    (default: the recipe's) says which keys to keep, ``("post", "pre")`` for both."""
     from kvq.eval import corpus as corpora
     from kvq.eval import models
     from kvq.eval.capture import capture
     from kvq.eval.compare import _device, _Progress
 
     _check(settings)
+    key_ropes = key_ropes or (recipe(settings)["key_rope"],)
     model, tokenizer = loaded or models.load(settings.model)
     model.to(_device(settings.device))
     ids = corpora.token_ids(tokenizer, corpora.load_documents(settings.corpus))
@@ -73,7 +82,8 @@ def capture_corpus(settings: CalibrationSettings, loaded=None, progress: bool = 
     bar.describe(f"capturing K/V ({settings.sensitivity})")
     out = []
     for w in wins.to(model.device):
-        out.append(capture(model, w[None], sensitivity=settings.sensitivity == "fisher"))
+        out.append(capture(model, w[None], sensitivity=settings.sensitivity == "fisher",
+                           key_ropes=key_ropes))
         bar.tick()
     bar.close()
     return model, out
@@ -104,7 +114,9 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     if out.suffix not in (".yaml", ".yml"):
         raise EvalError(f"--out {str(out)[:200]!r} must end in .yaml (the safetensors file is "
                         "written next to it)")
-    keys_recipe, values_recipe = recipes(s)
+    rec = recipe(s)
+    keys_recipe, values_recipe, rope, sinks = rec["keys"], rec["values"], rec["key_rope"], \
+        rec["sinks"]
     roles = {"k": keys_recipe, "v": values_recipe}
     fitted = {r: spec for r, spec in roles.items() if "nuq(" in spec}
     if not fitted:
@@ -125,11 +137,15 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     bar.total(len(caps))
     bar.describe(f"fitting {s.recipe}")
     for cap in caps:
+        if rope not in cap.keys:
+            raise EvalError(f"the captured K/V hold no {rope}-RoPE keys; capture with "
+                            f"key_ropes=({rope!r},)")
         for i in range(layers):
             for r in fitted:
-                x = (cap.keys if r == "k" else cap.values)[i]
-                f = cap.key_fisher if r == "k" else cap.value_fisher
-                fits[i, r].add(x, None if f is None else f[i], block=s.block)
+                x = cap.keys[rope][i] if r == "k" else cap.values[i]
+                f = cap.key_fisher[rope] if r == "k" and cap.key_fisher else cap.value_fisher
+                x, w = _without_sinks(x, None if f is None else f[i], sinks)
+                fits[i, r].add(x, w, block=s.block)
         bar.tick()
     bar.close()
 
@@ -145,7 +161,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         "kv_heads": kv_heads, "head_dim": head_dim,
         "keys_recipe": keys_recipe, "values_recipe": values_recipe,
         **{k: v for k, v in asdict(s).items() if k not in ("keys", "values") and v is not None},
-        "tokens_used": tokens, "keys_rope": "post",
+        "tokens_used": tokens, "key_rope": rope, "sinks": sinks,
         "torch": torch.__version__})
 
     def spec(i: int, r: str) -> str:
@@ -153,7 +169,8 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
 
     data = {"name": f"{s.recipe}-calibrated" if s.keys is None and s.values is None
             else "calibrated",
-            "keys": spec(0, "k"), "values": spec(0, "v"),
+            "keys": spec(0, "k") if rope == "post" else {"rope": rope, "pipeline": spec(0, "k")},
+            "values": spec(0, "v"), "sinks": sinks,
             "layers": {i: {"keys": spec(i, "k"), "values": spec(i, "v")}
                        for i in range(1, layers)}}
     import yaml
@@ -161,12 +178,25 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     header = (f"# kvq calibrate: {s.recipe} fitted on {s.corpus} ({tokens} tokens, "
               f"{s.context}-token windows, blocks of {s.block}, sensitivity {s.sensitivity})\n"
               f"# for {s.model or models.DEFAULT_MODEL_NAME} ({layers} layers, head_dim "
-              f"{head_dim}); levels in {st_path.name} (keys after RoPE)\n")
+              f"{head_dim}); levels in {st_path.name} (keys {rope}-RoPE, {sinks} sink(s))\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + yaml.safe_dump(data, sort_keys=False))
     cfg = kvq.load(out)
     cfg.check(num_layers=layers, head_dim=head_dim)
     return cfg
+
+
+def _without_sinks(x, fisher, sinks: int):
+    """Sink tokens are kept exact, so they leave the statistics: like the cache (which fills
+    them with a real row of their block) they get the next token's values, and weight 0."""
+    import torch
+
+    w = torch.ones_like(x) if fisher is None else fisher.clone()
+    if sinks:
+        x = x.clone()
+        x[:, :, :sinks] = x[:, :, sinks:sinks + 1]
+        w[:, :, :sinks] = 0
+    return x, w
 
 
 def _check(s: CalibrationSettings) -> None:
