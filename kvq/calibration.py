@@ -43,10 +43,16 @@ class LevelFit:
         recipe: the spec (see the module docstring); its steps before ``nuq`` run as in the
             pipeline, so ``sparse`` outliers are removed before the range is taken.
         max_samples: samples kept (uniformly subsampled per block, seeded).
+        levels: ``"kmeans"``, or ``"uniform"`` (2**b evenly spaced levels in [-1, 1], no fit:
+            the ablation that keeps everything of the recipe but the non-uniform levels).
     """
 
-    def __init__(self, recipe: str, max_samples: int = 400_000, seed: int = 0):
+    def __init__(self, recipe: str, max_samples: int = 400_000, seed: int = 0,
+                 levels: str = "kmeans"):
         self.bits = recipe_bits(recipe)
+        if levels not in ("kmeans", "uniform"):
+            raise SpecError(f"levels={levels!r}: use 'kmeans' or 'uniform'")
+        self.levels = levels
         parsed = parse(recipe)
         self.static = parsed[-1].kwargs.get("scale") == "static"
         self.zero = self.scale = None
@@ -99,10 +105,15 @@ class LevelFit:
             v, w = self._static_normalize()
         else:
             v, w = torch.cat(self.values), torch.cat(self.weights)
+        if self.levels == "uniform":
+            return torch.linspace(-1, 1, 2**self.bits)
         if v.numel() > self.max_samples:
             keep = torch.randperm(v.numel(), generator=self.gen)[: self.max_samples]
             v, w = v[keep], w[keep]
-        return weighted_kmeans_1d(v, w, 2**self.bits, iters)
+        # min-max normalization maps each group's min and max onto -1 and +1: keep levels there
+        # (as a uniform grid does), so the largest entries of every group stay exact
+        return weighted_kmeans_1d(v, w, 2**self.bits, iters,
+                                  ends=None if self.static else (-1.0, 1.0))
 
 
     def _static_normalize(self, clip: float = 0.001) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +140,13 @@ def fold_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x[:, :, : n * block].reshape(b, h * n, block, d)
 
 
-def weighted_kmeans_1d(v: torch.Tensor, w: torch.Tensor, k: int, iters: int = 60
-                       ) -> torch.Tensor:
+def weighted_kmeans_1d(v: torch.Tensor, w: torch.Tensor, k: int, iters: int = 60,
+                       ends: tuple[float, float] | None = None) -> torch.Tensor:
     """Lloyd's k-means on scalars ``v`` (N,) with weights ``w`` (N,) >= 0 -> sorted (k,) fp32.
 
     Initialised at weighted quantiles; an empty cluster keeps its level; levels are made
-    strictly increasing (a codebook needs distinct levels).
+    strictly increasing (a codebook needs distinct levels). ``ends``: the first and last level
+    are pinned there and only the others move.
     """
     v, w = v.double(), w.double().clamp_min(0)
     if not bool(w.sum() > 0):
@@ -143,12 +155,16 @@ def weighted_kmeans_1d(v: torch.Tensor, w: torch.Tensor, k: int, iters: int = 60
     vs, cw = v[order], w[order].cumsum(0)
     targets = (torch.arange(k, dtype=torch.float64) + 0.5) / k * cw[-1]
     c = vs[torch.searchsorted(cw, targets).clamp_max(v.numel() - 1)]
+    if ends is not None:
+        c[0], c[-1] = ends
     for _ in range(iters):
         c = c.sort().values
         idx = torch.bucketize(v, (c[1:] + c[:-1]) / 2, right=True)
         mass = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, w)
         total = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, w * v)
         new = torch.where(mass > 0, total / mass.clamp_min(1e-300), c)
+        if ends is not None:
+            new[0], new[-1] = ends
         if torch.allclose(new, c, rtol=0, atol=1e-9):
             c = new
             break

@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sensitivity", choices=SENSITIVITY, default=d.sensitivity,
                    help="k-means sample weights: fisher (squared loss gradients, as KVQuant; "
                         "one backward per window) or none (default fisher)")
+    p.add_argument("--levels", choices=("kmeans", "uniform"), default=d.levels,
+                   help="kmeans (default) or uniform levels (ablation: static scales, outliers "
+                        "and sinks as the recipe, but evenly spaced levels)")
     p.add_argument("--key-rope", choices=("pre", "post"),
                    help="quantize keys before or after RoPE (default: the recipe's; kvquant: pre)")
     p.add_argument("--sinks", type=int, help="first tokens kept exact (default: the recipe's)")
@@ -57,7 +60,8 @@ def run(args) -> int:
     settings = CalibrationSettings(recipe=args.recipe, keys=args.keys, values=args.values,
                                    model=args.model, corpus=args.corpus, tokens=args.tokens,
                                    context=args.context, block=args.block,
-                                   sensitivity=args.sensitivity, key_rope=args.key_rope,
+                                   sensitivity=args.sensitivity, levels=args.levels,
+                                   key_rope=args.key_rope,
                                    sinks=args.sinks, device=args.device)
     if args.threads:
         import torch

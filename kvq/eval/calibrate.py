@@ -36,12 +36,13 @@ class CalibrationSettings:
     context: int = 512
     block: int = 32
     sensitivity: str = "fisher"
+    levels: str = "kmeans"  # or "uniform" (ablation: no non-uniform levels)
     key_rope: str | None = None  # "pre" / "post" (default: the recipe's, else post)
     sinks: int | None = None  # first tokens kept exact (default: the recipe's, else 0)
     device: str | None = None
 
 
-def recipe(settings: CalibrationSettings) -> dict:
+def resolve_recipe(settings: CalibrationSettings) -> dict:
     """``{keys, values, key_rope, sinks}``: the named recipe with the settings' overrides."""
     from kvq.eval.errors import EvalError
     from kvq.presets import RECIPES
@@ -50,7 +51,7 @@ def recipe(settings: CalibrationSettings) -> dict:
     if not custom and settings.recipe not in RECIPES:
         raise EvalError(f"unknown recipe {settings.recipe[:80]!r}; known: {', '.join(RECIPES)} "
                         "(or give --keys and --values specs ending in nuq(b))")
-    base = {"key_rope": "post", "sinks": 0} if custom else dict(RECIPES[settings.recipe])
+    base = dict(RECIPES.get(settings.recipe, {"key_rope": "post", "sinks": 0}))
     for name in ("keys", "values", "key_rope", "sinks"):
         if getattr(settings, name) is not None:
             base[name] = getattr(settings, name)
@@ -72,7 +73,7 @@ def capture_corpus(settings: CalibrationSettings, loaded=None, progress: bool = 
     from kvq.eval.compare import _device, _Progress
 
     _check(settings)
-    key_ropes = key_ropes or (recipe(settings)["key_rope"],)
+    key_ropes = key_ropes or (resolve_recipe(settings)["key_rope"],)
     model, tokenizer = loaded or models.load(settings.model)
     model.to(_device(settings.device))
     ids = corpora.token_ids(tokenizer, corpora.load_documents(settings.corpus))
@@ -114,7 +115,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     if out.suffix not in (".yaml", ".yml"):
         raise EvalError(f"--out {str(out)[:200]!r} must end in .yaml (the safetensors file is "
                         "written next to it)")
-    rec = recipe(s)
+    rec = resolve_recipe(s)
     keys_recipe, values_recipe, rope, sinks = rec["keys"], rec["values"], rec["key_rope"], \
         rec["sinks"]
     roles = {"k": keys_recipe, "v": values_recipe}
@@ -132,7 +133,8 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
 
     model, caps = captured or capture_corpus(s, loaded, progress)
     layers, kv_heads, head_dim = geometry(model.config)
-    fits = {(i, r): LevelFit(spec) for i in range(layers) for r, spec in fitted.items()}
+    fits = {(i, r): LevelFit(spec, levels=s.levels) for i in range(layers)
+            for r, spec in fitted.items()}
     bar = _Progress(progress)
     bar.total(len(caps))
     bar.describe(f"fitting {s.recipe}")
@@ -144,6 +146,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
             for r in fitted:
                 x = cap.keys[rope][i] if r == "k" else cap.values[i]
                 f = cap.key_fisher[rope] if r == "k" and cap.key_fisher else cap.value_fisher
+                f = None if s.sensitivity == "none" else f
                 x, w = _without_sinks(x, None if f is None else f[i], sinks)
                 fits[i, r].add(x, w, block=s.block)
         bar.tick()
@@ -154,7 +157,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         tensors[f"L{i}.{r}"] = fit.fit()
         if fit.static:
             tensors[f"L{i}.{r}.zero"], tensors[f"L{i}.{r}.scale"] = fit.zero, fit.scale
-    tokens = sum(c.keys[0].shape[0] * c.keys[0].shape[2] for c in caps)
+    tokens = sum(c.values[0].shape[0] * c.values[0].shape[2] for c in caps)
     st_path = out.with_suffix(".safetensors")
     codebooks.write(st_path, tensors, {
         "model": s.model or models.DEFAULT_MODEL_NAME, "num_layers": layers,
@@ -167,8 +170,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     def spec(i: int, r: str) -> str:
         return with_source(roles[r], f"{st_path.name}#L{i}.{r}") if r in fitted else roles[r]
 
-    data = {"name": f"{s.recipe}-calibrated" if s.keys is None and s.values is None
-            else "calibrated",
+    data = {"name": out.stem,
             "keys": spec(0, "k") if rope == "post" else {"rope": rope, "pipeline": spec(0, "k")},
             "values": spec(0, "v"), "sinks": sinks,
             "layers": {i: {"keys": spec(i, "k"), "values": spec(i, "v")}
@@ -206,6 +208,8 @@ def _check(s: CalibrationSettings) -> None:
         raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
                         "fit the codebooks to the text they are scored on. Use shakespeare:calib "
                         "(the default) or your own text")
+    if s.levels not in ("kmeans", "uniform"):
+        raise EvalError(f"--levels {s.levels!r}: use kmeans or uniform")
     if s.sensitivity not in SENSITIVITY:
         raise EvalError(f"--sensitivity {s.sensitivity!r}: use one of {', '.join(SENSITIVITY)}")
     for name in ("tokens", "context", "block"):

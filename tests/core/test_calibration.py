@@ -24,6 +24,13 @@ def test_weights_pull_the_levels():
     assert (lv > 0).sum() > (plain > 0).sum()
 
 
+def test_pinned_ends():
+    v = torch.rand(50_000, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    lv = weighted_kmeans_1d(v, torch.ones_like(v), 4, ends=(-1.0, 1.0))
+    assert lv[0] == -1 and lv[-1] == 1
+    assert torch.allclose(lv[1:3], torch.tensor([-1 / 3, 1 / 3]), atol=0.02)  # uniform data
+
+
 def test_degenerate_data_gives_distinct_levels():
     v = torch.zeros(100)
     lv = weighted_kmeans_1d(v, torch.ones_like(v), 8)
