@@ -13,7 +13,8 @@ Variants per bit width b (each switches one idea off):
 - ``kvq{b}-post``: keys after RoPE;  ``kvq{b}-dense``: no sparse outliers;
   ``kvq{b}-uniform``: evenly spaced levels;  ``kvq{b}-nosink``: no sink;
   ``kvq{b}-dynamic``: per-block key scales (pchan) instead of static ones;
-  ``kvq{b}-unweighted``: k-means without the Fisher weights.
+  ``kvq{b}-unweighted``: k-means without the Fisher weights;  ``kvq{b}-vdense``: no sparse
+  outliers for values only (keys keep theirs).
 """
 
 from __future__ import annotations
@@ -40,7 +41,27 @@ def variants(b: int) -> dict[str, dict]:
         f"kvq{b}-nosink": {"sinks": 0},
         f"kvq{b}-dynamic": {"keys": f"sparse(0.01,channel)>pchan>nuq({b})"},
         f"kvq{b}-unweighted": {"sensitivity": "none"},
+        f"kvq{b}-vdense": {"values": dense_v},
     }
+
+
+def table(dirs: list[str]) -> str:
+    """Markdown ablation table from ``kvq compare`` output directories (results.json)."""
+    import json
+
+    rows, base = {}, None
+    for d in dirs:
+        for r in json.loads((Path(d) / "results.json").read_text())["rows"]:
+            if r["pipeline"] == "fp16":
+                base = r["value"]
+            rows.setdefault(r["pipeline"], r)
+    out = [f"fp16 PPL {base:.3f}", "", "| pipeline | bits/elt | PPL | ΔPPL | ΔPPL % |",
+           "|:---|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        if label != "fp16":
+            out.append(f"| {label} | {r['bits_per_element']:.3f} | {r['value']:.3f} | "
+                       f"{r['value'] - base:+.3f} | {100 * (r['value'] / base - 1):+.1f}% |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -50,7 +71,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", help="comma-separated variant suffixes, e.g. vdense,post")
+    ap.add_argument("--table", nargs="+", metavar="DIR",
+                    help="only print the ablation table of these kvq compare --out dirs")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,6 +87,9 @@ def main() -> None:
     print(f"captured {args.tokens} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
     for b in (int(x) for x in args.bits.split(",")):
         for label, change in variants(b).items():
+            suffix = label.partition("-")[2] or "full"
+            if args.only and suffix not in args.only.split(","):
+                continue
             t = time.perf_counter()
             s = CalibrationSettings(**{**vars(base), "recipe": f"kvquant{b}", **change})
             recipe = {**RECIPES[s.recipe], **{k: v for k, v in change.items()
