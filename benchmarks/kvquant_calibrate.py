@@ -90,6 +90,9 @@ def main() -> None:
             suffix = label.partition("-")[2] or "full"
             if args.only and suffix not in args.only.split(","):
                 continue
+            if (out / f"{label}.yaml").exists():
+                print(f"{label}: exists, kept", flush=True)
+                continue
             t = time.perf_counter()
             s = CalibrationSettings(**{**vars(base), "recipe": f"kvquant{b}", **change})
             recipe = {**RECIPES[s.recipe], **{k: v for k, v in change.items()
