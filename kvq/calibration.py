@@ -47,7 +47,7 @@ class LevelFit:
             the ablation that keeps everything of the recipe but the non-uniform levels).
     """
 
-    def __init__(self, recipe: str, max_samples: int = 400_000, seed: int = 0,
+    def __init__(self, recipe: str, max_samples: int = 150_000, seed: int = 0,
                  levels: str = "kmeans"):
         self.bits = recipe_bits(recipe)
         if levels not in ("kmeans", "uniform"):
@@ -97,7 +97,7 @@ class LevelFit:
         self.values.append(v[keep])
         self.weights.append(w[keep])
 
-    def fit(self, iters: int = 60) -> torch.Tensor:
+    def fit(self, iters: int = 40) -> torch.Tensor:
         """Sorted fp32 levels (2**bits,) in [-1, 1]."""
         if not self.values:
             raise SpecError("no calibration samples were collected")
@@ -165,7 +165,7 @@ def weighted_kmeans_1d(v: torch.Tensor, w: torch.Tensor, k: int, iters: int = 60
         new = torch.where(mass > 0, total / mass.clamp_min(1e-300), c)
         if ends is not None:
             new[0], new[-1] = ends
-        if torch.allclose(new, c, rtol=0, atol=1e-9):
+        if torch.allclose(new, c, rtol=0, atol=1e-7):
             c = new
             break
         c = new
