@@ -36,11 +36,14 @@ def run(args) -> int:
     heads = args.batch * args.heads
     print(f"{cfg.label}   (head_dim {d}, {t} tokens, batch {args.batch}, {args.heads} KV heads, "
           f"{args.layers} layer(s))")
-    groups = [("keys", cfg.keys), ("values", cfg.values)]
-    groups += [(f"layer {i} {role}", p) for i, o in sorted(cfg.layers.items())
-               for role, p in (("keys", o.keys), ("values", o.values)) if p is not None]
-    for role, p in groups:
-        print(f"\n{role}: {p.to_spec()}")
+    pre = " (quantized before RoPE)"
+    groups = [("keys", cfg.keys, pre if cfg.key_rope == "pre" else ""), ("values", cfg.values, "")]
+    groups += [(f"layer {i} {role}", p or cfg.keys, pre if cfg.key_rope_for(i) == "pre" and
+                role == "keys" else "") for i, o in sorted(cfg.layers.items())
+               for role, p in (("keys", o.keys), ("values", o.values))
+               if p is not None or (role == "keys" and o.key_rope is not None)]
+    for role, p, note in groups:
+        print(f"\n{role}: {p.to_spec()}{note}")
         for s in p.steps:
             doc = (type(s).__doc__ or "").strip().splitlines()[0]
             print(f"  {s.role:<12} {s.to_spec():<22} {doc}")
@@ -51,6 +54,10 @@ def run(args) -> int:
               f"{_human(p.nbytes(t, d) * heads)} per layer for this shape")
     total = sum(sum(p.nbytes(t, d) for p in cfg.for_layer(i)) for i in range(args.layers)) * heads
     fp16 = 2 * args.layers * heads * t * d * 2
+    if cfg.sinks:
+        sinks = 2 * args.layers * heads * min(cfg.sinks, t) * d * 2  # exact, counted at fp16
+        print(f"\nsinks: the first {cfg.sinks} token(s) of each sequence exact, {_human(sinks)}")
+        total += sinks
     print(f"\ntotal K+V: {_human(total)} vs fp16 {_human(fp16)} ({total / fp16:.3f}x), "
           f"{cfg.bits_per_element(d, t, args.layers):.3f} bits/element on average")
     return 0

@@ -27,5 +27,7 @@ def run(args) -> int:
         if args.head_dim or args.layers:
             cfg.check(num_layers=args.layers or 10**9, head_dim=args.head_dim or 128)
         extra = f", {len(cfg.layers)} layer override(s)" if cfg.layers else ""
-        print(f"ok  {f}: keys {cfg.keys.to_spec()}, values {cfg.values.to_spec()}{extra}")
+        extra += f", {cfg.sinks} sink(s)" if cfg.sinks else ""
+        rope = " (before RoPE)" if cfg.key_rope == "pre" else ""
+        print(f"ok  {f}: keys {cfg.keys.to_spec()}{rope}, values {cfg.values.to_spec()}{extra}")
     return 0

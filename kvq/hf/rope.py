@@ -96,16 +96,21 @@ class RopeTracker:
         self._handle = None
 
     # model --------------------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module) -> None:
-        """Hook the rotary module of ``model`` (a module named ``rotary_emb``)."""
-        found = [(n, m) for n, m in model.named_modules() if n.split(".")[-1] == "rotary_emb"]
+    def bind(self, model: torch.nn.Module) -> None:
+        """Use the rotary module of ``model`` (the one module named ``rotary_emb``) for the
+        angles, without watching forwards (positions then come from :attr:`positions`)."""
+        found = [m for n, m in model.named_modules() if n.split(".")[-1] == "rotary_emb"]
         if len(found) != 1:
             what = "no module" if not found else f"{len(found)} modules"
             raise KVQError(f"keys 'rope: pre': {what} named 'rotary_emb' in "
                            f"{type(model).__name__}; kvq needs exactly one to read the rotation "
                            "angles (use 'rope: post' for this model)")
         self.detach()
-        self.module = found[0][1]
+        self.module = found[0]
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """:meth:`bind`, and record the ``position_ids`` of every forward of the module."""
+        self.bind(model)
         ref = weakref.ref(self)
 
         def hook(_module, args, kwargs, _output):

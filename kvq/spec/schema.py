@@ -23,12 +23,17 @@ def json_schema(which: Literal["pipeline", "kvconfig"] = "kvconfig") -> dict:
     pipe_field = Union[str, list[step_union()], pipeline]  # noqa: UP007
     if which == "pipeline":
         return pipeline.model_json_schema()
+    rope = Literal["post", "pre"]
+    with_rope = create_model("KeysWithRope", __config__=ConfigDict(extra="forbid"),
+                             rope=(rope, "post"), pipeline=(pipe_field | None, None))
+    keys_field = Union[pipe_field, with_rope]  # noqa: UP007
     override = create_model("LayerOverride", __config__=ConfigDict(extra="forbid"),
-                            keys=(pipe_field | None, None), values=(pipe_field | None, None),
-                            kv=(pipe_field | None, None))
+                            keys=(keys_field | None, None), values=(pipe_field | None, None),
+                            kv=(keys_field | None, None), key_rope=(rope | None, None))
     cfg = create_model("KVConfig", __base__=BaseModel, name=(str | None, None),
-                       kv=(pipe_field | None, None), keys=(pipe_field | None, None),
-                       values=(pipe_field | None, None), layers=(dict[int, override], {}))
+                       kv=(keys_field | None, None), keys=(keys_field | None, None),
+                       values=(pipe_field | None, None), key_rope=(rope, "post"),
+                       sinks=(int, Field(default=0, ge=0)), layers=(dict[int, override], {}))
     schema = cfg.model_json_schema()
     schema["additionalProperties"] = False
     return schema

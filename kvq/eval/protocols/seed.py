@@ -95,8 +95,7 @@ def _rope(cfg, model, total: int):
     from kvq.hf.rope import RopeTracker, rope_adapter
 
     rope = RopeTracker(rope_adapter(model.config))
-    rope.attach(model)
-    rope.detach()  # only the module is needed: positions are known here
+    rope.bind(model)  # no hook: the positions are known here
     rope.positions = torch.arange(total, dtype=torch.int32, device=model.device)[None]
     return rope
 
