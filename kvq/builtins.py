@@ -7,6 +7,7 @@ from kvq.hookspecs import hookimpl
 STEPS = {
     "nsep": ("kvq.transforms.nsep:NormSeparation", None),
     "rot": ("kvq.transforms.rot:Rotation", None),
+    "sparse": ("kvq.transforms.sparse:Sparse", None),
     "ptok": ("kvq.granularity.ptok:PerToken", None),
     "pchan": ("kvq.granularity.pchan:PerChannel", None),
     "group": ("kvq.granularity.group:Group", None),
@@ -19,6 +20,7 @@ STEPS = {
     "q4_0": ("kvq.quantizers.ggml:Q4_0", None),
     "q4_1": ("kvq.quantizers.ggml:Q4_1", None),
     "q8_0": ("kvq.quantizers.ggml:Q8_0", None),
+    "nuq": ("kvq.quantizers.nuq:Nuq", None),
     "none": ("kvq.quantizers.none:NoQuantizer", None),
     "fp4": ("kvq.quantizers.fp4:FP4Quantizer", None),
     "fp8": ("kvq.quantizers.fp8:FP8Quantizer", None),

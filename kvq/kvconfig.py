@@ -224,7 +224,8 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
 
     def check(self, num_layers: int, head_dim: int) -> None:
         """Raise :class:`KVQError` if an override names a missing layer or a pipeline can't
-        take ``head_dim`` (e.g. a channel group that does not divide it)."""
+        take ``head_dim`` (e.g. a channel group that does not divide it, or a codebook fitted
+        for another model)."""
         missing = sorted(i for i in self.layers if not 0 <= i < num_layers)
         if missing:
             raise SpecError(f"per-layer override for layer {missing[0]}, but the model has "
@@ -237,6 +238,8 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
 
         probe = torch.Size([1, 1, 2, head_dim])
         for p in self.pipelines():
+            for step in p.steps:
+                step.check_model(num_layers=num_layers, head_dim=head_dim)
             if not p.is_identity:
                 try:
                     p.granularity.check(probe)

@@ -28,7 +28,10 @@ def load(path: str | Path) -> KVConfig:
     data = load_json(text, str(path)) if path.suffix == ".json" else load_yaml(text, str(path))
     if isinstance(data, (str, list)):
         data = {"kv": data}
-    return KVConfig.from_dict(data, source=str(path))
+    from kvq.codebooks import relative_to
+
+    with relative_to(path.parent):  # codebook files named in the file are relative to it
+        return KVConfig.from_dict(data, source=str(path))
 
 
 def kv(source: Any) -> KVConfig:

@@ -24,6 +24,12 @@ One-off presets:
   calibration; vLLM's uncalibrated per-tensor scale 1.0 is ``fp8(e4m3,none)``).
 - ``nvfp4``: NVIDIA NVFP4 (E2M1, E4M3 scale per 16 values, fp32 second-level scale).
 - ``mxfp4``: OCP MX v1.0 MXFP4 (E2M1, E8M0 power-of-two scale per 32 values).
+- ``kvquant{b}``: KVQuant's recipe *without calibration*: pre-RoPE keys, the first token kept
+  exact (1 sink), 1% dense-and-sparse outliers (keys per channel in each block, values per
+  token), per-channel keys, per-token values, min-max normalization with *uniform* levels
+  (``int{b}(asym)``) and per-block key scales. The calibrated version, with ``nuq(b)``
+  codebooks and static key scales fitted per layer and K/V, is what ``kvq calibrate --recipe
+  kvquant{b}`` writes (see :data:`RECIPES` and docs/kvquant.md).
 - ``fp16``: no quantization (K/V stored unchanged), the reference point.
 
 llama.cpp's KV cache types (``-ctk/-ctv``), fixed widths, see :data:`GGML`:
@@ -33,7 +39,7 @@ rotation recent llama.cpp applies when the cache is quantized).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from kvq.kvconfig import KVConfig
@@ -51,6 +57,7 @@ class Family:
     values: str
     bits: tuple[int, ...] = BITS
     skip: tuple[int, ...] = ()
+    options: dict = field(default_factory=dict)  # further KVConfig fields (key_rope, sinks)
 
 
 FAMILIES: dict[str, Family | tuple[str, str]] = {
@@ -62,6 +69,17 @@ FAMILIES: dict[str, Family | tuple[str, str]] = {
     "quanto": ("group(64)>int{b}(asym)", "group(64)>int{b}(asym)"),
     "quarot": ("rot>ptok>int{b}(asym)", "rot>ptok>int{b}(asym)"),
     "turboquant": Family("nsep>rot>lloyd{b}(none)", "ptok>int{b}(asym)", (2, 3, 4), VLLM_SKIP),
+    "kvquant": Family("sparse(0.01,channel)>pchan>int{b}(asym)", "sparse(0.01)>ptok>int{b}(asym)",
+                      (2, 3, 4), options={"key_rope": "pre", "sinks": 1}),
+}
+
+#: what ``kvq calibrate --recipe NAME`` fits: keys / values specs ending in ``nuq(b...)``, and
+#: KVConfig options. KVQuant: pre-RoPE keys with offline per-channel scales, per-token values,
+#: 1% dense-and-sparse outliers, calibrated codebooks, the first token kept exact.
+RECIPES: dict[str, dict] = {
+    f"kvquant{b}": {"keys": f"sparse(0.01,channel)>nuq({b},scale=static)",
+                    "values": f"sparse(0.01)>ptok>nuq({b})", "key_rope": "pre", "sinks": 1}
+    for b in (2, 3, 4)
 }
 
 #: one-off presets: name -> (keys, values, skipped layers)
@@ -98,9 +116,10 @@ GGML: dict[str, str] = {
 
 
 def make_preset(name: str, keys: str | list, values: str | list,
-                skip: tuple[int, ...] = ()) -> KVConfig:
+                skip: tuple[int, ...] = (), **options) -> KVConfig:
+    """A named KVConfig; ``options`` are further KVConfig fields (``key_rope``, ``sinks``)."""
     return KVConfig(name=name, keys=Pipeline.parse(keys), values=Pipeline.parse(values),
-                    skip=skip)
+                    skip=skip, **options)
 
 
 def builtin_presets() -> dict[str, partial]:
@@ -111,7 +130,7 @@ def builtin_presets() -> dict[str, partial]:
         for b in f.bits:
             name = f"{fname}{b}"
             out[name] = partial(make_preset, name, f.keys.format(b=b), f.values.format(b=b),
-                                f.skip)
+                                f.skip, **f.options)
     for q, doc in GGML.items():
         # a step list, not the string: a lone name in a spec string would resolve to this preset
         out[q] = _documented(partial(make_preset, q, [q], [q]), doc + ", no rotation "

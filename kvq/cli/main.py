@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "validate": "kvq.cli.validate",
     "schema": "kvq.cli.schema",
     "compare": "kvq.cli.compare",
+    "calibrate": "kvq.cli.calibrate",
 }
 
 

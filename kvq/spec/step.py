@@ -26,6 +26,10 @@ class Step(BaseModel):
         """The name this step is written with in a spec string."""
         return self.type  # type: ignore[attr-defined]
 
+    def check_model(self, num_layers: int, head_dim: int) -> None:
+        """Raise :class:`SpecError` if the step cannot serve this model (e.g. fitted for another).
+        Called by :meth:`kvq.KVConfig.check`; most steps accept any model."""
+
     def spec_fixed(self) -> dict[str, Any]:
         """Fields implied by :meth:`spec_name` (``int4`` implies ``bits=4``)."""
         return {}

@@ -1,0 +1,77 @@
+"""``kvq calibrate``: fit a recipe's nuq codebooks on calibration text -> YAML + safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  kvq calibrate --recipe kvquant3 --out calibrated/kvquant3.yaml
+  kvq compare --pipelines kvquant3,calibrated/kvquant3.yaml --protocols teacher-forced
+  kvq calibrate --keys 'pchan>nuq(3)' --values 'ptok>nuq(2)' --out my.yaml --sensitivity none
+  kvq calibrate --recipe kvquant2 --model PATH --corpus my_texts/ --tokens 16384
+
+Writes OUT (a KVConfig with one override per layer) and OUT with suffix .safetensors (the
+levels it references; keep the two files together). The default corpus is the training split of
+the shipped Shakespeare corpus; its evaluation split is refused. Recipes: kvquant2, kvquant3,
+kvquant4 (kvq explain kvquant3 shows the uncalibrated preset).
+"""
+
+
+def add_parser(sub) -> None:
+    from kvq.eval.calibrate import SENSITIVITY, CalibrationSettings
+
+    d = CalibrationSettings()
+    p = sub.add_parser("calibrate", help="fit nuq codebooks per layer and K/V (KVQuant)",
+                       description="Fit a recipe's nuq codebooks per layer and K/V on "
+                                   "calibration text; write a YAML config and its safetensors.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=d.recipe, help=f"recipe name (default {d.recipe})")
+    p.add_argument("--keys", help="keys recipe spec ending in nuq(b) (overrides the recipe's)")
+    p.add_argument("--values", help="values recipe spec ending in nuq(b)")
+    p.add_argument("--out", default="calibrated.yaml",
+                   help="output YAML (default calibrated.yaml; .safetensors written beside it)")
+    p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2)")
+    p.add_argument("--corpus", default=d.corpus,
+                   help=f"calibration text (default {d.corpus}; never the eval split)")
+    p.add_argument("--tokens", type=int, default=d.tokens,
+                   help=f"calibration tokens (default {d.tokens})")
+    p.add_argument("--context", type=int, default=d.context,
+                   help=f"window length in tokens (default {d.context})")
+    p.add_argument("--block", type=int, default=d.block,
+                   help=f"cache block size the statistics are taken over (default {d.block})")
+    p.add_argument("--sensitivity", choices=SENSITIVITY, default=d.sensitivity,
+                   help="k-means sample weights: fisher (squared loss gradients, as KVQuant; "
+                        "one backward per window) or none (default fisher)")
+    p.add_argument("--levels", choices=("kmeans", "uniform"), default=d.levels,
+                   help="kmeans (default) or uniform levels (ablation: static scales, outliers "
+                        "and sinks as the recipe, but evenly spaced levels)")
+    p.add_argument("--key-rope", choices=("pre", "post"),
+                   help="quantize keys before or after RoPE (default: the recipe's; kvquant: pre)")
+    p.add_argument("--sinks", type=int, help="first tokens kept exact (default: the recipe's)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from kvq.eval.calibrate import CalibrationSettings, calibrate
+
+    settings = CalibrationSettings(recipe=args.recipe, keys=args.keys, values=args.values,
+                                   model=args.model, corpus=args.corpus, tokens=args.tokens,
+                                   context=args.context, block=args.block,
+                                   sensitivity=args.sensitivity, levels=args.levels,
+                                   key_rope=args.key_rope,
+                                   sinks=args.sinks, device=args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = calibrate(settings, args.out, progress=not args.quiet)
+    from pathlib import Path
+
+    out = Path(args.out)
+    print(f"wrote {out} and {out.with_suffix('.safetensors')}: {cfg.label}, "
+          f"{len(cfg.layers) + 1} layers")
+    print(f"  keys   {cfg.keys.to_spec()}\n  values {cfg.values.to_spec()}  (layer 0)")
+    return 0

@@ -1,0 +1,219 @@
+"""``kvq calibrate`` as a Python API: fit a recipe's ``nuq`` codebooks per layer and K/V.
+
+>>> from kvq.eval.calibrate import calibrate
+>>> cfg = calibrate("kvquant3", "out/kvquant3.yaml")          # doctest: +SKIP
+>>> cache = kvq.hf.KVQCache(cfg, model.config)                 # doctest: +SKIP
+
+Runs the model over calibration text (default ``shakespeare:calib``, the training split; the
+evaluation split is refused), captures every layer's K/V with an identity cache
+(:mod:`kvq.eval.capture`), optionally their Fisher sensitivity, fits the levels with
+:class:`kvq.calibration.LevelFit` on the cache's blocks, and writes ONE artifact: ``NAME.yaml``
+(a KVConfig with per-layer overrides) next to ``NAME.safetensors`` (the levels), which the YAML
+references by relative path. ``kvq.load("NAME.yaml")`` and ``kvq compare --pipelines NAME.yaml``
+use it. Keys are captured after RoPE, as :class:`kvq.hf.KVQCache` quantizes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvq.errors import KVQError
+
+SENSITIVITY = ("fisher", "none")
+
+
+@dataclass
+class CalibrationSettings:
+    """What a calibration depends on (recorded in the artifact's metadata)."""
+
+    recipe: str = "kvquant3"
+    keys: str | None = None  # recipe spec for keys (overrides the named recipe's)
+    values: str | None = None
+    model: str | None = None
+    corpus: str = "shakespeare:calib"
+    tokens: int = 8192
+    context: int = 512
+    block: int = 32
+    sensitivity: str = "fisher"
+    levels: str = "kmeans"  # or "uniform" (ablation: no non-uniform levels)
+    key_rope: str | None = None  # "pre" / "post" (default: the recipe's, else post)
+    sinks: int | None = None  # first tokens kept exact (default: the recipe's, else 0)
+    device: str | None = None
+
+
+def resolve_recipe(settings: CalibrationSettings) -> dict:
+    """``{keys, values, key_rope, sinks}``: the named recipe with the settings' overrides."""
+    from kvq.eval.errors import EvalError
+    from kvq.presets import RECIPES
+
+    custom = settings.keys is not None and settings.values is not None
+    if not custom and settings.recipe not in RECIPES:
+        raise EvalError(f"unknown recipe {settings.recipe[:80]!r}; known: {', '.join(RECIPES)} "
+                        "(or give --keys and --values specs ending in nuq(b))")
+    base = dict(RECIPES.get(settings.recipe, {"key_rope": "post", "sinks": 0}))
+    for name in ("keys", "values", "key_rope", "sinks"):
+        if getattr(settings, name) is not None:
+            base[name] = getattr(settings, name)
+    if base["key_rope"] not in ("pre", "post"):
+        raise EvalError(f"--key-rope {base['key_rope']!r}: use pre or post")
+    if base["sinks"] < 0:
+        raise EvalError(f"--sinks must be >= 0, got {base['sinks']}")
+    return base
+
+
+def capture_corpus(settings: CalibrationSettings, loaded=None, progress: bool = True,
+                   key_ropes: tuple[str, ...] | None = None):
+    """(model, [Captured per window]) for the settings' model, corpus, tokens and context: reuse
+    it to fit several recipes on the same K/V (``calibrate(..., captured=...)``); ``key_ropes``
+    (default: the recipe's) says which keys to keep, ``("post", "pre")`` for both."""
+    from kvq.eval import corpus as corpora
+    from kvq.eval import models
+    from kvq.eval.capture import capture
+    from kvq.eval.compare import _device, _Progress
+
+    _check(settings)
+    key_ropes = key_ropes or (resolve_recipe(settings)["key_rope"],)
+    model, tokenizer = loaded or models.load(settings.model)
+    model.to(_device(settings.device))
+    ids = corpora.token_ids(tokenizer, corpora.load_documents(settings.corpus))
+    wins = corpora.windows(ids, [settings.context], settings.tokens)[settings.context]
+    bar = _Progress(progress)
+    bar.total(len(wins))
+    bar.describe(f"capturing K/V ({settings.sensitivity})")
+    out = []
+    for w in wins.to(model.device):
+        out.append(capture(model, w[None], sensitivity=settings.sensitivity == "fisher",
+                           key_ropes=key_ropes))
+        bar.tick()
+    bar.close()
+    return model, out
+
+
+def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = "calibrated.yaml",
+              progress: bool = True, loaded=None, captured=None, **options):
+    """Fit, write ``out`` (.yaml) and ``out`` with suffix .safetensors; return the KVConfig.
+
+    ``recipe``: a recipe name (``kvquant2/3/4``, see :data:`kvq.presets.RECIPES`) or settings;
+    ``options``: :class:`CalibrationSettings` fields; ``loaded``: a (model, tokenizer) to reuse;
+    ``captured``: the result of :func:`capture_corpus` for the same settings, to skip the model.
+    """
+    import torch
+
+    import kvq
+    from kvq import codebooks
+    from kvq.calibration import LevelFit, recipe_bits, with_source
+    from kvq.eval import models
+    from kvq.eval.caches import geometry
+    from kvq.eval.compare import _Progress
+    from kvq.eval.errors import EvalError
+
+    s = recipe if isinstance(recipe, CalibrationSettings) else \
+        CalibrationSettings(recipe=recipe, **options)
+    _check(s)
+    out = Path(out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise EvalError(f"--out {str(out)[:200]!r} must end in .yaml (the safetensors file is "
+                        "written next to it)")
+    rec = resolve_recipe(s)
+    keys_recipe, values_recipe, rope, sinks = rec["keys"], rec["values"], rec["key_rope"], \
+        rec["sinks"]
+    roles = {"k": keys_recipe, "v": values_recipe}
+    fitted = {r: spec for r, spec in roles.items() if "nuq(" in spec}
+    if not fitted:
+        raise EvalError("neither the keys nor the values recipe has a nuq(b) step: nothing to "
+                        "calibrate")
+    try:
+        for spec in fitted.values():
+            recipe_bits(spec)
+        for spec in set(roles.values()) - set(fitted.values()):
+            kvq.build(spec)
+    except KVQError as err:
+        raise EvalError(f"recipe: {err}") from None
+
+    model, caps = captured or capture_corpus(s, loaded, progress)
+    layers, kv_heads, head_dim = geometry(model.config)
+    fits = {(i, r): LevelFit(spec, levels=s.levels) for i in range(layers)
+            for r, spec in fitted.items()}
+    bar = _Progress(progress)
+    bar.total(len(caps))
+    bar.describe(f"fitting {s.recipe}")
+    for cap in caps:
+        if rope not in cap.keys:
+            raise EvalError(f"the captured K/V hold no {rope}-RoPE keys; capture with "
+                            f"key_ropes=({rope!r},)")
+        for i in range(layers):
+            for r in fitted:
+                x = cap.keys[rope][i] if r == "k" else cap.values[i]
+                f = cap.key_fisher[rope] if r == "k" and cap.key_fisher else cap.value_fisher
+                f = None if s.sensitivity == "none" else f
+                x, w = _without_sinks(x, None if f is None else f[i], sinks)
+                fits[i, r].add(x, w, block=s.block)
+        bar.tick()
+    bar.close()
+
+    tensors = {}
+    for (i, r), fit in fits.items():
+        tensors[f"L{i}.{r}"] = fit.fit()
+        if fit.static:
+            tensors[f"L{i}.{r}.zero"], tensors[f"L{i}.{r}.scale"] = fit.zero, fit.scale
+    tokens = sum(c.values[0].shape[0] * c.values[0].shape[2] for c in caps)
+    st_path = out.with_suffix(".safetensors")
+    codebooks.write(st_path, tensors, {
+        "model": s.model or models.DEFAULT_MODEL_NAME, "num_layers": layers,
+        "kv_heads": kv_heads, "head_dim": head_dim,
+        "keys_recipe": keys_recipe, "values_recipe": values_recipe,
+        **{k: v for k, v in asdict(s).items() if k not in ("keys", "values") and v is not None},
+        "tokens_used": tokens, "key_rope": rope, "sinks": sinks,
+        "torch": torch.__version__})
+
+    def spec(i: int, r: str) -> str:
+        return with_source(roles[r], f"{st_path.name}#L{i}.{r}") if r in fitted else roles[r]
+
+    data = {"name": out.stem,
+            "keys": spec(0, "k") if rope == "post" else {"rope": rope, "pipeline": spec(0, "k")},
+            "values": spec(0, "v"), "sinks": sinks,
+            "layers": {i: {"keys": spec(i, "k"), "values": spec(i, "v")}
+                       for i in range(1, layers)}}
+    import yaml
+
+    header = (f"# kvq calibrate: {s.recipe} fitted on {s.corpus} ({tokens} tokens, "
+              f"{s.context}-token windows, blocks of {s.block}, sensitivity {s.sensitivity})\n"
+              f"# for {s.model or models.DEFAULT_MODEL_NAME} ({layers} layers, head_dim "
+              f"{head_dim}); levels in {st_path.name} (keys {rope}-RoPE, {sinks} sink(s))\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    cfg = kvq.load(out)
+    cfg.check(num_layers=layers, head_dim=head_dim)
+    return cfg
+
+
+def _without_sinks(x, fisher, sinks: int):
+    """Sink tokens are kept exact, so they leave the statistics: like the cache (which fills
+    them with a real row of their block) they get the next token's values, and weight 0."""
+    import torch
+
+    w = torch.ones_like(x) if fisher is None else fisher.clone()
+    if sinks:
+        x = x.clone()
+        x[:, :, :sinks] = x[:, :, sinks:sinks + 1]
+        w[:, :, :sinks] = 0
+    return x, w
+
+
+def _check(s: CalibrationSettings) -> None:
+    from kvq.eval.errors import EvalError
+
+    if s.corpus in ("shakespeare", "shakespeare:eval"):
+        raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
+                        "fit the codebooks to the text they are scored on. Use shakespeare:calib "
+                        "(the default) or your own text")
+    if s.levels not in ("kmeans", "uniform"):
+        raise EvalError(f"--levels {s.levels!r}: use kmeans or uniform")
+    if s.sensitivity not in SENSITIVITY:
+        raise EvalError(f"--sensitivity {s.sensitivity!r}: use one of {', '.join(SENSITIVITY)}")
+    for name in ("tokens", "context", "block"):
+        if getattr(s, name) < 1:
+            raise EvalError(f"--{name} must be positive, got {getattr(s, name)}")
+    if s.context < s.block:
+        raise EvalError(f"--context {s.context} is shorter than one --block of {s.block} tokens")

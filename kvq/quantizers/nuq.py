@@ -1,0 +1,153 @@
+"""Calibrated non-uniform codebook quantizer (nuq), as in KVQuant (Hooper et al., NeurIPS 2024).
+
+Each group (the granularity's: a channel over the block's tokens for ``pchan``, a token for
+``ptok``) is normalized to [-1, 1] by its range, ``v = (x - zero) / scale`` with
+``zero = (max + min) / 2`` and ``scale = (max - min) / 2`` (KVQuant's ``quant_fn_nuq_recon``), and
+``v`` is coded as the nearest of ``2**bits`` levels fitted offline per layer and K/V by
+``kvq calibrate`` (weighted k-means on the normalized values, see :mod:`kvq.calibration`).
+The levels live in a codebook file (:mod:`kvq.codebooks`), referenced as ``source=FILE#NAME``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import PrivateAttr, ValidationError, model_validator
+
+from kvq import codebooks, dtypes
+from kvq.errors import KVQError, SpecError
+from kvq.quantizers.codebook import CodebookQuantizer
+
+
+class Nuq(CodebookQuantizer):
+    """``nuq(bits, source=FILE#NAME)``: min-max normalized, calibrated levels in [-1, 1].
+
+    ``scale="minmax"``: each granularity group is normalized by its own range; metadata
+    ``scale`` and ``zero`` in the granularity's layout, stored at ``dtype`` (the stored values
+    are the ones used). A group whose entries are all equal decodes exactly.
+    ``scale="static"``: KVQuant's offline per-channel key scaling: one ``zero`` and ``scale`` per
+    (kv head, channel), fitted by ``kvq calibrate`` and read from the codebook file
+    (``NAME.zero``, ``NAME.scale``, (kv_heads, head_dim)); nothing is stored per block, the
+    granularity is unused, and values beyond the calibrated range take the outer levels (put
+    ``sparse`` first). Inputs are (batch, kv_heads * n, seq, head_dim) with n blocks per head
+    folded head-major, as :class:`kvq.hf.KVQCache` quantizes them (n = 1 for plain K/V).
+    There is no default codebook: a ``nuq`` step without ``source`` is an error.
+    """
+
+    type: Literal["nuq"] = "nuq"
+    scale: Literal["minmax", "static"] = "minmax"
+    source: str | None = None
+
+    positional = ("bits",)
+    _path: str = PrivateAttr(default="")
+
+    @classmethod
+    def validated(cls, data, name):
+        """As :meth:`Step.validated`, but a codebook problem surfaces as its own one-line error."""
+        try:
+            return cls.model_validate({"type": "nuq", **data})
+        except ValidationError as exc:
+            inner = (exc.errors()[0].get("ctx") or {}).get("error")
+            if isinstance(inner, SpecError):
+                raise SpecError(inner.reason, suggestion=inner.suggestion) from None
+        return super().validated(data, name)
+
+    @model_validator(mode="after")
+    def _load(self) -> Nuq:
+        if self.source is None:
+            raise SpecError(f"nuq({self.bits}) needs a calibrated codebook: "
+                            f"nuq({self.bits},source=FILE#NAME)",
+                            suggestion=f"`kvq calibrate --recipe kvquant{self.bits}` writes one "
+                                       "with a YAML config that uses it")
+        if any(c in self.source for c in ",()=>") or any(c.isspace() for c in self.source):
+            raise SpecError(f"codebook reference {self.source[:200]!r} contains a space or one "
+                            "of , ( ) = > which spec strings cannot hold",
+                            suggestion="rename the file")
+        path, _, _ = codebooks.levels(self.source, self.bits)
+        self._path = str(path)
+        if self.scale == "static":
+            self.static()
+        return self
+
+    def static(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(zero, scale), each fp32 (kv_heads, head_dim), of ``scale="static"``."""
+        name = codebooks.split_ref(self.source)[1]
+        return codebooks.static_scales(self.file, name, device)
+
+    def spec_name(self):
+        return "nuq"
+
+    @property
+    def file(self) -> Path:
+        """The resolved codebook file."""
+        return Path(self._path)
+
+    @property
+    def calibration(self) -> dict[str, str]:
+        """Metadata of the codebook file (model, layers, head_dim, bits, corpus, ...)."""
+        return codebooks.read(self.file)[0]
+
+    def codebook(self, head_dim):
+        name = codebooks.split_ref(self.source)[1]
+        return codebooks.levels(f"{self._path}#{name}", self.bits)[2]
+
+    def check_model(self, num_layers: int, head_dim: int) -> None:
+        meta = self.calibration
+        want = {"num_layers": num_layers, "head_dim": head_dim}
+        for key, value in want.items():
+            if key in meta and meta[key] != str(value):
+                raise SpecError(
+                    f"codebook file {self._path!r} was calibrated for "
+                    f"{meta.get('model', 'another model')} ({meta.get('num_layers')} layers, "
+                    f"head_dim {meta.get('head_dim')}), but this model has {num_layers} layers, "
+                    f"head_dim {head_dim}", suggestion="run `kvq calibrate` for this model")
+
+    def quantize(self, x, granularity):
+        lv = self.levels(x.shape[-1], x.device)
+        mids = (lv[1:] + lv[:-1]) / 2
+        if self.scale == "static":
+            zero, scale = self._per_head(x.shape, x.device)
+            return torch.bucketize(x.sub_(zero).div_(scale), mids, right=True).to(torch.uint8), {}
+        v, scale, zero = minmax_normalize(x, granularity, self.dtype)
+        codes = torch.bucketize(v, mids, right=True).to(torch.uint8)
+        return granularity.unview(codes, x.shape), {"scale": scale, "zero": zero}
+
+    def _per_head(self, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static (zero, scale) broadcast to (1, kv_heads * n, 1, head_dim), head-major."""
+        zero, scale = self.static(device)
+        heads, d = zero.shape
+        if shape[1] % heads or shape[-1] != d:
+            raise KVQError(f"nuq static scales in {self._path!r} are for {heads} kv heads x "
+                           f"head_dim {d}, but the K/V have shape {tuple(shape)}; use the codebook "
+                           "file calibrated for this model")
+        n = shape[1] // heads
+        return tuple(t.repeat_interleave(n, 0)[None, :, None] for t in (zero, scale))
+
+    def dequantize(self, codes, meta, granularity):
+        if self.scale == "static":
+            zero, scale = self._per_head(codes.shape, codes.device)
+            lv = self.levels(codes.shape[-1], codes.device)
+            return lv[codes.long()].mul_(scale).add_(zero)
+        g = granularity
+        out = g.view(self.levels(codes.shape[-1], codes.device)[codes.long()])
+        out = out.mul_(g.from_meta(meta["scale"].float())).add_(g.from_meta(meta["zero"].float()))
+        return g.unview(out, codes.shape)
+
+    def meta_bits(self, groups):
+        return 0 if self.scale == "static" else 2 * groups * dtypes.BITS[self.dtype]
+
+
+def minmax_normalize(x: torch.Tensor, granularity, dtype: dtypes.MetaDtype = "fp16"):
+    """x (B, H, T, D) fp32 (overwritten) -> (v, scale, zero): v in [-1, 1] in the granularity's
+    grouped view, ``scale = (max - min) / 2`` and ``zero = (max + min) / 2`` per group, stored
+    at ``dtype`` in the metadata layout (v is computed from the stored values)."""
+    g = granularity
+    xg, dim = g.view(x), g.reduce_dim
+    hi, lo = xg.amax(dim=dim, keepdim=True), xg.amin(dim=dim, keepdim=True)
+    scale = dtypes.store(g.to_meta((hi - lo) / 2), dtype, "scale")
+    zero = dtypes.store(g.to_meta((hi + lo) / 2), dtype, "zero point")
+    s = g.from_meta(scale).float()
+    v = xg.sub_(g.from_meta(zero).float()).div_(torch.where(s == 0, torch.ones_like(s), s))
+    return v, scale, zero
