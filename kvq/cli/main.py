@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "validate": "kvq.cli.validate",
     "schema": "kvq.cli.schema",
     "compare": "kvq.cli.compare",
+    "diagnose": "kvq.cli.diagnose",
+    "tune": "kvq.cli.tune",
 }
 
 
