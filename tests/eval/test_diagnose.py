@@ -105,7 +105,8 @@ def test_run_end_to_end(diagnosis):
     assert row["mode"] in ("Mode 1", "Mode 2", "both", "benign")
     assert len(row["errors"]["keys"]["ptok>int4"]["heads"]) == 2
     assert diagnosis["summary"]["best"] in diagnosis["candidates"]
-    assert diagnosis["bits"]["keys"]["ptok>int4"] == pytest.approx(4.25)  # 16-token blocks
+    # one fp16 scale per token of head_dim 16: 4 + 16/16 bits
+    assert diagnosis["bits"]["keys"]["ptok>int4"] == pytest.approx(5.0)
     json.dumps(diagnosis)
 
 
