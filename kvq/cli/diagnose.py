@@ -53,7 +53,7 @@ def add_common(p) -> None:
                    help="cache block size in tokens, as kvq compare (default 32)")
     p.add_argument("--stress", nargs="?", const="default", metavar="SPEC",
                    help="plant function-preserving key outliers first (default setting: "
-                   "'scale=8,layers=0-3,pairs=4'; see docs/diagnose.md)")
+                   "'scale=16,layers=0-3,pairs=4'; see docs/diagnose.md)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -19,7 +19,7 @@ Which pairs: per layer and KV head, the ``pairs`` rotary pairs whose key-project
 bias) have the largest norm, i.e. the channels that are already the largest, as outlier channels
 are in real models.
 
->>> report = apply_stress(model, StressSpec(scale=8, layers=(0, 1, 2), pairs=4))  # doctest: +SKIP
+>>> report = apply_stress(model, StressSpec(scale=16, layers=(0, 1, 2, 3), pairs=4))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from kvq.eval.errors import EvalError
 
-DEFAULT = "scale=8,layers=0-3,pairs=4"
+DEFAULT = "scale=16,layers=0-3,pairs=4"
 _INTERLEAVED = ("gptj", "codegen")  # RoPE on adjacent channel pairs (rotate_every_two)
 
 
@@ -39,7 +39,7 @@ class StressSpec:
     """Key channels of ``layers`` (None: all) scaled by ``scale``: ``pairs`` RoPE pairs per KV
     head (units of one channel beyond the rotary part)."""
 
-    scale: float = 8.0
+    scale: float = 16.0
     layers: tuple[int, ...] | None = (0, 1, 2, 3)
     pairs: int = 4
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kvq.eval.diagnose.attention_error import LayerAttention, layer_errors, stored
+from kvq.eval.diagnose.attention_error import LayerAttention, all_errors, stored
 from kvq.eval.diagnose.capture import capture, query_positions
 from kvq.pipeline import Pipeline
 
@@ -41,7 +41,7 @@ def test_errors_per_kv_head_follow_planted_outliers():
     pos = query_positions(128, 32)
     att = LayerAttention(q[:, :, pos], k, v, pos, scaling=0.25)
     specs = {s: Pipeline.parse(s) for s in ("none", "ptok>int4", "pchan>int4")}
-    e = layer_errors(att, specs, {"none": specs["none"]}, {"x": ("ptok>int4", "none")}, block=32)
+    e, = all_errors([att], specs, {"none": specs["none"]}, {"x": ("ptok>int4", "none")}, block=32)
     assert e.keys["none"].layer == 0.0
     naive, pchan = e.keys["ptok>int4"].heads, e.keys["pchan>int4"].heads
     assert naive[1] > 3 * naive[0]  # the outlier head breaks per-token scales

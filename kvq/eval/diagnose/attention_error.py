@@ -103,26 +103,36 @@ class LayerAttention:
         return Errors(num.tolist(), den.tolist())
 
 
-def layer_errors(att: LayerAttention, keys: dict[str, Pipeline], values: dict[str, Pipeline],
-                 presets: dict[str, tuple[str, str]], block: int, tick=lambda: None
-                 ) -> LayerErrors:
-    """Errors for every key pipeline (V exact), value pipeline (K exact) and preset (both).
+def stored_layers(xs: list[torch.Tensor], pipeline: Pipeline, block: int,
+                  role: str) -> list[torch.Tensor]:
+    """:func:`stored` for every layer at once: heads of all layers are stacked into one call
+    (statistics are per head and block, so this changes nothing but the overhead)."""
+    if pipeline.is_identity:
+        return xs
+    out = stored(torch.cat(xs, dim=1), pipeline, block, role)
+    return list(out.split([x.shape[1] for x in xs], dim=1))
 
-    ``keys``/``values``: spec -> pipeline; ``presets``: name -> (key spec, value spec), both
-    among ``keys``/``values``. ``tick()`` is called once per pipeline.
-    """
-    out = LayerErrors()
-    v_hat = {}
+
+def all_errors(atts: list[LayerAttention], keys: dict[str, Pipeline],
+               values: dict[str, Pipeline], presets: dict[str, tuple[str, str]], block: int,
+               tick=lambda: None) -> list[LayerErrors]:
+    """Per layer: errors for every key pipeline (V exact), value pipeline (K exact) and preset
+    (both). ``keys``/``values``: spec -> pipeline; ``presets``: name -> (key spec, value spec),
+    both among ``keys``/``values``. ``tick()`` is called once per pipeline and layer."""
+    out = [LayerErrors() for _ in atts]
+    v_hat: dict[str, list[torch.Tensor]] = {}
     for spec, p in values.items():
-        v_hat[spec] = stored(att.v, p, block, "values")
-        out.values[spec] = att.errors(att.p @ v_hat[spec])
-        tick()
+        v_hat[spec] = stored_layers([a.v for a in atts], p, block, "values")
+        for a, e, v in zip(atts, out, v_hat[spec]):
+            e.values[spec] = a.errors(a.p @ v)
+            tick()
     for spec, p in keys.items():
-        k_hat = stored(att.k, p, block, "keys")
-        p_hat = att.probs(k_hat) if k_hat is not att.k else att.p
-        out.keys[spec] = att.errors(p_hat @ att.v)
-        for name, (ks, vs) in presets.items():
-            if ks == spec:
-                out.joint[name] = att.errors(p_hat @ v_hat[vs])
-        tick()
+        k_hat = stored_layers([a.k for a in atts], p, block, "keys")
+        for i, (a, e, k) in enumerate(zip(atts, out, k_hat)):
+            p_hat = a.probs(k) if k is not a.k else a.p
+            e.keys[spec] = a.errors(p_hat @ a.v)
+            for name, (ks, vs) in presets.items():
+                if ks == spec:
+                    e.joint[name] = a.errors(p_hat @ v_hat[vs][i])
+            tick()
     return out

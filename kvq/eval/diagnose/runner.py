@@ -26,7 +26,7 @@ from kvq.errors import KVQError
 from kvq.eval import corpus as corpora
 from kvq.eval import models
 from kvq.eval.diagnose import stats as st
-from kvq.eval.diagnose.attention_error import LayerAttention, layer_errors
+from kvq.eval.diagnose.attention_error import LayerAttention, all_errors
 from kvq.eval.diagnose.candidates import collect
 from kvq.eval.diagnose.capture import capture
 from kvq.eval.diagnose.classify import MODE1_RATIO, MODE2_CV, classify
@@ -96,20 +96,19 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     wins = corpora.windows(ids, [settings.context], settings.context * settings.windows)
     captured = capture(model, wins[settings.context].to(model.device), settings.queries)
 
+    atts = [LayerAttention(c.q, c.k, c.v, c.positions, c.scaling, c.sliding_window)
+            for c in captured]
     bar = _bar(progress, n_layers * (len(cands.keys) + len(cands.values)))
-    layers = []
-    for i, c in enumerate(captured):
-        if bar is not None:
-            bar.set_description(f"layer {i}")
-        s = {"keys": st.head_stats(c.k), "values": st.head_stats(c.v),
-             "keys_pre_rope": st.head_stats(c.k_pre) if c.k_pre is not None else None}
-        att = LayerAttention(c.q, c.k, c.v, c.positions, c.scaling, c.sliding_window)
-        errs = layer_errors(att, cands.keys, cands.values, cands.pairs(), settings.block,
-                            tick=bar.update if bar is not None else lambda: None)
-        layers.append(_layer_row(i, c.weight, s, errs))
-        del att
+    errs = all_errors(atts, cands.keys, cands.values, cands.pairs(), settings.block,
+                      tick=bar.update if bar is not None else lambda: None)
     if bar is not None:
         bar.close()
+    del atts
+    layers = []
+    for i, (c, e) in enumerate(zip(captured, errs)):
+        s = {"keys": st.head_stats(c.k), "values": st.head_stats(c.v),
+             "keys_pre_rope": st.head_stats(c.k_pre) if c.k_pre is not None else None}
+        layers.append(_layer_row(i, c.weight, s, e))
     weighted = all(row["weight"] is not None for row in layers)
     if not weighted:
         for row in layers:
