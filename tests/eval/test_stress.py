@@ -83,3 +83,25 @@ def test_parse_and_errors():
         apply_stress(_fresh("llama"), "layers=9")
     with pytest.raises(EvalError, match="gpt2"):
         apply_stress(_fresh("gpt2"), "layers=0")
+
+
+def test_compare_stress_keeps_fp16_and_moves_naive(tiny_dir, text_file, tmp_path):
+    """kvq compare --stress: the fp16 PPL is unchanged (same function), naive INT4 is not."""
+    import json
+
+    from kvq.cli.main import main
+
+    rows = {}
+    for name, extra in (("plain", []), ("stress", ["--stress", "scale=30,layers=0-1"])):
+        out = tmp_path / name
+        assert main(["compare", "--model", str(tiny_dir), "--corpus", str(text_file),
+                     "--pipelines", "naive4", "--context", "64", "--tokens", "128",
+                     "--protocols", "teacher-forced", "--out", str(out), "--quiet",
+                     "--no-plot", *extra]) == 0
+        report = json.loads((out / "results.json").read_text())
+        rows[name] = {r["pipeline"]: r["value"] for r in report["rows"]}
+    assert report["stress"]["spec"] == "scale=30,layers=0+1,pairs=4"
+    assert rows["stress"]["fp16"] == pytest.approx(rows["plain"]["fp16"], rel=1e-4)
+    print(rows)
+    gap = {n: abs(r["naive4"] - r["fp16"]) for n, r in rows.items()}
+    assert gap["stress"] > 2 * gap["plain"]

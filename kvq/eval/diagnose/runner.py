@@ -72,8 +72,8 @@ class Settings:
 
 
 def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
-    """Diagnose; ``loaded`` = an already loaded ``(model, tokenizer)`` to reuse (not stressed
-    again: pass the stressed model and leave ``settings.stress`` for the record only)."""
+    """Diagnose; ``loaded`` = an already loaded ``(model, tokenizer)`` to reuse
+    (``settings.stress`` changes its weights in place)."""
     settings.validate()
     t0 = time.perf_counter()
     model, tokenizer = loaded or models.load(settings.model)
@@ -81,7 +81,7 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
 
     model.to(_device(settings.device))
     stress = None
-    if settings.stress is not None and loaded is None:
+    if settings.stress is not None:
         from kvq.eval.stress import apply_stress
 
         stress = apply_stress(model, settings.stress)
