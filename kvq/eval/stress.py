@@ -19,7 +19,7 @@ Which pairs: per layer and KV head, the ``pairs`` rotary pairs whose key-project
 bias) have the largest norm, i.e. the channels that are already the largest, as outlier channels
 are in real models.
 
->>> report = apply_stress(model, StressSpec(scale=16, layers=(0, 1, 2, 3), pairs=4))  # doctest: +SKIP
+>>> report = apply_stress(model, "scale=16,layers=0-3,pairs=4")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class _Layout:
         return out
 
     def _rows(self, attn):
-        d, hq, hkv, g = self.head_dim, self.heads, self.kv_heads, self.groups
+        d, hq, g = self.head_dim, self.heads, self.groups
         if isinstance(getattr(attn, "q_proj", None), torch.nn.Linear) and isinstance(
                 getattr(attn, "k_proj", None), torch.nn.Linear):
             return attn.q_proj, lambda j, c: j * d + c, attn.k_proj, lambda h, c: h * d + c

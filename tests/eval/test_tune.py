@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kvq.eval.errors import EvalError
-from kvq.eval.tune import allocate, to_config, tune
+from kvq.eval.tune import allocate, tune
 
 SPECS = {"ptok>int2": 2.25, "ptok>int4": 4.25, "pchan>int3": 3.5, "none": 16.0}
 
