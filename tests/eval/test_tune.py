@@ -111,3 +111,12 @@ def test_tune_cli_and_compare_report_the_same_bits(tiny_dir, text_file, tmp_path
         kvq.load(yaml).bits_per_element(head_dim=16, seq=16, num_layers=2), abs=1e-9)
     assert 3.0 < tuned["bits_per_element"] <= 4.0
     assert main(["tune", "--bits", "4", "--diagnosis", str(yaml)]) == 2
+
+
+def test_tune_without_diagnosis_runs_diagnose_first(tmp_path, capsys):
+    from kvq.cli.main import main
+
+    assert main(["tune", "--bits", "3", "--model", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["tune", "--bits", "-1"]) == 2
+    assert main(["tune", "--bits", "3", "--stress", "scale=0"]) == 2
