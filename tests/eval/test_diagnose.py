@@ -104,7 +104,9 @@ def test_run_end_to_end(diagnosis):
     assert set(row["errors"]["presets"]) == set(diagnosis["candidates"])
     assert row["mode"] in ("Mode 1", "Mode 2", "both", "benign")
     assert len(row["errors"]["keys"]["ptok>int4"]["heads"]) == 2
-    assert diagnosis["summary"]["best"] in diagnosis["candidates"]
+    (width, best), = diagnosis["summary"]["best"].items()
+    assert width == "4" and best in diagnosis["candidates"]
+    assert set(row["best"]["keys"]) == {"4"} and row["best"]["keys"]["4"] in row["errors"]["keys"]
     # one fp16 scale per token of head_dim 16: 4 + 16/16 bits
     assert diagnosis["bits"]["keys"]["ptok>int4"] == pytest.approx(5.0)
     json.dumps(diagnosis)

@@ -1,7 +1,8 @@
 """PNG heatmaps of a diagnosis: layers x KV heads, keys on top, values below.
 
 Columns: channel outlier ratio, token-norm coefficient of variation, and the relative
-attention-output error of the preset with the largest predicted error and of the best one
+attention-output error of the worst and the best preset (predicted error) at the lowest
+bit width of the run
 (K quantized alone / V quantized alone).
 """
 
@@ -19,7 +20,9 @@ def write_png(result: dict, path: Path) -> Path:
 
     layers = result["layers"]
     summ = result["summary"]["presets"]
-    ranked = sorted(summ, key=lambda n: summ[n]["predicted_error"])
+    low = next(iter(result["summary"]["best"]))  # the lowest width (or the only one)
+    ranked = sorted((n for n in summ if summ[n]["width"] == low),
+                    key=lambda n: summ[n]["predicted_error"])
     worst, best = ranked[-1], ranked[0]
     cands = result["candidates"]
     panels = [("outlier ratio", lambda r, role: r["stats"][role]["outlier_ratio"], "magma"),

@@ -12,7 +12,14 @@ def markdown(result: dict, top: int = 6) -> str:
     """Summary, per-preset totals and one row per layer (the ``top`` best presets as columns)."""
     m, s, summ = result["model"], result["settings"], result["summary"]
     presets = sorted(summ["presets"], key=lambda n: summ["presets"][n]["predicted_error"])
-    shown = presets[:top]
+    quantized = [n for n in presets if summ["presets"][n]["width"] != "16"]
+    if len(summ["best"]) > 1:  # several widths: the best and the worst of each
+        shown = []
+        for w in summ["best"]:
+            same = [n for n in quantized if summ["presets"][n]["width"] == w]
+            shown += dict.fromkeys([same[0], same[-1]])
+    else:
+        shown = quantized[:top]
     stress = result.get("stress")
     head = [
         f"Model: {m['name']} ({m['layers']} layers, {m['heads']} heads, {m['kv_heads']} KV "
@@ -23,7 +30,8 @@ def markdown(result: dict, top: int = 6) -> str:
         "Layers per mode: " + ", ".join(f"{k} {v}" for k, v in sorted(summ["modes"].items()))
         + f" (Mode 1: key outlier ratio >= {result['thresholds']['mode1_outlier_ratio']:g}; "
         f"Mode 2: token-norm CV >= {result['thresholds']['mode2_norm_cv']:g}). "
-        f"Best overall: **{summ['best']}**.",
+        "Best overall (smallest predicted error): "
+        + ", ".join(f"**{n}** at {w} bits" for w, n in summ["best"].items()) + ".",
         "",
         _table(["rank", "preset", "bits/elt", "predicted error", "mean rel. error", "layers won"],
                [[i + 1, n, _f(summ["presets"][n]["bits_per_element"], 2),
@@ -32,7 +40,8 @@ def markdown(result: dict, top: int = 6) -> str:
                  summ["presets"][n]["layers_won"]] for i, n in enumerate(presets)]),
         "",
         "Per layer: statistics are the maximum over KV heads; errors are the relative "
-        "attention-output error with K and V quantized by the preset.",
+        "attention-output error with K and V quantized by the preset; best: the winner at "
+        "each width.",
         "",
     ]
     rows = []
@@ -42,7 +51,8 @@ def markdown(result: dict, top: int = 6) -> str:
         rows.append([row["layer"], row["mode"], _f(max(k["outlier_ratio"]), 1),
                      _f(max(k["norm_cv"]), 2), _f(max(v["outlier_ratio"]), 1),
                      _f(max(v["norm_cv"]), 2), _f(max(k["kurtosis"]), 1)]
-                    + [_f(errs[n]["layer"], 3) for n in shown] + [row["best"]["preset"]])
+                    + [_f(errs[n]["layer"], 3) for n in shown]
+                    + [", ".join(row["best"]["preset"].values())])
     header = ["layer", "mode", "K outlier", "K norm CV", "V outlier", "V norm CV", "K kurt"]
     lines = head + [_table(header + shown + ["best"], rows)]
     if result.get("skipped"):

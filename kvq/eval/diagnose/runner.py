@@ -104,11 +104,14 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     if bar is not None:
         bar.close()
     del atts
+    widths = {n: width(c.keys.bits, c.values.bits) for n, c in cands.presets.items()}
+    pipe_bits = {"keys": {sp: str(p.bits) for sp, p in cands.keys.items()},
+                 "values": {sp: str(p.bits) for sp, p in cands.values.items()}}
     layers = []
     for i, (c, e) in enumerate(zip(captured, errs)):
         s = {"keys": st.head_stats(c.k), "values": st.head_stats(c.v),
              "keys_pre_rope": st.head_stats(c.k_pre) if c.k_pre is not None else None}
-        layers.append(_layer_row(i, c.weight, s, e))
+        layers.append(_layer_row(i, c.weight, s, e, widths, pipe_bits))
     weighted = all(row["weight"] is not None for row in layers)
     if not weighted:
         for row in layers:
@@ -124,54 +127,67 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
         "stress": stress,
         "thresholds": {"mode1_outlier_ratio": MODE1_RATIO, "mode2_norm_cv": MODE2_CV},
         "error_model": "residual-weighted" if weighted else "attention (unweighted)",
-        "candidates": {n: {"keys": k, "values": v, "bits_per_element": bits[n]}
-                       for n, (k, v) in cands.pairs().items()},
+        "candidates": {n: {"keys": k, "values": v, "bits_per_element": bits[n],
+                           "width": widths[n]} for n, (k, v) in cands.pairs().items()},
         "skipped": cands.skipped,
         "bits": {"keys": {s: p.bits_per_element(head_dim, settings.block)
                           for s, p in cands.keys.items()},
                  "values": {s: p.bits_per_element(head_dim, settings.block)
                             for s, p in cands.values.items()}},
         "layers": layers,
-        "summary": summary(layers, bits),
+        "summary": summary(layers, bits, widths),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
-def _layer_row(i, weight, s, errs) -> dict:
+def width(keys_bits: int, values_bits: int) -> str:
+    """Bit-width label of a preset: ``"4"``, or ``"k8v4"`` when keys and values differ."""
+    return str(keys_bits) if keys_bits == values_bits else f"k{keys_bits}v{values_bits}"
+
+
+def _best(errs: dict, group: dict[str, str]) -> dict[str, str]:
+    """{width: the name with the smallest error among the quantizing ones of that width}."""
+    out: dict[str, str] = {}
+    for name, e in sorted(errs.items(), key=lambda kv: kv[1]["energy"]):
+        if group[name] != "16":
+            out.setdefault(group[name], name)
+    return dict(sorted(out.items()))
+
+
+def _layer_row(i, weight, s, errs, widths: dict[str, str], bits: dict) -> dict:
     def pack(d):
         return {spec: {"heads": e.heads, "layer": e.layer, "energy": e.energy}
                 for spec, e in d.items()}
 
-    joint = pack(errs.joint)
-    return {
-        "layer": i,
-        "weight": weight,
-        "stats": s,
-        "mode": classify(s["keys"], s["values"]),
-        "errors": {"keys": pack(errs.keys), "values": pack(errs.values), "presets": joint},
-        "best": {"preset": min(joint, key=lambda n: joint[n]["energy"]),
-                 "keys": min(errs.keys, key=lambda n: errs.keys[n].energy),
-                 "values": min(errs.values, key=lambda n: errs.values[n].energy)},
-    }
+    out = {"keys": pack(errs.keys), "values": pack(errs.values), "presets": pack(errs.joint)}
+    return {"layer": i, "weight": weight, "stats": s, "mode": classify(s["keys"], s["values"]),
+            "errors": out, "best": best_of(out, widths, bits)}
 
 
-def summary(layers: list[dict], bits: dict[str, float]) -> dict:
-    """Per preset: bits/element, mean relative layer error, predicted error; the winner overall
-    (smallest predicted error) and the count of layers per mode."""
+def best_of(errors: dict, widths: dict[str, str], bits: dict) -> dict:
+    """Winners of one layer per bit width: presets (K and V together), key and value pipelines."""
+    return {"preset": _best(errors["presets"], widths),
+            **{role: _best(errors[role], bits[role]) for role in ("keys", "values")}}
+
+
+def summary(layers: list[dict], bits: dict[str, float], widths: dict[str, str]) -> dict:
+    """Per preset: bits/element, mean relative layer error, predicted error, layers won at its
+    width; the winner per width (smallest predicted error) and the count of layers per mode."""
     presets = {}
     for name in bits:
         rel = [row["errors"]["presets"][name]["layer"] for row in layers]
         presets[name] = {
             "bits_per_element": bits[name],
+            "width": widths[name],
             "mean_relative_error": sum(rel) / len(rel),
             "predicted_error": predicted(layers, name),
-            "layers_won": sum(row["best"]["preset"] == name for row in layers),
+            "layers_won": sum(row["best"]["preset"].get(widths[name]) == name for row in layers),
         }
     modes: dict[str, int] = {}
     for row in layers:
         modes[row["mode"]] = modes.get(row["mode"], 0) + 1
-    return {"presets": presets, "best": min(presets, key=lambda n: presets[n]["predicted_error"]),
-            "modes": modes}
+    best = _best({n: {"energy": p["predicted_error"]} for n, p in presets.items()}, widths)
+    return {"presets": presets, "best": best, "modes": modes}
 
 
 def predicted(layers: list[dict], preset: str) -> float:
