@@ -18,9 +18,10 @@ def _qkv(hq=4, hkv=2, seq=96, d=16, seed=0):
             torch.randn(1, hkv, seq, d, generator=g))
 
 
-def test_exact_attention_matches_sdpa_with_gqa_and_causal_mask():
-    q, k, v = _qkv()
-    pos = query_positions(96, 20)
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_exact_attention_matches_sdpa_with_gqa_and_causal_mask(d):
+    q, k, v = _qkv(seq=97, d=d)
+    pos = query_positions(97, 20)
     att = LayerAttention(q[:, :, pos], k, v, pos, scaling=0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True,
