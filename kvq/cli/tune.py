@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--diagnosis", metavar="JSON",
                    help="diagnose.json to reuse (from kvq diagnose --bits all); default: run "
                    "the diagnosis now with every registered preset")
+    p.add_argument("--error-model", choices=("residual", "attention"), default="residual",
+                   help="residual (default): weigh each layer's attention error by its weight in "
+                   "the residual stream; attention: plain sum of relative attention errors")
     p.add_argument("--name", help="config name in the YAML (default tuned<B>)")
     p.add_argument("--out", default=None, help="YAML to write (default tuned<B>.yaml)")
     add_common(p)
@@ -65,7 +68,7 @@ def run(args) -> int:
 
             torch.set_num_threads(args.threads)
         diagnosis = diagnose(settings, progress=not args.quiet)
-    cfg, report = tune(diagnosis, args.bits, args.name)
+    cfg, report = tune(diagnosis, args.bits, args.name, args.error_model)
     out = Path(args.out or f"tuned{args.bits:g}.yaml")
     cfg.save(out)
     print(summary(cfg, report))

@@ -41,8 +41,17 @@ class Choice:
     error: float
 
 
-def allocate(diagnosis: dict, budget: float) -> list[Choice]:
-    """Per (layer, role) the pipeline minimising the predicted error with mean bits <= budget."""
+ERROR_MODELS = ("residual", "attention")
+
+
+def allocate(diagnosis: dict, budget: float, error_model: str = "residual") -> list[Choice]:
+    """Per (layer, role) the pipeline minimising the predicted error with mean bits <= budget.
+
+    ``error_model``: ``"residual"`` weighs each layer's squared relative attention error by its
+    residual-stream weight ``w_l``; ``"attention"`` sums the squared relative errors as they are.
+    """
+    if error_model not in ERROR_MODELS:
+        raise EvalError(f"--error-model {error_model!r}: use one of {', '.join(ERROR_MODELS)}")
     import numpy as np
 
     head_dim, block = diagnosis["model"]["head_dim"], diagnosis["settings"]["block"]
@@ -50,7 +59,8 @@ def allocate(diagnosis: dict, budget: float) -> list[Choice]:
     items = []
     for row in diagnosis["layers"]:
         for role in ROLES:
-            opts = [(spec, diagnosis["bits"][role][spec], row["weight"] * e["energy"])
+            w = row["weight"] if error_model == "residual" else 1.0
+            opts = [(spec, diagnosis["bits"][role][spec], w * e["energy"])
                     for spec, e in row["errors"][role].items()]
             items.append((row["layer"], role, opts))
     costs = {round(b * unit) for _, _, opts in items for _, b, _ in opts}
@@ -100,12 +110,13 @@ def to_config(choices: list[Choice], name: str) -> KVConfig:
                     layers={i: LayerOverride(**o) for i, o in sorted(layers.items())})
 
 
-def tune(diagnosis: dict, budget: float, name: str | None = None) -> tuple[KVConfig, dict]:
+def tune(diagnosis: dict, budget: float, name: str | None = None,
+         error_model: str = "residual") -> tuple[KVConfig, dict]:
     """``(config, report)``: the allocation as a KVConfig and a plain-data report (predicted error
     of the tuned config and of every uniform candidate preset within the budget)."""
     if not budget > 0:
         raise EvalError(f"--bits must be positive, got {budget}")
-    choices = allocate(diagnosis, budget)
+    choices = allocate(diagnosis, budget, error_model)
     m, block = diagnosis["model"], diagnosis["settings"]["block"]
     cfg = to_config(choices, name or f"tuned{budget:g}")
     bits = cfg.bits_per_element(m["head_dim"], block, m["layers"])
@@ -116,11 +127,13 @@ def tune(diagnosis: dict, budget: float, name: str | None = None) -> tuple[KVCon
         if c["bits_per_element"] <= budget + 1e-9:
             uniform[preset] = {"bits_per_element": c["bits_per_element"],
                                "predicted_error": sum(
-                                   r["weight"] * (r["errors"]["keys"][c["keys"]]["energy"]
-                                                  + r["errors"]["values"][c["values"]]["energy"])
+                                   (r["weight"] if error_model == "residual" else 1.0)
+                                   * (r["errors"]["keys"][c["keys"]]["energy"]
+                                      + r["errors"]["values"][c["values"]]["energy"])
                                    for r in diagnosis["layers"])}
     report = {
         "budget": budget,
+        "error_model": error_model,
         "bits_per_element": bits,
         "predicted_error": sum(c.error for c in choices),
         "uniform": uniform,
