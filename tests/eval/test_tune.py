@@ -120,3 +120,20 @@ def test_tune_without_diagnosis_runs_diagnose_first(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["tune", "--bits", "-1"]) == 2
     assert main(["tune", "--bits", "3", "--stress", "scale=0"]) == 2
+
+
+def test_error_models_weigh_layers_differently():
+    errs = [{"ptok>int2": (1.0, 1.0), "ptok>int4": (0.1, 0.1), "pchan>int3": (0.5, 0.5),
+             "none": (0.0, 0.0)}] * 2
+    d = _diagnosis(errs, weights=[10.0, 0.01])
+    residual, attention = allocate(d, 3.25), allocate(d, 3.25, "attention")
+
+    def cost(choices, weighted):
+        return sum((d["layers"][c.layer]["weight"] if weighted else 1.0)
+                   * d["layers"][c.layer]["errors"][c.role][c.spec]["energy"] for c in choices)
+
+    assert [c.spec for c in residual if c.layer == 1] == ["ptok>int2", "ptok>int2"]
+    assert cost(residual, True) <= cost(attention, True)  # each optimal for its own model
+    assert cost(attention, False) <= cost(residual, False)
+    with pytest.raises(EvalError, match="--error-model"):
+        allocate(d, 3.0, "bogus")

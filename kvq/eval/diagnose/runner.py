@@ -148,7 +148,7 @@ def width(keys_bits: int, values_bits: int) -> str:
 def _best(errs: dict, group: dict[str, str]) -> dict[str, str]:
     """{width: the name with the smallest error among the quantizing ones of that width}."""
     out: dict[str, str] = {}
-    for name, e in sorted(errs.items(), key=lambda kv: kv[1]["energy"]):
+    for name in sorted(errs, key=lambda n: errs[n]["energy"]):
         if group[name] != "16":
             out.setdefault(group[name], name)
     return dict(sorted(out.items()))
