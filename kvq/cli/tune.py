@@ -32,9 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--diagnosis", metavar="JSON",
                    help="diagnose.json to reuse (from kvq diagnose --bits all); default: run "
                    "the diagnosis now with every registered preset")
-    p.add_argument("--error-model", choices=("residual", "attention"), default="residual",
-                   help="residual (default): weigh each layer's attention error by its weight in "
-                   "the residual stream; attention: plain sum of relative attention errors")
+    p.add_argument("--error-model", choices=("attention", "residual"), default="attention",
+                   help="attention (default): sum of the layers' squared relative attention "
+                   "errors; residual: each weighted by the layer's weight in the residual stream")
     p.add_argument("--name", help="config name in the YAML (default tuned<B>)")
     p.add_argument("--out", default=None, help="YAML to write (default tuned<B>.yaml)")
     add_common(p)

@@ -2,13 +2,15 @@
 
 Input: a diagnosis (:func:`kvq.eval.diagnose.run`, best with every bit width) that gives, per
 layer ``l`` and candidate pipeline ``p``, the squared relative attention-output error with only
-the keys (``e_l^K(p)``) or only the values (``e_l^V(p)``) quantized by ``p``, and the layer's
-weight ``w_l`` in the residual stream. Error model (additive):
+the keys (``e_l^K(p)``) or only the values (``e_l^V(p)``) quantized by ``p``. Error model
+(additive, K and V errors taken as uncorrelated):
 
-    E = Σ_l w_l (e_l^K(p_l^K) + e_l^V(p_l^V))
+    E = Σ_l (e_l^K(p_l^K) + e_l^V(p_l^V))          (default, "attention")
+    E = Σ_l w_l (e_l^K(p_l^K) + e_l^V(p_l^V))      ("residual": w_l = the layer's weight in the
+                                                    residual stream, see kvq.eval.diagnose)
 
-i.e. the energy each layer's attention error injects into the residual stream, relative to the
-stream, with K and V errors taken as uncorrelated. Cost: the bits per element each pipeline
+Every layer counts the same by default: weighting by ``w_l`` starves the middle layers and
+measured worse on SmolLM2 (docs/diagnose.md). Cost: the bits per element each pipeline
 stores at the cache's block size (metadata included), averaged over layers and K/V exactly as
 :meth:`kvq.KVConfig.bits_per_element` and ``kvq compare`` report it.
 
@@ -41,14 +43,15 @@ class Choice:
     error: float
 
 
-ERROR_MODELS = ("residual", "attention")
+ERROR_MODELS = ("attention", "residual")
 
 
-def allocate(diagnosis: dict, budget: float, error_model: str = "residual") -> list[Choice]:
+def allocate(diagnosis: dict, budget: float, error_model: str = "attention") -> list[Choice]:
     """Per (layer, role) the pipeline minimising the predicted error with mean bits <= budget.
 
-    ``error_model``: ``"residual"`` weighs each layer's squared relative attention error by its
-    residual-stream weight ``w_l``; ``"attention"`` sums the squared relative errors as they are.
+    ``error_model``: ``"attention"`` (default) sums the squared relative attention errors of
+    all layers as they are; ``"residual"`` weighs each by the layer's residual-stream weight
+    ``w_l`` (measured worse on SmolLM2: docs/diagnose.md).
     """
     if error_model not in ERROR_MODELS:
         raise EvalError(f"--error-model {error_model!r}: use one of {', '.join(ERROR_MODELS)}")
@@ -111,7 +114,7 @@ def to_config(choices: list[Choice], name: str) -> KVConfig:
 
 
 def tune(diagnosis: dict, budget: float, name: str | None = None,
-         error_model: str = "residual") -> tuple[KVConfig, dict]:
+         error_model: str = "attention") -> tuple[KVConfig, dict]:
     """``(config, report)``: the allocation as a KVConfig and a plain-data report (predicted error
     of the tuned config and of every uniform candidate preset within the budget)."""
     if not budget > 0:

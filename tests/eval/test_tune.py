@@ -44,7 +44,7 @@ def _errors(seed: int, n_layers: int):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_allocation_is_the_brute_force_optimum(budget, seed):
     d = _diagnosis(_errors(seed, 2), weights=[2.0, 0.5])
-    choices = allocate(d, budget)
+    choices = allocate(d, budget, "residual")
     got = sum(c.error for c in choices)
     best = min(
         sum(d["layers"][i // 2]["weight"] * d["layers"][i // 2]["errors"][r][s]["energy"]
@@ -126,7 +126,7 @@ def test_error_models_weigh_layers_differently():
     errs = [{"ptok>int2": (1.0, 1.0), "ptok>int4": (0.1, 0.1), "pchan>int3": (0.5, 0.5),
              "none": (0.0, 0.0)}] * 2
     d = _diagnosis(errs, weights=[10.0, 0.01])
-    residual, attention = allocate(d, 3.25), allocate(d, 3.25, "attention")
+    residual, attention = allocate(d, 3.25, "residual"), allocate(d, 3.25)
 
     def cost(choices, weighted):
         return sum((d["layers"][c.layer]["weight"] if weighted else 1.0)
