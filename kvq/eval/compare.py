@@ -47,6 +47,7 @@ class Settings:
     needle_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
     needle_per_length: int = 4
     device: str | None = None  # default: cuda when available, else cpu
+    stress: str | None = None  # kvq.eval.stress spec: plant key outliers first ("default")
 
     def validate(self) -> None:
         """Checks that need no model (run before loading it)."""
@@ -62,6 +63,10 @@ class Settings:
                 raise EvalError(f"{name} needs positive integers, got {values}")
         if self.bits and any(b not in (2, 3, 4, 8) for b in self.bits):
             raise EvalError(f"--bits takes 2, 3, 4 or 8, got {self.bits}")
+        if self.stress is not None:
+            from kvq.eval.stress import StressSpec
+
+            StressSpec.parse(self.stress)
         if self.tokens < 1:
             raise EvalError(f"--tokens must be positive, got {self.tokens}")
         for name in self.protocols:
@@ -89,6 +94,11 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     except (RuntimeError, AssertionError) as err:  # e.g. "Torch not compiled with CUDA enabled"
         raise EvalError(f"--device {settings.device!r}: {err}") from None
     load_s = time.perf_counter() - t0
+    stress = None
+    if settings.stress is not None:
+        from kvq.eval.stress import apply_stress
+
+        stress = apply_stress(model, settings.stress)
     try:
         layers, kv_heads, head_dim = geometry(model.config)
     except KVQError as err:
@@ -117,6 +127,7 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
         "settings": asdict(settings) | {"pipelines": list(configs)},
         "pipelines": {label: cfg.to_dict() for label, cfg in configs.items()},
         "rows": rows,
+        "stress": stress,
         "load_seconds": round(load_s, 2),
         "seconds": round(time.perf_counter() - t0, 2),
         "machine": _machine(),

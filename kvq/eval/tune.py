@@ -1,0 +1,145 @@
+"""``kvq tune``: a pipeline and bit width per layer for keys and values, under a bit budget.
+
+Input: a diagnosis (:func:`kvq.eval.diagnose.run`, best with every bit width) that gives, per
+layer ``l`` and candidate pipeline ``p``, the squared relative attention-output error with only
+the keys (``e_l^K(p)``) or only the values (``e_l^V(p)``) quantized by ``p``. Error model
+(additive, K and V errors taken as uncorrelated):
+
+    E = Σ_l (e_l^K(p_l^K) + e_l^V(p_l^V))          (default, "attention")
+    E = Σ_l w_l (e_l^K(p_l^K) + e_l^V(p_l^V))      ("residual": w_l = the layer's weight in the
+                                                    residual stream, see kvq.eval.diagnose)
+
+Every layer counts the same by default: weighting by ``w_l`` starves the middle layers and
+measured worse on SmolLM2 (docs/diagnose.md). Cost: the bits per element each pipeline
+stores at the cache's block size (metadata included), averaged over layers and K/V exactly as
+:meth:`kvq.KVConfig.bits_per_element` and ``kvq compare`` report it.
+
+Allocation: exact multiple-choice knapsack by dynamic programming over integer costs (stored bits
+per block of one head, divided by their gcd). The costs are few and discrete (a handful of
+widths and metadata layouts), so the DP is exact and takes milliseconds; a greedy or Lagrangian
+allocation would only reach the points on the convex hull of each layer's (bits, error) curve
+and can leave budget unused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from kvq.eval.errors import EvalError
+from kvq.kvconfig import KVConfig, LayerOverride
+from kvq.pipeline import Pipeline
+
+ROLES = ("keys", "values")
+
+
+@dataclass
+class Choice:
+    layer: int
+    role: str
+    spec: str
+    bits: float
+    error: float
+
+
+ERROR_MODELS = ("attention", "residual")
+
+
+def allocate(diagnosis: dict, budget: float, error_model: str = "attention") -> list[Choice]:
+    """Per (layer, role) the pipeline minimising the predicted error with mean bits <= budget.
+
+    ``error_model``: ``"attention"`` (default) sums the squared relative attention errors of
+    all layers as they are; ``"residual"`` weighs each by the layer's residual-stream weight
+    ``w_l`` (measured worse on SmolLM2: docs/diagnose.md).
+    """
+    if error_model not in ERROR_MODELS:
+        raise EvalError(f"--error-model {error_model!r}: use one of {', '.join(ERROR_MODELS)}")
+    import numpy as np
+
+    head_dim, block = diagnosis["model"]["head_dim"], diagnosis["settings"]["block"]
+    unit = block * head_dim  # bits per element x unit = stored bits per block of one head
+    items = []
+    for row in diagnosis["layers"]:
+        for role in ROLES:
+            w = row["weight"] if error_model == "residual" else 1.0
+            opts = [(spec, diagnosis["bits"][role][spec], w * e["energy"])
+                    for spec, e in row["errors"][role].items()]
+            items.append((row["layer"], role, opts))
+    costs = {round(b * unit) for _, _, opts in items for _, b, _ in opts}
+    g = math.gcd(*costs)
+    cap = math.floor(budget * unit * len(items) / g + 1e-9)
+    cheapest = sum(min(round(b * unit) // g for _, b, _ in opts) for _, _, opts in items)
+    if cheapest > cap:
+        raise EvalError(f"--bits {budget:g}: the cheapest candidates need "
+                        f"{cheapest * g / unit / len(items):.3f} bits/element; raise --bits or "
+                        "add cheaper candidates")
+    dp = np.full(cap + 1, np.inf)
+    dp[0] = 0.0
+    picks = []
+    for _, _, opts in items:
+        new = np.full(cap + 1, np.inf)
+        pick = np.full(cap + 1, -1, dtype=np.int32)
+        for j, (_, b, err) in enumerate(opts):
+            c = round(b * unit) // g
+            if c > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[c:] = dp[: cap + 1 - c] + err
+            better = cand < new
+            new[better], pick[better] = cand[better], j
+        dp = new
+        picks.append(pick)
+    state = int(np.argmin(dp))
+    out = []
+    for (layer, role, opts), pick in zip(reversed(items), reversed(picks)):
+        j = int(pick[state])
+        spec, b, err = opts[j]
+        out.append(Choice(layer, role, spec, b, err))
+        state -= round(b * unit) // g
+    return out[::-1]
+
+
+def to_config(choices: list[Choice], name: str) -> KVConfig:
+    """A KVConfig: the most common key/value pipelines as defaults, other layers overridden."""
+    default = {r: Counter(c.spec for c in choices if c.role == r).most_common(1)[0][0]
+               for r in ROLES}
+    layers: dict[int, dict] = {}
+    for c in choices:
+        if c.spec != default[c.role]:
+            layers.setdefault(c.layer, {})[c.role] = Pipeline.parse(c.spec)
+    return KVConfig(name=name, keys=Pipeline.parse(default["keys"]),
+                    values=Pipeline.parse(default["values"]),
+                    layers={i: LayerOverride(**o) for i, o in sorted(layers.items())})
+
+
+def tune(diagnosis: dict, budget: float, name: str | None = None,
+         error_model: str = "attention") -> tuple[KVConfig, dict]:
+    """``(config, report)``: the allocation as a KVConfig and a plain-data report (predicted error
+    of the tuned config and of every uniform candidate preset within the budget)."""
+    if not budget > 0:
+        raise EvalError(f"--bits must be positive, got {budget}")
+    choices = allocate(diagnosis, budget, error_model)
+    m, block = diagnosis["model"], diagnosis["settings"]["block"]
+    cfg = to_config(choices, name or f"tuned{budget:g}")
+    bits = cfg.bits_per_element(m["head_dim"], block, m["layers"])
+    if bits > budget + 1e-9:  # the DP works in exact integer bits; this would be a kvq bug
+        raise EvalError(f"internal error: tuned config stores {bits} bits/element > {budget}")
+    uniform = {}
+    for preset, c in diagnosis["candidates"].items():
+        if c["bits_per_element"] <= budget + 1e-9:
+            uniform[preset] = {"bits_per_element": c["bits_per_element"],
+                               "predicted_error": sum(
+                                   (r["weight"] if error_model == "residual" else 1.0)
+                                   * (r["errors"]["keys"][c["keys"]]["energy"]
+                                      + r["errors"]["values"][c["values"]]["energy"])
+                                   for r in diagnosis["layers"])}
+    report = {
+        "budget": budget,
+        "error_model": error_model,
+        "bits_per_element": bits,
+        "predicted_error": sum(c.error for c in choices),
+        "uniform": uniform,
+        "choices": [c.__dict__ for c in choices],
+    }
+    return cfg, report
