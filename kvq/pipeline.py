@@ -220,10 +220,18 @@ def _steps_spec(steps: tuple[Step, ...]) -> str:
     return ">".join(s.to_spec() for s in steps)
 
 
-@lru_cache(maxsize=512)
 def parse_cached(spec: str) -> Pipeline:
     """:meth:`Pipeline.parse` of a spec string, memoized (pipelines are immutable): a file with
-    200k layer overrides repeating a few specs parses each spec once."""
+    200k layer overrides repeating a few specs parses each spec once. A spec naming a file
+    (``nuq(3,source=FILE#NAME)``) is parsed afresh: the file is resolved against the YAML that
+    names it and read when the step is built."""
+    if "source=" in spec:
+        return Pipeline.parse(spec)
+    return _parse_memo(spec)
+
+
+@lru_cache(maxsize=512)
+def _parse_memo(spec: str) -> Pipeline:
     return Pipeline.parse(spec)
 
 
