@@ -69,6 +69,14 @@ def collect(bits: list[int] | None, extra: list[str] | None, head_dim: int, num_
 
 
 def _misfit(cfg: KVConfig, head_dim: int, num_layers: int, block: int) -> str | None:
+    # diagnose measures one key and one value pipeline per layer on post-RoPE keys, all tokens
+    # quantized: options that change that are not modelled, so such presets are left out (named)
+    if cfg.skip:
+        return f"keeps layers {list(cfg.skip)} unquantized (skip), which diagnose does not model"
+    if cfg.key_rope != "post" or cfg.layers and any(o.key_rope for o in cfg.layers.values()):
+        return "quantizes keys before RoPE, which diagnose does not model"
+    if cfg.sinks:
+        return f"keeps {cfg.sinks} sink token(s) exact, which diagnose does not model"
     try:
         cfg.check(num_layers=num_layers, head_dim=head_dim)
     except KVQError as err:
