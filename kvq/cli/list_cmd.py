@@ -55,15 +55,18 @@ def _list(args) -> int:
                   + _source(e))
     if "presets" in show:
         print(f"presets:  bits/element as KVQCache stores them (blocks of {BLOCK} tokens, "
-              f"metadata included; skipped layers at fp16 over {LAYERS} layers) at head_dim 64 "
-              "/ 128")
+              f"metadata included; skipped layers at fp16 over {LAYERS} layers; sink tokens, "
+              "held once per sequence, not included) at head_dim 64 / 128")
         for e, factory in PRESETS.loaded():
             cfg = factory()
-            b64, b128 = (cfg.bits_per_element(head_dim=d, seq=BLOCK, num_layers=LAYERS)
+            blocks = cfg.model_copy(update={"sinks": 0})  # sinks are per sequence, not per block
+            b64, b128 = (blocks.bits_per_element(head_dim=d, seq=BLOCK, num_layers=LAYERS)
                          for d in (64, 128))
-            skip = f"  skip {list(cfg.skip)}" if cfg.skip else ""
+            extra = f"  skip {list(cfg.skip)}" if cfg.skip else ""
+            extra += "  keys pre-RoPE" if cfg.uses_pre_rope else ""
+            extra += f"  sinks {cfg.sinks}" if cfg.sinks else ""
             print(f"  {e.name:<16} {b64:6.3f} {b128:6.3f}  K: {cfg.keys.to_spec():<28} "
-                  f"V: {cfg.values.to_spec()}{skip}" + _source(e))
+                  f"V: {cfg.values.to_spec()}{extra}" + _source(e))
     if "plugins" in show:
         print("plugins:")
         for st in plugin_status():
