@@ -4,7 +4,7 @@ For each context length: a KVQLayer holds ``tokens`` K/V quantized with ``--spec
 ``--block``, a 128-token exact window) and a DynamicCache layer holds the same K/V in fp16. One
 decode step is timed for each, interleaved and repeated (CUDA events, median of ``--reps``):
 
-- ``kvq triton``: :func:`kvq.backends.triton.decode_attention.triton_decode_attention` (reads
+- ``kvq triton``: :func:`kvq.hf.triton_decode.triton_decode_attention` (reads
   the packed codes, dequantizes in registers, split-K + reduce), after the layer's ``update``;
 - ``sdpa fp16``: ``DynamicCache`` update (it concatenates the new token) + SDPA, and SDPA alone.
 
@@ -79,8 +79,8 @@ def timed(fn, device, reps: int) -> list[float]:
 
 def measure(spec, b, h, hq, t, d, block, reps, dtype, device) -> dict:
     """One context length: median times (ms) of the three steps, interleaved."""
-    from kvq.backends.triton.decode_attention import triton_decode_attention
     from kvq.hf.flash_decode import decode_attention
+    from kvq.hf.triton_decode import triton_decode_attention
 
     layer, view, window, dyn, k1 = build(spec, b, h, t, d, block, dtype, device)
     q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)

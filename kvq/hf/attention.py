@@ -54,10 +54,10 @@ def _fast_ok(query, dropout, kwargs) -> bool:
 
 def _decode(query, view, window, mask, scale):
     if query.is_cuda and view.layer.k_store.segments:
-        from kvq.backends.triton.decode_attention import triton_decode_supported
+        from kvq.hf.triton_decode import triton_decode_supported
 
         if triton_decode_supported(view):
-            from kvq.backends.triton.decode_attention import triton_decode_attention
+            from kvq.hf.triton_decode import triton_decode_attention
 
             return triton_decode_attention(query, view, window, mask, scale)
     from kvq.hf.flash_decode import decode_attention

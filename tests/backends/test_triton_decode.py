@@ -21,7 +21,7 @@ if not INTERPRETED and not torch.cuda.is_available():
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 DEVICE = "cpu" if INTERPRETED else "cuda"
 
-from kvq.backends.triton.decode_attention import (  # noqa: E402
+from kvq.hf.triton_decode import (  # noqa: E402
     triton_decode_attention,
     triton_decode_supported,
 )

@@ -7,6 +7,7 @@ in tiles of BT: loads the packed key codes and their metadata, dequantizes them 
 does the same for values with an online softmax. It writes a partial (max m, sum l, output acc)
 per split; :func:`reduce_partials` merges the splits of every segment with the exact residual
 window (attended in torch) as in FlashInfer / vLLM's ``triton_decode_attention`` reduce step.
+Walking a cache layer's segments is :mod:`kvq.hf.triton_decode` (the core knows no cache).
 
 Rotations are never applied to K/V: the launcher rotates the query once (keys) and the merged
 output once (values); the softmax scale is folded into the query too. Token position ``t`` of a
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kvq.backends.triton.common import dequantize_codes, launch, padded_dim, row_bytes, unpack_load
-from kvq.backends.triton.plan import KernelPlan, Unsupported
+from kvq.backends.triton.plan import KernelPlan
 
 NEG = -3.0e38
 
@@ -117,23 +118,6 @@ def _gran_index(plan: KernelPlan, L: int, d: int) -> tuple[int, int, int, int]:
     return -(-L // plan.group), d, plan.group, 1
 
 
-def plans(view) -> tuple[KernelPlan, KernelPlan] | None:
-    """The kernel plans of a :class:`~kvq.hf.decode.DecodeView`'s pipelines, or None."""
-    try:
-        out = tuple(KernelPlan.from_pipeline(r.pipeline) for r in view.readers)
-    except Unsupported:
-        return None
-    # kvq's integer codes only: block formats and codebooks have other kernels
-    ok = all(p.fmt == "int" and p.codebook is None for p in out)
-    return out if ok else None
-
-
-def triton_decode_supported(view) -> bool:
-    """True when both pipelines have integer kernel plans (int2/3/4/8; nsep, rot; ptok, pchan,
-    group)."""
-    return plans(view) is not None
-
-
 def segment_partials(q: torch.Tensor, seg_k, seg_v, plan_k: KernelPlan, plan_v: KernelPlan,
                      first: int, bias: torch.Tensor | None, bias_off: int,
                      per_split: int | None = None, bt: int | None = None):
@@ -190,45 +174,3 @@ def reduce_partials(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     top = m.amax(dim=2, keepdim=True)
     w = torch.exp(m - top)
     return (acc * w.unsqueeze(-1)).sum(dim=2) / (lsum * w).sum(dim=2).unsqueeze(-1)
-
-
-def triton_decode_attention(query: torch.Tensor, view, window, mask, scaling: float,
-                            per_split: int | None = None, bt: int | None = None
-                            ) -> torch.Tensor:
-    """Same contract as :func:`kvq.hf.flash_decode.decode_attention`, on the Triton kernel."""
-    from kvq.hf.flash_decode import mask_bias
-
-    b, hq, _, d = query.shape
-    kwin, vwin = window
-    h, dv = kwin.shape[1], vwin.shape[-1]
-    g = hq // h
-    plan_k, plan_v = plans(view)
-    rk, rv = view.readers
-    mk, mv = rk.matrix(d, query.device), rv.matrix(dv, query.device)
-    q = query.float().reshape(b, h, g, d) * scaling
-    qk = q if mk is None else q @ mk.T
-    bias = mask_bias(mask, b, h, g, view.visible)
-    if bias is not None and (bias.shape[1] != 1 or bias.shape[2] != 1):
-        from kvq.hf.flash_decode import decode_attention  # per-head masks: the torch path
-
-        return decode_attention(query, view, window, mask, scaling)
-    flat_bias = None if bias is None else bias.reshape(b, view.visible)
-    parts, pos = [], 0
-    for seg_k, seg_v in zip(view.layer.k_store.segments, view.layer.v_store.segments):
-        first = max(view.start - pos, 0)
-        if first < seg_k.length:
-            mq, lq, aq = segment_partials(qk.reshape(b * h, g, d), seg_k, seg_v, plan_k, plan_v,
-                                          first, flat_bias, view.start - pos, per_split, bt)
-            parts.append((mq, lq, aq if mv is None else aq @ mv))
-        pos += seg_k.length
-    skip = max(view.start - pos, 0)
-    kw, vw = kwin[:, :, skip:].float(), vwin[:, :, skip:].float()
-    if kw.shape[2]:
-        s = torch.matmul(q, kw.transpose(-1, -2))
-        if bias is not None:
-            s = s + bias[..., pos + skip - view.start:]
-        mw = s.amax(dim=-1)
-        p = torch.exp(s - mw.unsqueeze(-1))
-        parts.append((mw.unsqueeze(2), p.sum(dim=-1).unsqueeze(2),
-                      torch.matmul(p, vw).unsqueeze(2)))
-    return reduce_partials(parts).reshape(b, hq, 1, dv).to(query.dtype)
