@@ -80,6 +80,12 @@ RECIPES: dict[str, dict] = {
     f"kvquant{b}": {"keys": f"sparse(0.01,channel)>nuq({b},scale=static)",
                     "values": f"sparse(0.01)>ptok>nuq({b})", "key_rope": "pre", "sinks": 1}
     for b in (2, 3, 4)
+} | {
+    # transform coding (KVTC / SVDq-like): unit directions in a calibrated PCA basis per head,
+    # bits allocated per channel by reverse water-filling; keys before RoPE, 1 sink
+    f"tc{b}": {"keys": f"nsep>klt>alloc({b})", "values": f"nsep>klt>alloc({b})",
+               "key_rope": "pre", "sinks": 1}
+    for b in (2, 3, 4)
 }
 
 #: one-off presets: name -> (keys, values, skipped layers)

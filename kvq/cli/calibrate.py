@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sensitivity", choices=SENSITIVITY, default=d.sensitivity,
                    help="k-means sample weights: fisher (squared loss gradients, as KVQuant; "
                         "one backward per window) or none (default fisher)")
-    p.add_argument("--levels", choices=("kmeans", "uniform"), default=d.levels,
+    p.add_argument("--levels", choices=("kmeans", "uniform", "gaussian"), default=d.levels,
                    help="kmeans (default) or uniform levels (ablation: static scales, outliers "
                         "and sinks as the recipe, but evenly spaced levels)")
     p.add_argument("--key-rope", choices=("pre", "post"),

@@ -102,6 +102,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
 
     import kvq
     from kvq import codebooks
+    from kvq import transform_coding as tc
     from kvq.calibration import LevelFit, recipe_bits, with_source
     from kvq.eval import models
     from kvq.eval.caches import geometry
@@ -119,13 +120,13 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     keys_recipe, values_recipe, rope, sinks = rec["keys"], rec["values"], rec["key_rope"], \
         rec["sinks"]
     roles = {"k": keys_recipe, "v": values_recipe}
-    fitted = {r: spec for r, spec in roles.items() if "nuq(" in spec}
+    fitted = {r: spec for r, spec in roles.items() if "nuq(" in spec or tc.is_recipe(spec)}
     if not fitted:
-        raise EvalError("neither the keys nor the values recipe has a nuq(b) step: nothing to "
-                        "calibrate")
+        raise EvalError("neither the keys nor the values recipe has a nuq(b) or klt>alloc(b) "
+                        "step: nothing to calibrate")
     try:
         for spec in fitted.values():
-            recipe_bits(spec)
+            tc.recipe_bits(spec) if tc.is_recipe(spec) else recipe_bits(spec)
         for spec in set(roles.values()) - set(fitted.values()):
             kvq.build(spec)
     except KVQError as err:
@@ -133,8 +134,12 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
 
     model, caps = captured or capture_corpus(s, loaded, progress)
     layers, kv_heads, head_dim = geometry(model.config)
-    fits = {(i, r): LevelFit(spec, levels=s.levels) for i in range(layers)
-            for r, spec in fitted.items()}
+    def fitter(spec):
+        if tc.is_recipe(spec):
+            return tc.TransformFit(spec, levels="gaussian" if s.levels == "gaussian" else "kmeans")
+        return LevelFit(spec, levels=s.levels)
+
+    fits = {(i, r): fitter(spec) for i in range(layers) for r, spec in fitted.items()}
     bar = _Progress(progress)
     bar.total(len(caps))
     bar.describe(f"fitting {s.recipe}")
@@ -154,6 +159,9 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
 
     tensors = {}
     for (i, r), fit in fits.items():
+        if isinstance(fit, tc.TransformFit):
+            tensors.update({f"L{i}.{r}.{k}": t for k, t in fit.fit().items()})
+            continue
         tensors[f"L{i}.{r}"] = fit.fit()
         if fit.static:
             tensors[f"L{i}.{r}.zero"], tensors[f"L{i}.{r}.scale"] = fit.zero, fit.scale
@@ -168,7 +176,11 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         "torch": torch.__version__})
 
     def spec(i: int, r: str) -> str:
-        return with_source(roles[r], f"{st_path.name}#L{i}.{r}") if r in fitted else roles[r]
+        if r not in fitted:
+            return roles[r]
+        source = f"{st_path.name}#L{i}.{r}"
+        return tc.with_source(roles[r], source) if tc.is_recipe(roles[r]) else \
+            with_source(roles[r], source)
 
     data = {"name": out.stem,
             "keys": spec(0, "k") if rope == "post" else {"rope": rope, "pipeline": spec(0, "k")},
@@ -208,8 +220,9 @@ def _check(s: CalibrationSettings) -> None:
         raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
                         "fit the codebooks to the text they are scored on. Use shakespeare:calib "
                         "(the default) or your own text")
-    if s.levels not in ("kmeans", "uniform"):
-        raise EvalError(f"--levels {s.levels!r}: use kmeans or uniform")
+    if s.levels not in ("kmeans", "uniform", "gaussian"):
+        raise EvalError(f"--levels {s.levels!r}: use kmeans, uniform (nuq) or gaussian "
+                        "(alloc)")
     if s.sensitivity not in SENSITIVITY:
         raise EvalError(f"--sensitivity {s.sensitivity!r}: use one of {', '.join(SENSITIVITY)}")
     for name in ("tokens", "context", "block"):
