@@ -49,7 +49,8 @@ class Calibrated(Step):
                                        "that uses them")
         if any(c in self.source for c in ",()=>") or any(c.isspace() for c in self.source):
             raise SpecError(f"reference {self.source[:200]!r} contains a space or one of "
-                            ", ( ) = > which spec strings cannot hold", suggestion="rename the file")
+                            ", ( ) = > which spec strings cannot hold",
+                            suggestion="rename the file")
         file, _ = codebooks.split_ref(self.source)
         self._path = str(codebooks.resolve(file))
         self.load_tensors()

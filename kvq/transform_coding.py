@@ -51,7 +51,7 @@ def with_source(recipe: str, source: str) -> str:
                      recipe)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_lloyd_max(bits: int, tol: float = 1e-7, max_iter: int = 100_000
                        ) -> tuple[torch.Tensor, float]:
     """(levels (2**bits,) fp32, mean squared error) of the Lloyd-Max quantizer of N(0, 1).

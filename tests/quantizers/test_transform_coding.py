@@ -10,8 +10,13 @@ import kvq
 from kvq import codebooks
 from kvq.calibration import fold_blocks
 from kvq.testing import DTYPES, HEAD_DIMS, sqnr_db
-from kvq.transform_coding import (TransformFit, allocate, gaussian_lloyd_max, kmeans_rows,
-                                  with_source)
+from kvq.transform_coding import (
+    TransformFit,
+    allocate,
+    gaussian_lloyd_max,
+    kmeans_rows,
+    with_source,
+)
 
 
 def anisotropic(batch, heads, seq, d, seed=0, dtype=torch.float32):
