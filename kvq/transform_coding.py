@@ -45,6 +45,11 @@ def recipe_bits(recipe: str) -> int:
     return int(m.group(1))
 
 
+def at_bits(recipe: str, bits: int) -> str:
+    """The recipe with ``alloc(b)`` set to ``alloc(bits)``."""
+    return _TAIL.sub(f"klt>alloc({bits})", recipe)
+
+
 def with_source(recipe: str, source: str) -> str:
     """``...>klt>alloc(b)`` -> ``...>klt(source=S)>alloc(b,source=S)``."""
     return _TAIL.sub(lambda m: f"klt(source={source})>alloc({m.group(1)},source={source})",
@@ -131,17 +136,19 @@ class TransformFit:
         self.rows: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []
         self.weight_count = 0
+        self._pca = None
 
     def add(self, x: torch.Tensor, sensitivity: torch.Tensor | None = None,
             block: int | None = None) -> None:
         """x: (batch, kv_heads, seq, head_dim) K or V of one layer (sink tokens left out);
-        ``sensitivity``: the same shape (squared loss gradients) or None. ``block`` is unused:
-        the fit is per token.
+        ``sensitivity``: the same shape (squared loss gradients) or None (all ones). ``block`` is
+        unused: the fit is per token.
 
-        With a sensitivity, channel c of the basis gets the weight ``sum_i U[i, c]^2 E[s_i n^2]``
-        (n: the token's norm when a transform before ``klt`` stores one, as ``nsep`` does: an
-        error in the unit direction costs n times more in the K/V), and the allocation spends
-        bits on ``weight * variance`` (diagonal Fisher, as KVQuant weights its k-means)."""
+        Channel c of the basis gets the weight ``sum_i U[i, c]^2 E[s_i n^2]`` (n: the token's
+        norm when a transform before ``klt`` stores one, as ``nsep`` does: an error in the unit
+        direction costs n times more in the K/V), and the allocation spends bits on
+        ``weight * variance``: the expected squared error in K/V units, weighted by the
+        diagonal Fisher information when a sensitivity is given (as KVQuant weights k-means)."""
         h = x.detach().to(torch.float32, copy=True)
         scale = torch.ones_like(h[..., :1])
         for t in self.transforms:
@@ -149,13 +156,21 @@ class TransformFit:
             if "norm" in meta:
                 scale = scale * meta["norm"].float()
         self.rows.append(h.transpose(0, 1).flatten(1, 2))  # (H, B*T, D)
-        if sensitivity is not None:
-            w = sensitivity.detach().float() * scale.pow(2)
-            self.weights.append(w.sum(dim=(0, 2)))  # (H, D)
-            self.weight_count += x.shape[0] * x.shape[2]
+        s = torch.ones_like(h) if sensitivity is None else sensitivity.detach().float()
+        self.weights.append((s * scale.pow(2)).sum(dim=(0, 2)))  # (H, D)
+        self.weight_count += x.shape[0] * x.shape[2]
+        self._pca = None
 
-    def fit(self) -> dict[str, torch.Tensor]:
-        """``{"klt.mean", "klt.basis", "alloc.widths", "alloc.levels"}`` (fp32)."""
+    @property
+    def meta_bits_per_element(self) -> float:
+        """What the transforms before ``klt`` store per element (nsep: 16 / head_dim)."""
+        d = self.rows[0].shape[-1]
+        return sum(t.meta_bits(1, d) for t in self.transforms) / d
+
+    def pca(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean (H, D), basis (H, D, D), coefficients (H, N, D), importance (H, D)), cached."""
+        if self._pca is not None:
+            return self._pca
         if not self.rows:
             raise SpecError("no calibration samples were collected")
         x = torch.cat(self.rows, 1).double()
@@ -167,15 +182,28 @@ class TransformFit:
                             f"give at least {4 * d}")
         mean = x.mean(dim=1)
         xc = x - mean[:, None]
-        cov = xc.transpose(1, 2) @ xc / n
-        evals, basis = torch.linalg.eigh(cov)
-        basis = basis.flip(-1)
+        basis = torch.linalg.eigh(xc.transpose(1, 2) @ xc / n)[1].flip(-1)
         y = xc @ basis  # (H, N, D)
-        importance = y.var(dim=1)
-        if self.weights:  # E[s n^2] per original channel, carried into the basis
-            per_channel = torch.stack(self.weights).sum(0).double() / self.weight_count
-            importance = importance * (basis.pow(2) * per_channel[:, :, None]).sum(dim=1)
-        widths = allocate(importance, self.bits)
+        per_channel = torch.stack(self.weights).sum(0).double() / self.weight_count  # E[s n^2]
+        importance = y.var(dim=1) * (basis.pow(2) * per_channel[:, :, None]).sum(dim=1)
+        self._pca = mean, basis, y, importance
+        return self._pca
+
+    def distortion(self, bits: int) -> float:
+        """Predicted weighted squared error per token at ``bits`` (Gaussian Lloyd-Max model):
+        ``sum_h sum_c importance[h, c] * g(w[h, c])``; comparable across layers and K/V."""
+        importance = self.pca()[3]
+        widths = allocate(importance, bits)
+        g = torch.tensor([gaussian_lloyd_max(w)[1] for w in range(MAX_WIDTH + 1)],
+                         dtype=torch.float64)
+        return float((importance * g[widths]).sum())
+
+    def fit(self, bits: int | None = None) -> dict[str, torch.Tensor]:
+        """``{"klt.mean", "klt.basis", "alloc.widths", "alloc.levels"}`` (fp32) at ``bits``
+        (default: the recipe's)."""
+        mean, basis, y, importance = self.pca()
+        heads, n, d = y.shape
+        widths = allocate(importance, bits or self.bits)
         n_max = 2 ** int(widths.max())
         rows = y.transpose(1, 2).reshape(heads * d, n)  # one row per (head, channel)
         flat_w = widths.reshape(-1)

@@ -21,13 +21,20 @@ def add_parser(sub) -> None:
     from kvq.eval.calibrate import SENSITIVITY, CalibrationSettings
 
     d = CalibrationSettings()
-    p = sub.add_parser("calibrate", help="fit nuq codebooks per layer and K/V (KVQuant)",
-                       description="Fit a recipe's nuq codebooks per layer and K/V on "
-                                   "calibration text; write a YAML config and its safetensors.",
+    p = sub.add_parser("calibrate", help="fit nuq codebooks (KVQuant) or transform coding (tc) "
+                                         "per layer and K/V",
+                       description="Fit a recipe's nuq codebooks, or its klt basis and alloc "
+                                   "bit allocation, per layer and K/V on calibration text; "
+                                   "write a YAML config and its safetensors.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default=d.recipe, help=f"recipe name (default {d.recipe})")
-    p.add_argument("--keys", help="keys recipe spec ending in nuq(b) (overrides the recipe's)")
-    p.add_argument("--values", help="values recipe spec ending in nuq(b)")
+    p.add_argument("--recipe", default=d.recipe,
+                   help=f"recipe name: kvquant2/3/4, tc2/3/4 (default {d.recipe})")
+    p.add_argument("--keys", help="keys recipe spec ending in nuq(b) or klt>alloc(b) "
+                                  "(overrides the recipe's)")
+    p.add_argument("--values", help="values recipe spec ending in nuq(b) or klt>alloc(b)")
+    p.add_argument("--bits", type=float,
+                   help="klt>alloc recipes: mean stored bits/element; alloc(2|3|4) is chosen per "
+                        "layer and K/V to minimise the predicted loss (exact knapsack)")
     p.add_argument("--out", default="calibrated.yaml",
                    help="output YAML (default calibrated.yaml; .safetensors written beside it)")
     p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2)")
@@ -43,8 +50,9 @@ def add_parser(sub) -> None:
                    help="k-means sample weights: fisher (squared loss gradients, as KVQuant; "
                         "one backward per window) or none (default fisher)")
     p.add_argument("--levels", choices=("kmeans", "uniform", "gaussian"), default=d.levels,
-                   help="kmeans (default) or uniform levels (ablation: static scales, outliers "
-                        "and sinks as the recipe, but evenly spaced levels)")
+                   help="kmeans (default); nuq: uniform (ablation: static scales, outliers "
+                        "and sinks as the recipe, but evenly spaced levels); alloc: gaussian "
+                        "(Lloyd-Max levels of a Gaussian scaled per channel)")
     p.add_argument("--key-rope", choices=("pre", "post"),
                    help="quantize keys before or after RoPE (default: the recipe's; kvquant: pre)")
     p.add_argument("--sinks", type=int, help="first tokens kept exact (default: the recipe's)")
@@ -61,7 +69,7 @@ def run(args) -> int:
                                    model=args.model, corpus=args.corpus, tokens=args.tokens,
                                    context=args.context, block=args.block,
                                    sensitivity=args.sensitivity, levels=args.levels,
-                                   key_rope=args.key_rope,
+                                   key_rope=args.key_rope, bits=args.bits,
                                    sinks=args.sinks, device=args.device)
     if args.threads:
         import torch

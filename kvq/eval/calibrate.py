@@ -39,6 +39,7 @@ class CalibrationSettings:
     levels: str = "kmeans"  # or "uniform" (ablation: no non-uniform levels)
     key_rope: str | None = None  # "pre" / "post" (default: the recipe's, else post)
     sinks: int | None = None  # first tokens kept exact (default: the recipe's, else 0)
+    bits: float | None = None  # klt>alloc recipes: mean stored bits/element, alloc(2|3|4) chosen
     device: str | None = None
 
 
@@ -124,6 +125,14 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     if not fitted:
         raise EvalError("neither the keys nor the values recipe has a nuq(b) or klt>alloc(b) "
                         "step: nothing to calibrate")
+    if s.bits is not None and not all(tc.is_recipe(spec) for spec in roles.values()):
+        raise EvalError("--bits chooses alloc widths per layer: it needs klt>alloc(b) recipes "
+                        "for keys and values (e.g. --recipe tc3)")
+    for spec in fitted.values():
+        wrong = "uniform" if tc.is_recipe(spec) else "gaussian"
+        if s.levels == wrong:
+            raise EvalError(f"--levels {wrong} does not apply to {spec[:80]!r}: use kmeans or "
+                            f"{'gaussian' if wrong == 'uniform' else 'uniform'}")
     try:
         for spec in fitted.values():
             tc.recipe_bits(spec) if tc.is_recipe(spec) else recipe_bits(spec)
@@ -136,7 +145,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     layers, kv_heads, head_dim = geometry(model.config)
     def fitter(spec):
         if tc.is_recipe(spec):
-            return tc.TransformFit(spec, levels="gaussian" if s.levels == "gaussian" else "kmeans")
+            return tc.TransformFit(spec, levels=s.levels)
         return LevelFit(spec, levels=s.levels)
 
     fits = {(i, r): fitter(spec) for i in range(layers) for r, spec in fitted.items()}
@@ -157,10 +166,11 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         bar.tick()
     bar.close()
 
+    widths = _budget(fits, s.bits, head_dim) if s.bits is not None else {}
     tensors = {}
     for (i, r), fit in fits.items():
         if isinstance(fit, tc.TransformFit):
-            tensors.update({f"L{i}.{r}.{k}": t for k, t in fit.fit().items()})
+            tensors.update({f"L{i}.{r}.{k}": t for k, t in fit.fit(widths.get((i, r))).items()})
             continue
         tensors[f"L{i}.{r}"] = fit.fit()
         if fit.static:
@@ -179,8 +189,9 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         if r not in fitted:
             return roles[r]
         source = f"{st_path.name}#L{i}.{r}"
-        return tc.with_source(roles[r], source) if tc.is_recipe(roles[r]) else \
-            with_source(roles[r], source)
+        if not tc.is_recipe(roles[r]):
+            return with_source(roles[r], source)
+        return tc.with_source(tc.at_bits(roles[r], widths.get((i, r), fits[i, r].bits)), source)
 
     data = {"name": out.stem,
             "keys": spec(0, "k") if rope == "post" else {"rope": rope, "pipeline": spec(0, "k")},
@@ -198,6 +209,26 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     cfg = kvq.load(out)
     cfg.check(num_layers=layers, head_dim=head_dim)
     return cfg
+
+
+#: the code widths ``kvq calibrate --bits`` chooses from, per layer and K/V
+BUDGET_WIDTHS = (2, 3, 4)
+
+
+def _budget(fits: dict, bits: float, head_dim: int) -> dict[tuple[int, str], int]:
+    """``alloc`` width per (layer, role) minimising the summed predicted distortion (in loss
+    units with Fisher sensitivities) with mean stored bits/element <= ``bits``."""
+    from kvq.eval.errors import EvalError
+    from kvq.knapsack import choose
+
+    keys = list(fits)
+    options = [[(round((b + fits[k].meta_bits_per_element) * head_dim), fits[k].distortion(b))
+                for b in BUDGET_WIDTHS] for k in keys]
+    picks = choose(options, int(bits * head_dim * len(keys) + 1e-9))
+    if picks is None:
+        low = min(BUDGET_WIDTHS) + fits[keys[0]].meta_bits_per_element
+        raise EvalError(f"--bits {bits:g} is below the cheapest choice, {low:g} bits/element")
+    return {k: BUDGET_WIDTHS[j] for k, j in zip(keys, picks)}
 
 
 def _without_sinks(x, fisher, sinks: int):
@@ -220,6 +251,8 @@ def _check(s: CalibrationSettings) -> None:
         raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
                         "fit the codebooks to the text they are scored on. Use shakespeare:calib "
                         "(the default) or your own text")
+    if s.bits is not None and not s.bits > 0:
+        raise EvalError(f"--bits must be positive, got {s.bits}")
     if s.levels not in ("kmeans", "uniform", "gaussian"):
         raise EvalError(f"--levels {s.levels!r}: use kmeans, uniform (nuq) or gaussian "
                         "(alloc)")

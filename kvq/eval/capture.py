@@ -36,11 +36,13 @@ def capture(model, ids: torch.Tensor, sensitivity: bool = False,
     """
     from transformers import DynamicCache
 
+    from kvq.hf.compat import cache_kwargs
+
     turns = {r: _unrotate(model, r) for r in key_ropes}
     cache = DynamicCache(config=model.config)
     if not sensitivity:
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **cache_kwargs(model, cache), use_cache=True)
         return Captured({r: [f(la.keys.float()) for la in cache.layers] for r, f in turns.items()},
                         [la.values.float() for la in cache.layers])
     grads = [p.requires_grad for p in model.parameters()]
@@ -49,7 +51,8 @@ def capture(model, ids: torch.Tensor, sensitivity: bool = False,
     try:
         with torch.enable_grad():
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits
+            logits = model(inputs_embeds=embeds, **cache_kwargs(model, cache),
+                           use_cache=True).logits
             for la in cache.layers:
                 la.keys.retain_grad()
                 la.values.retain_grad()

@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kvq.eval.errors import EvalError
+from kvq.knapsack import choose
 from kvq.kvconfig import KVConfig, LayerOverride
 from kvq.pipeline import Pipeline
 
@@ -55,8 +56,6 @@ def allocate(diagnosis: dict, budget: float, error_model: str = "attention") -> 
     """
     if error_model not in ERROR_MODELS:
         raise EvalError(f"--error-model {error_model!r}: use one of {', '.join(ERROR_MODELS)}")
-    import numpy as np
-
     head_dim, block = diagnosis["model"]["head_dim"], diagnosis["settings"]["block"]
     unit = block * head_dim  # bits per element x unit = stored bits per block of one head
     items = []
@@ -66,38 +65,14 @@ def allocate(diagnosis: dict, budget: float, error_model: str = "attention") -> 
             opts = [(spec, diagnosis["bits"][role][spec], w * e["energy"])
                     for spec, e in row["errors"][role].items()]
             items.append((row["layer"], role, opts))
-    costs = {round(b * unit) for _, _, opts in items for _, b, _ in opts}
-    g = math.gcd(*costs)
-    cap = math.floor(budget * unit * len(items) / g + 1e-9)
-    cheapest = sum(min(round(b * unit) // g for _, b, _ in opts) for _, _, opts in items)
-    if cheapest > cap:
+    costs = [[(round(b * unit), err) for _, b, err in opts] for _, _, opts in items]
+    picks = choose(costs, math.floor(budget * unit * len(items) + 1e-9))
+    if picks is None:
+        cheapest = sum(min(c for c, _ in opts) for opts in costs)
         raise EvalError(f"--bits {budget:g}: the cheapest candidates need "
-                        f"{cheapest * g / unit / len(items):.3f} bits/element; raise --bits or "
+                        f"{cheapest / unit / len(items):.3f} bits/element; raise --bits or "
                         "add cheaper candidates")
-    dp = np.full(cap + 1, np.inf)
-    dp[0] = 0.0
-    picks = []
-    for _, _, opts in items:
-        new = np.full(cap + 1, np.inf)
-        pick = np.full(cap + 1, -1, dtype=np.int32)
-        for j, (_, b, err) in enumerate(opts):
-            c = round(b * unit) // g
-            if c > cap:
-                continue
-            cand = np.full(cap + 1, np.inf)
-            cand[c:] = dp[: cap + 1 - c] + err
-            better = cand < new
-            new[better], pick[better] = cand[better], j
-        dp = new
-        picks.append(pick)
-    state = int(np.argmin(dp))
-    out = []
-    for (layer, role, opts), pick in zip(reversed(items), reversed(picks)):
-        j = int(pick[state])
-        spec, b, err = opts[j]
-        out.append(Choice(layer, role, spec, b, err))
-        state -= round(b * unit) // g
-    return out[::-1]
+    return [Choice(layer, role, *opts[j]) for (layer, role, opts), j in zip(items, picks)]
 
 
 def to_config(choices: list[Choice], name: str) -> KVConfig:

@@ -99,8 +99,43 @@ def test_missing_corrupt_and_mismatched_artifacts(artifact, tmp_path, tiny):
     (["--keys", "pchan>int3", "--values", "ptok>int3"], "nothing to calibrate"),
     (["--keys", "pchan>nuq(3,source=a#b)", "--values", "ptok>int3"], "must end with one nuq"),
     (["--sinks", "-1"], "--sinks"),
+    (["--bits", "3"], "needs klt>alloc(b) recipes"),
+    (["--recipe", "tc3", "--bits", "0"], "--bits must be positive"),
+    (["--recipe", "tc3", "--levels", "uniform"], "--levels uniform does not apply"),
 ])
 def test_bad_input_exits_2_before_loading_a_model(argv, message, capsys):
     assert main(["calibrate", "--model", "/nonexistent/model", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def tc_artifact(tiny_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tc") / "tc.yaml"
+    rc = main(["calibrate", "--quiet", "--recipe", "tc3", "--bits", "3.6", "--model",
+               str(tiny_dir), "--corpus", str(text_file), "--tokens", "256", "--context", "64",
+               "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_transform_coding_budget_artifact(tc_artifact, tiny):
+    from kvq.hf import KVQCache
+
+    model, _ = tiny
+    cfg = kvq.load(tc_artifact)
+    assert cfg.key_rope == "pre" and cfg.sinks == 1
+    pipes = [p for i in range(2) for p in cfg.for_layer(i)]
+    assert all([s.type for s in p.steps] == ["nsep", "klt", "alloc"] for p in pipes)
+    widths = [p.quantizer.bits for p in pipes]
+    head_dim = model.config.head_dim
+    mean = sum(w + 16 / head_dim for w in widths) / len(widths)
+    assert mean <= 3.6 + 1e-9 and set(widths) <= {2, 3, 4} and len(set(widths)) > 1
+    meta = pipes[0].quantizer.calibration
+    assert meta["bits"] == "3.6" and meta["sensitivity"] == "fisher"
+    ids = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = model(ids, past_key_values=KVQCache(cfg, model, residual=0, block=16)).logits
+    rel = (out - ref).norm() / ref.norm()
+    assert torch.isfinite(out).all() and 0 < rel < 0.5
