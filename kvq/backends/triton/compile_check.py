@@ -45,7 +45,8 @@ def _compile(target: GPUTarget, log: list[str], kernel, args, kwargs) -> None:
         if p.is_constexpr:
             sig[p.name], constexprs[p.name] = "constexpr", v
         else:
-            sig[p.name] = _PTR[v.dtype] if isinstance(v, torch.Tensor) else "i32"
+            sig[p.name] = (_PTR[v.dtype] if isinstance(v, torch.Tensor)
+                           else "fp32" if isinstance(v, float) else "i32")
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
     t0 = time.perf_counter()
     triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=target,
@@ -82,8 +83,8 @@ def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 9
         for spec, d, dtype in cases:
             x = torch.randn(1, 1, seq, d, dtype=dtype)
             plan = KernelPlan.from_pipeline(kvq.build(spec))
-            quantize = quantize_codebook if plan.codebook else quantize_pack
-            dequantize = dequantize_codebook if plan.codebook else unpack_dequantize
+            quantize = quantize_codebook if plan.unscaled_codebook else quantize_pack
+            dequantize = dequantize_codebook if plan.unscaled_codebook else unpack_dequantize
             codes, meta, _ = quantize(plan, x)
             dequantize(plan, codes, meta, tuple(x.shape), x.dtype)
     return log
