@@ -187,3 +187,24 @@ def test_bit_exact_with_gpu_tiles(monkeypatch, spec, d, t):
 
     monkeypatch.setattr(common, "GPU_TILES", True)
     assert_bit_exact(kvq.build(spec), kv_like(1, 2, t, d, dtype=F16, seed=t).to(DEVICE))
+
+
+def test_cuda_division_by_python_floats(monkeypatch):
+    """On CUDA, torch computes ``tensor / 448.0`` as ``tensor * float32(1 / 448)``; the kernels
+    follow the device the reference would run on. Forced here: scales and codes must equal that
+    CUDA-style reference (which differs from the CPU quotient in the last bit somewhere)."""
+    from kvq.backends.triton import quantize_pack as qp
+
+    monkeypatch.setattr(qp, "torch_divides_by_reciprocal", lambda x: True)
+    x = kv_like(2, 3, 9, 64, seed=11).to(DEVICE)
+    for fmt, dt, fmax in (("e4m3", torch.float8_e4m3fn, 448.0),
+                          ("e5m2", torch.float8_e5m2, 57344.0)):
+        q = kernel_quantize(kvq.build(f"ptok>fp8({fmt})"), x)
+        amax = x.abs().amax(dim=-1, keepdim=True)
+        s = amax * (torch.tensor(1.0) / fmax)
+        assert not torch.equal(s.cpu(), amax.cpu() / fmax)  # CPU divides: differs here
+        assert torch.equal(q.meta["scale"], s)
+        assert torch.equal(unpack(q.codes, 8, 64), (x / s).clamp(-fmax, fmax).to(dt).view(
+            torch.uint8))
+    t = kernel_quantize(kvq.build("group(16)>fp4(nv)"), x).meta["tensor_scale"]
+    assert torch.equal(t, x.abs().amax(dim=(-2, -1), keepdim=True) * (torch.tensor(1.0) / 2688))

@@ -64,13 +64,18 @@ def _compile(target: GPUTarget, log: list[str], kernel, args, kwargs) -> None:
 @contextlib.contextmanager
 def compile_only(arch: int = 90, log: list[str] | None = None):
     """Within the block, kernel launches compile for CUDA sm_<arch> instead of running."""
+    from kvq.backends.triton import quantize_pack
+
     target = GPUTarget("cuda", arch, 32)
     log = [] if log is None else log
     common._launch_hook = lambda kernel, args, kwargs: _compile(target, log, kernel, args, kwargs)
+    on_cpu = quantize_pack.torch_divides_by_reciprocal
+    quantize_pack.torch_divides_by_reciprocal = lambda x: True  # the CUDA variant, as on a GPU
     try:
         yield log
     finally:
         common._launch_hook = None
+        quantize_pack.torch_divides_by_reciprocal = on_cpu
 
 
 def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 90,

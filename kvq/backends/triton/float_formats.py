@@ -11,13 +11,26 @@ and every GPU give torch's ``float8_e4m3fn`` / ``float8_e5m2`` casts, not the ha
 
 from __future__ import annotations
 
+import numpy as np
 import triton
 import triton.language as tl
 
 from kvq.backends.triton.common import round_half_even
 
-# E2M1 max (6) x E4M3 max (448): NVFP4's tensor scale is head absmax / 2688
+# E2M1 max (6) x E4M3 max (448): NVFP4's tensor scale is head absmax / 2688, and
+# 1 / 2688 rounded to float32 (exact as a Python float), what torch on CUDA multiplies by
 NV_TENSOR = tl.constexpr(2688.0)
+NV_TENSOR_INV = tl.constexpr(float(np.float32(1) / np.float32(2688)))
+
+
+@triton.jit
+def div_scalar(a, b, inv_b, RECIP: tl.constexpr):
+    """torch's ``tensor / python_float``: a correctly rounded division on CPU; on CUDA torch
+    multiplies by the float32 reciprocal ``inv_b`` instead (``div_true_kernel_cuda``)."""
+    if RECIP:
+        return a * inv_b
+    else:
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -111,28 +124,32 @@ def _store_down(s, dtype: tl.constexpr):
 
 
 @triton.jit
-def format_scale(amax, head_amax, top, meta_ty: tl.constexpr, FMT: tl.constexpr):
+def format_scale(amax, head_amax, top, inv_top, meta_ty: tl.constexpr, FMT: tl.constexpr,
+                 RECIP: tl.constexpr):
     """Scales of groups with absmax ``amax`` (float32, any shape).
 
     Returns (stored scale in meta_ty, the float32 scale the codes are divided by, flag): fp8 and
     lloyd store ``amax / top`` rounded toward zero (top = fmax or max|level|); mx the E8M0 code
     of 2**(floor(log2 amax) - 2); nv the E4M3 code of ``amax / (6 t)`` with t = head_amax / 2688
     and divide by ``e4m3 * t`` (b a rounding above 448 saturates, as torch's cast does). flag:
-    True where the reference must decide (its error, or its special rounding).
+    True where the reference must decide (its error, or its special rounding). RECIP: divide
+    by the Python constants (fmax, 2688) as torch on CUDA does (see :func:`div_scalar`).
     """
     if FMT == 7:
         ex = ((amax.to(tl.uint32, bitcast=True) >> 23) & 255).to(tl.int32)
         e = tl.where(amax > 0, tl.minimum(tl.maximum(ex - 129, -127), 127), -127)
         return (e + 127).to(tl.uint8), pow2(e), amax != amax
     elif FMT == 8:
-        t = tl.math.div_rn(head_amax, NV_TENSOR)
+        t = div_scalar(head_amax, NV_TENSOR, NV_TENSOR_INV, RECIP)
         b = tl.math.div_rn(amax, 6.0 * tl.where(t == 0, 1.0, t))
         b = tl.where(b == 0, 1.0, b)
         code = fp8_encode(tl.minimum(b, 448.0), 4)
         return code.to(tl.uint8), fp8_decode(code, 4) * t, b != b  # torch's cast saturates
-    else:
-        s = tl.math.div_rn(amax, top)
-        st, bad = _store_down(s, meta_ty)
+    elif FMT == 6:  # lloyd: torch divides by a tensor (max|level|), correctly rounded
+        st, bad = _store_down(tl.math.div_rn(amax, top), meta_ty)
+        return st, st.to(tl.float32), bad
+    else:  # fp8: by the Python float fmax
+        st, bad = _store_down(div_scalar(amax, top, inv_top, RECIP), meta_ty)
         return st, st.to(tl.float32), bad
 
 

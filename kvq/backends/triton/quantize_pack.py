@@ -37,7 +37,13 @@ from kvq.backends.triton.common import (
     tiles,
     token_tiles,
 )
-from kvq.backends.triton.float_formats import NV_TENSOR, format_codes, format_scale
+from kvq.backends.triton.float_formats import (
+    NV_TENSOR,
+    NV_TENSOR_INV,
+    div_scalar,
+    format_codes,
+    format_scale,
+)
 from kvq.backends.triton.ggml_blocks import ggml_block_codes, ggml_fp16_overflow
 from kvq.backends.triton.plan import KernelPlan
 
@@ -56,10 +62,10 @@ def _any(cond, mask, BIT: tl.constexpr):
 
 
 @triton.jit
-def _store_tensor_scale(tsc_ptr, bh, hmax, mask, FMT: tl.constexpr):
+def _store_tensor_scale(tsc_ptr, bh, hmax, mask, FMT: tl.constexpr, RECIP: tl.constexpr):
     """fp4(nv): store the tensor scale head absmax / 2688 of heads bh under mask."""
     if FMT == 8:
-        tl.store(tsc_ptr + bh, tl.math.div_rn(hmax, NV_TENSOR), mask=mask)
+        tl.store(tsc_ptr + bh, div_scalar(hmax, NV_TENSOR, NV_TENSOR_INV, RECIP), mask=mask)
 
 
 @triton.jit
@@ -76,19 +82,21 @@ def _store_norm(norm_ptr, rows, rmask, n, NSEP: tl.constexpr):
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, flag_ptr, hstat_ptr, tsc_ptr,
-    mids_ptr, N, T, D, RB, NM, TOP,
+    mids_ptr, N, T, D, RB, NM, TOP, INV_TOP,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, GS: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
     FMT: tl.constexpr = 0, SCALED: tl.constexpr = True, HEAD: tl.constexpr = False,
+    RECIP: tl.constexpr = False,
 ):
     """x (N = B*H*T, D) -> codes (N, RB), scale/zero (N, NM), norm (N,); GS = group along
     channels.
 
     NM = D // GS meta columns (1 for ptok, where GS = DP covers the whole padded row).
     FMT: 0 kvq's int quantizer, 1-3 a llama.cpp block format (`ggml_blocks.py`), 4-8 a float
-    format or scaled codebook (`float_formats.py`; TOP: fp8 / lloyd's top level, mids_ptr:
-    lloyd's midpoints). HEAD (phead): one scale per (batch, head) of T rows from its absmax in
-    hstat_ptr (B*H,), stored at meta row bh; fp4(nv) also reads hstat and stores tsc (B*H,).
+    format or scaled codebook (`float_formats.py`): TOP is fp8's / lloyd's top level, INV_TOP
+    and RECIP see `float_formats.div_scalar`, mids_ptr holds lloyd's midpoints.
+    HEAD (phead): one scale per (batch, head) of T rows from its absmax in hstat_ptr (B*H,),
+    stored at meta row bh; fp4(nv) also reads hstat and stores tsc (B*H,).
     SCALED=False (fp8(none)): codes only, no metadata.
     """
     rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
@@ -110,12 +118,13 @@ def _quantize_rows_kernel(
         hmax = tl.zeros((BT,), tl.float32)
         if HEAD or FMT == 8:
             hmax = tl.load(hstat_ptr + bh, mask=rmask, other=0.0)
-            _store_tensor_scale(tsc_ptr, bh, hmax, rmask & (rows % T == 0), FMT)
+            _store_tensor_scale(tsc_ptr, bh, hmax, rmask & (rows % T == 0), FMT, RECIP)
         if HEAD:
             amax = tl.broadcast_to(hmax[:, None], (BT, NG))
         else:
             amax = tl.max(tl.abs(y3), axis=2)
-        s_m, s32, bad = format_scale(amax, hmax[:, None], TOP, scale_ptr.dtype.element_ty, FMT)
+        s_m, s32, bad = format_scale(amax, hmax[:, None], TOP, INV_TOP,
+                                     scale_ptr.dtype.element_ty, FMT, RECIP)
         flag = flag | _any(bad, rmask[:, None] & gvalid, 2)
         u3 = format_codes(y3, s32[:, :, None], mids_ptr, FMT, BITS, True)
     elif FMT != 0:
@@ -167,13 +176,14 @@ def _fold_stats(y, m, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _block_scale(amax, mn, mx, mask, hmax, TOP, scale_ptr, zero_ptr, BITS: tl.constexpr,
-                 ASYM: tl.constexpr, FMT: tl.constexpr):
+def _block_scale(amax, mn, mx, mask, hmax, TOP, INV_TOP, scale_ptr, zero_ptr,
+                 BITS: tl.constexpr, ASYM: tl.constexpr, FMT: tl.constexpr, RECIP: tl.constexpr):
     """Scale (and zero) of token blocks from their statistics: (s, z) at the metadata dtypes,
     (s32, z32) the float32 values the codes use, and status bit 2 for a scale the reference
     must handle (`float_formats.format_scale`; hmax: the head's absmax for fp4(nv))."""
     if FMT >= 4:
-        s, s32, bad = format_scale(amax, hmax, TOP, scale_ptr.dtype.element_ty, FMT)
+        s, s32, bad = format_scale(amax, hmax, TOP, INV_TOP, scale_ptr.dtype.element_ty, FMT,
+                                   RECIP)
         return s, s, s32, s32, _any(bad, mask, 2)
     elif ASYM:
         mn = tl.where(mask, mn, 0.0)  # padded channels: keep them finite
@@ -243,10 +253,10 @@ def _token_stats_kernel(
 @triton.jit
 def _quantize_tokens_kernel(
     x_ptr, r_ptr, codes_ptr, norm_ptr, scale_ptr, zero_ptr, stats_ptr, flag_ptr, hstat_ptr,
-    tsc_ptr, mids_ptr, T, D, RB, TG, NBLK, NSTAT, TOP,
+    tsc_ptr, mids_ptr, T, D, RB, TG, NBLK, NSTAT, TOP, INV_TOP,
     BT: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
     NSEP: tl.constexpr, HAS_ROT: tl.constexpr, BITS: tl.constexpr, ASYM: tl.constexpr,
-    SINGLE: tl.constexpr, FMT: tl.constexpr = 0,
+    SINGLE: tl.constexpr, FMT: tl.constexpr = 0, RECIP: tl.constexpr = False,
 ):
     """x (B*H, T, D) -> codes, per-channel scale/zero (B*H, NBLK, D) over TG-token blocks.
 
@@ -254,8 +264,8 @@ def _quantize_tokens_kernel(
     tokens (pchan: one block, G = BT >= T) in one pass. Otherwise (pass 2 of streamed blocks)
     program (bh, blk, j) quantizes tile j of block blk with the statistics that
     `_token_stats_kernel` gathered; the j == 0 programs store the block's scale/zero.
-    FMT, TOP, mids_ptr: as in `_quantize_rows_kernel`; fp4(nv) reads its head's absmax from
-    hstat_ptr and the first program of the head stores tsc.
+    FMT, TOP, INV_TOP, RECIP, mids_ptr: as in `_quantize_rows_kernel`; fp4(nv) reads its
+    head's absmax from hstat_ptr and the first program of the head stores tsc.
     """
     bh = tl.program_id(0)
     cols = tl.arange(0, DP)
@@ -264,7 +274,7 @@ def _quantize_tokens_kernel(
     if FMT == 8:
         hmax = tl.load(hstat_ptr + bh)
         first = (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
-        _store_tensor_scale(tsc_ptr, bh, hmax, first, FMT)
+        _store_tensor_scale(tsc_ptr, bh, hmax, first, FMT, RECIP)
     if SINGLE:
         NB: tl.constexpr = BT // G
         t = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -277,8 +287,8 @@ def _quantize_tokens_kernel(
         blk = tl.program_id(1) * NB + tl.arange(0, NB)
         offs = (bh * NBLK + blk)[:, None] * D + cols[None, :]
         mask = (blk < NBLK)[:, None] & cmask[None, :]
-        s, z, s32, z32, bad = _block_scale(amax, mn, mx, mask, hmax, TOP, scale_ptr, zero_ptr,
-                                           BITS, ASYM, FMT)
+        s, z, s32, z32, bad = _block_scale(amax, mn, mx, mask, hmax, TOP, INV_TOP, scale_ptr,
+                                           zero_ptr, BITS, ASYM, FMT, RECIP)
         flag = flag | bad | _store_scale(scale_ptr, zero_ptr, offs, mask, s, z, ASYM)
         u = tl.reshape(_codes(y3, s32[:, None, :], z32[:, None, :], mids_ptr, BITS, ASYM, FMT),
                        (BT, DP))
@@ -292,8 +302,8 @@ def _quantize_tokens_kernel(
         if ASYM:
             mn = tl.load(stats_ptr + NSTAT + soffs)
             mx = tl.load(stats_ptr + 2 * NSTAT + soffs)
-        s, z, s32, z32, bad = _block_scale(amax, mn, mx, cmask, hmax, TOP, scale_ptr, zero_ptr,
-                                           BITS, ASYM, FMT)
+        s, z, s32, z32, bad = _block_scale(amax, mn, mx, cmask, hmax, TOP, INV_TOP, scale_ptr,
+                                           zero_ptr, BITS, ASYM, FMT, RECIP)
         flag = tl.full((), 0, tl.int32)
         if j == 0:  # one program per block stores its metadata
             flag = bad | _store_scale(scale_ptr, zero_ptr, (bh * NBLK + blk) * D + cols, cmask,
@@ -321,6 +331,12 @@ def head_absmax(plan: KernelPlan, x: torch.Tensor, rmat: torch.Tensor) -> torch.
            BK=tiles(1, dp, interpreted)[1], NSEP=plan.nsep, HAS_ROT=plan.rot is not None,
            ASYM=False, STORE_NORM=False, **launch_options(bt, dp))
     return stats[:nstat].view(B * H, dp)[:, :D].amax(dim=1)
+
+
+def torch_divides_by_reciprocal(x: torch.Tensor) -> bool:
+    """True when the torch reference for x divides by a Python float as a multiplication by its
+    float32 reciprocal (CUDA does; CPU divides): the kernels then do the same."""
+    return x.is_cuda
 
 
 def _meta_shape(plan: KernelPlan, B: int, H: int, T: int, D: int) -> tuple[int, ...]:
@@ -363,7 +379,8 @@ def quantize_pack(plan: KernelPlan, x: torch.Tensor
         levels = plan.levels(D, dev)
         mids, top = ((levels[1:] + levels[:-1]) / 2).contiguous(), levels.abs().max().item()
     ptrs = (hstat, meta.get("tensor_scale", codes), mids)  # hstat_ptr, tsc_ptr, mids_ptr
-    fmt = dict(TOP=top, FMT=plan.fmt_code)
+    inv = (torch.tensor(1.0) / torch.tensor(top)).item() if top else 0.0  # float32, rounded
+    fmt = dict(TOP=top, INV_TOP=inv, FMT=plan.fmt_code, RECIP=torch_divides_by_reciprocal(x))
     if plan.token_axis:
         kernel = _quantize_tokens_kernel
         tg = T if plan.gran == "pchan" else plan.group
