@@ -136,17 +136,6 @@ def test_e2m1_ties_signs_and_tiny_blocks():
     assert_bit_exact(kvq.build("group(16)>fp4(nv)"), x.to(DEVICE))
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/Inf
-@pytest.mark.parametrize("spec", ["pchan>fp8", "fp8(e5m2,none)", "group(16)>fp4(nv)",
-                                  "group(32)>fp4(mx)", "group(16,token)>lloyd4"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_input_raises(spec, bad):
-    x = kv_like(1, 2, 32, 64).to(DEVICE)
-    x[0, 1, 3, 7] = bad
-    with pytest.raises(NumericsError, match="NaN or Inf"):
-        kvq.build(spec).quantize(x, backend="triton")
-
-
 def _outcome(p, x, backend):
     try:
         return p.quantize(x, backend=backend)

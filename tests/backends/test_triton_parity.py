@@ -266,7 +266,9 @@ def test_cpu_tensor_without_interpreter_says_why(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/Inf
 @pytest.mark.parametrize("spec", ["nsep>pchan>int4", "rot>group(16)>int4(asym)",
-                                  "ptok>int8(dtype=fp32)", "group(16,token)>int2", "q4_0"])
+                                  "ptok>int8(dtype=fp32)", "group(16,token)>int2", "q4_0",
+                                  "pchan>fp8", "fp8(e5m2,none)", "group(16)>fp4(nv)",
+                                  "phead>fp4(mx)", "group(16,token)>lloyd4"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_input_raises(spec, bad):
     """The kernels' max/min skip NaN, so the kernel itself must report non-finite input."""
