@@ -311,7 +311,7 @@ def test_kernels_compile_for_gpu():
     assert proc.stdout.count("_dequantize_kernel") == len(PIPELINES) + len(EXTRA)
 
 
-@pytest.mark.parametrize("config", ["nsep-pchan4", "kivi2"])
+@pytest.mark.parametrize("config", ["nsep-pchan4", "kivi2", "nvfp4"])
 def test_hf_cache_with_triton_backend_matches_torch(config):
     """KVQCache flushes and reads through the selected backend: same K/V as with torch."""
     import transformers as tf
