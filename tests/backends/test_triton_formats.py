@@ -136,6 +136,18 @@ def test_e2m1_ties_signs_and_tiny_blocks():
     assert_bit_exact(kvq.build("group(16)>fp4(nv)"), x.to(DEVICE))
 
 
+def test_subnormal_scales_and_inputs_in_the_kernels():
+    """Scales below fp16's / bf16's smallest normal are kept as the reference keeps them (nearest
+    subnormal, then toward zero), without deferring to it; bf16 subnormal inputs are exact."""
+    x = kv_like(1, 2, 9, 64, seed=4)
+    x[..., 5] *= 1e-3  # a quiet channel: its fp16 fp8 scale is subnormal
+    assert_bit_exact(kvq.build("pchan>fp8(dtype=fp16)"), x.to(DEVICE))
+    assert (kvq.build("pchan>fp8(dtype=fp16)").quantize(x).meta["scale"].float() < 2**-14).any()
+    tiny = (x / x.abs().max() * 1e-37).to(BF16)  # bf16 subnormal inputs and scales
+    assert_bit_exact(kvq.build("ptok>lloyd2(dtype=bf16)"), tiny.to(DEVICE))
+    assert_bit_exact(kvq.build("group(32)>fp4(mx)"), tiny.to(DEVICE))
+
+
 def _outcome(p, x, backend):
     try:
         return p.quantize(x, backend=backend)

@@ -15,7 +15,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from kvq.backends.triton.common import round_half_even
+from kvq.backends.triton.common import cast_rne, round_half_even, to_float32
 
 # E2M1 max (6) x E4M3 max (448): NVFP4's tensor scale is head absmax / 2688, and
 # 1 / 2688 rounded to float32 (exact as a Python float), what torch on CUDA multiplies by
@@ -108,19 +108,27 @@ def pow2(e):
 
 @triton.jit
 def _store_down(s, dtype: tl.constexpr):
-    """float32 s >= 0 -> dtype rounded toward zero (``scales.store_scale_down``) and a flag:
-    True where the reference must decide (fp16 overflow, or a nonzero s below dtype's smallest
-    normal, where it rounds specially or raises)."""
+    """float32 s >= 0 -> dtype rounded toward zero, as ``scales.store_scale_down`` stores it
+    (through ``dtypes.store``), and a flag where the reference raises instead: a finite s
+    that overflows float16, an s below dtype's smallest normal that its nearest value misses by
+    more than ``dtypes.SUBNORMAL_TOLERANCE`` (1/8), a nonzero s stored as 0."""
     if dtype == tl.float32:
         return s, s != s
-    elif dtype == tl.float16:
-        st = s.to(tl.float16)
-        bad = (st.to(tl.float32) == float("inf")) | (s != s) | ((s > 0) & (s < 6.103515625e-05))
-        down = (st.to(tl.uint16, bitcast=True) - 1).to(tl.float16, bitcast=True)
-        return tl.where(st.to(tl.float32) > s, down, st), bad
-    else:  # bfloat16: truncating the float32 bits rounds toward zero
-        st = (s.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return st, (s != s) | ((s > 0) & (s < 1.1754943508222875e-38))
+    else:
+        if dtype == tl.float16:
+            rne = s.to(tl.float16)
+            down = (rne.to(tl.uint16, bitcast=True) - 1).to(tl.float16, bitcast=True)
+            st = tl.where(rne.to(tl.float32) > s, down, rne)
+            bad = rne.to(tl.float32) == float("inf")
+            tiny = 6.103515625e-05
+        else:  # bfloat16: truncating the float32 bits rounds toward zero
+            rne = cast_rne(s, tl.bfloat16)
+            st = (s.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            bad = s != s
+            tiny = 1.1754943508222875e-38
+        err = tl.math.div_rn(tl.abs(to_float32(rne) - s), tl.maximum(s, 1.401298464324817e-45))
+        bad = bad | (s != s) | ((s > 0) & (s < tiny) & (err > 0.125))
+        return st, bad | ((to_float32(st) == 0) & (s > 0))
 
 
 @triton.jit
@@ -147,10 +155,10 @@ def format_scale(amax, head_amax, top, inv_top, meta_ty: tl.constexpr, FMT: tl.c
         return code.to(tl.uint8), fp8_decode(code, 4) * t, b != b  # torch's cast saturates
     elif FMT == 6:  # lloyd: torch divides by a tensor (max|level|), correctly rounded
         st, bad = _store_down(tl.math.div_rn(amax, top), meta_ty)
-        return st, st.to(tl.float32), bad
+        return st, to_float32(st), bad
     else:  # fp8: by the Python float fmax
         st, bad = _store_down(div_scalar(amax, top, inv_top, RECIP), meta_ty)
-        return st, st.to(tl.float32), bad
+        return st, to_float32(st), bad
 
 
 @triton.jit
@@ -189,7 +197,7 @@ def format_unscale(s, t, FMT: tl.constexpr):
     elif FMT == 8:
         return fp8_decode(s.to(tl.int32), 4) * t
     else:
-        return s.to(tl.float32)
+        return to_float32(s)
 
 
 @triton.jit

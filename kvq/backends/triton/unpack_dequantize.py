@@ -25,6 +25,7 @@ from kvq.backends.triton.common import (
     padded_dim,
     row_bytes,
     tiles,
+    to_float32,
     unit_rows,
     unpack_load,
 )
@@ -47,10 +48,10 @@ def _dequant_cols(codes_ptr, scale_ptr, zero_ptr, levels_ptr, rows, rmask, mrow,
             s = tl.load(scale_ptr + moffs, mask=mask, other=0)
             v = v * format_unscale(s, tsc[:, None], FMT)
         return v
-    s = tl.load(scale_ptr + moffs, mask=mask, other=0.0).to(tl.float32)
+    s = to_float32(tl.load(scale_ptr + moffs, mask=mask, other=0.0))
     z = s
     if ASYM:
-        z = tl.load(zero_ptr + moffs, mask=mask, other=0.0).to(tl.float32)
+        z = to_float32(tl.load(zero_ptr + moffs, mask=mask, other=0.0))
     return dequantize_codes(u, s, z, OFF, ASYM)
 
 
@@ -84,7 +85,7 @@ def _dequantize_kernel(
         y = _dequant_cols(codes_ptr, scale_ptr, zero_ptr, levels_ptr, rows, rmask, mrow, tsc,
                           cols, D, RB, NC, CGS, BITS, ASYM, OFF, FMT, SCALED)
     if NSEP != 0:
-        n = tl.load(norm_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        n = to_float32(tl.load(norm_ptr + rows, mask=rmask, other=0.0))
         if RENORM:
             y, _ = unit_rows(y)
         y = y * n[:, None]
