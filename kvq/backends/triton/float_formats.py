@@ -119,7 +119,7 @@ def _store_down(s, dtype: tl.constexpr):
             rne = s.to(tl.float16)
             down = (rne.to(tl.uint16, bitcast=True) - 1).to(tl.float16, bitcast=True)
             st = tl.where(rne.to(tl.float32) > s, down, rne)
-            bad = rne.to(tl.float32) == float("inf")
+            bad = (rne.to(tl.float32) == float("inf")) | (s != s)
             tiny = 6.103515625e-05
         else:  # bfloat16: truncating the float32 bits rounds toward zero
             rne = cast_rne(s, tl.bfloat16)
@@ -127,7 +127,7 @@ def _store_down(s, dtype: tl.constexpr):
             bad = s != s
             tiny = 1.1754943508222875e-38
         err = tl.math.div_rn(tl.abs(to_float32(rne) - s), tl.maximum(s, 1.401298464324817e-45))
-        bad = bad | (s != s) | ((s > 0) & (s < tiny) & (err > 0.125))
+        bad = bad | ((s > 0) & (s < tiny) & (err > 0.125))
         return st, bad | ((to_float32(st) == 0) & (s > 0))
 
 
@@ -140,8 +140,8 @@ def format_scale(amax, head_amax, top, inv_top, meta_ty: tl.constexpr, FMT: tl.c
     lloyd store ``amax / top`` rounded toward zero (top = fmax or max|level|); mx the E8M0 code
     of 2**(floor(log2 amax) - 2); nv the E4M3 code of ``amax / (6 t)`` with t = head_amax / 2688
     and divide by ``e4m3 * t`` (b a rounding above 448 saturates, as torch's cast does). flag:
-    True where the reference must decide (its error, or its special rounding). RECIP: divide
-    by the Python constants (fmax, 2688) as torch on CUDA does (see :func:`div_scalar`).
+    True where the reference raises (see :func:`_store_down`). RECIP: divide by the Python
+    constants (fmax, 2688) as torch on CUDA does (see :func:`div_scalar`).
     """
     if FMT == 7:
         ex = ((amax.to(tl.uint32, bitcast=True) >> 23) & 255).to(tl.int32)
