@@ -59,7 +59,7 @@ class TritonBackend(Backend):
         if status & 1 and pipeline.check_finite:
             raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite K/V "
                                 "(fix the model or build the pipeline with check_finite=False)")
-        if status & 2:  # non-finite metadata: the reference raises its error for float16
+        if status & 2:  # metadata the reference refuses (fp16 overflow, ...): it raises its error
             from kvq.backends.torch_backend import TorchBackend
 
             return TorchBackend().quantize(pipeline, x)
