@@ -24,7 +24,7 @@ import torch
 
 PIPELINES = ["ptok>int4", "nsep>pchan>int4", "nsep>pchan>int3", "nsep>pchan>int2",
              "group(32,token)>int4(asym)", "group(32)>int4(asym)", "rot>ptok>int4(asym)",
-             "ptok>int8"]
+             "ptok>int8", "phead>fp8", "group(32)>fp4(mx)", "group(16)>fp4(nv)", "ptok>lloyd4"]
 
 
 def _timer(device: str, repeats: int):

@@ -1,5 +1,8 @@
 """Triton codebook kernels (``[nsep][rot] > lloyd(b)(none)``) vs the torch reference.
 
+(Scaled codebooks, ``lloyd4`` with a scale per group, run in the generic kernels:
+test_triton_formats.py.)
+
 Same parity rules as test_triton_parity.py: norms within one ulp, codes identical except where
 the reference's value sits within 1e-6 of a midpoint (float32 sums in another order), the same
 codes dequantize within a per-dtype tolerance.
@@ -13,8 +16,8 @@ import torch
 pytest.importorskip("triton")
 
 import kvq  # noqa: E402
-from kvq.backends import get_backend, resolve_backend  # noqa: E402
-from kvq.errors import BackendError, NumericsError  # noqa: E402
+from kvq.backends import get_backend  # noqa: E402
+from kvq.errors import NumericsError  # noqa: E402
 from kvq.quantizers.packing import pack, unpack  # noqa: E402
 from kvq.testing import kv_like  # noqa: E402
 
@@ -78,14 +81,6 @@ def test_turboquant_presets_run_on_triton():
         torch.testing.assert_close(keys.roundtrip(x, backend="triton").float(),
                                    keys.roundtrip(x, backend="torch").float(),
                                    rtol=1e-3, atol=1e-3 * x.abs().max().item())
-
-
-def test_scaled_codebook_has_no_kernel():
-    p = kvq.build("rot>lloyd4")
-    x = kv_like(1, 1, 8, 64).to(DEVICE)
-    with pytest.raises(BackendError, match="codebooks run only unscaled"):
-        p.quantize(x, backend="triton")
-    assert resolve_backend("auto", p, x).name == "torch"
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/Inf

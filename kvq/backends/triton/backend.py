@@ -20,8 +20,9 @@ from kvq.quantized import QuantizedTensor
 
 
 class TritonBackend(Backend):
-    """nsep / rot transforms, ptok / pchan / group(g, channel|token), int2/3/4/8 sym/asym;
-    nsep / rot then an unscaled codebook (lloyd{b}(none))."""
+    """nsep / rot transforms, ptok / pchan / group(g, channel|token) (phead for the float
+    formats), int2/3/4/8 sym/asym, llama.cpp's q4_0 / q4_1 / q8_0, fp8(e4m3|e5m2), fp4(mx|nv),
+    lloyd codebooks (scaled, or unscaled after nsep / rot)."""
 
     name = "triton"
 
@@ -52,13 +53,13 @@ class TritonBackend(Backend):
         if pipeline.is_identity:
             return QuantizedTensor(x, {}, tuple(x.shape), x.dtype, 8 * x.element_size())
         plan = KernelPlan.from_pipeline(pipeline)
-        run = quantize_codebook if plan.codebook else quantize_pack
+        run = quantize_codebook if plan.unscaled_codebook else quantize_pack
         with torch.cuda.device_of(x):  # launch on x's GPU (no-op on CPU)
             codes, meta, status = run(plan, x)
         if status & 1 and pipeline.check_finite:
             raise NumericsError("input holds NaN or Inf; kvq refuses to quantize non-finite K/V "
                                 "(fix the model or build the pipeline with check_finite=False)")
-        if status & 2:  # non-finite metadata: the reference raises its error for float16
+        if status & 2:  # metadata the reference refuses (fp16 overflow, ...): it raises its error
             from kvq.backends.torch_backend import TorchBackend
 
             return TorchBackend().quantize(pipeline, x)
@@ -69,6 +70,6 @@ class TritonBackend(Backend):
         if pipeline.is_identity:
             return q.codes
         plan = KernelPlan.from_pipeline(pipeline)
-        run = dequantize_codebook if plan.codebook else unpack_dequantize
+        run = dequantize_codebook if plan.unscaled_codebook else unpack_dequantize
         with torch.cuda.device_of(q.codes):
             return run(plan, q.codes, q.meta, tuple(q.shape), q.dtype)

@@ -24,6 +24,7 @@ from kvq.backends.triton.common import (
     padded_dim,
     row_bytes,
     tiles,
+    to_float32,
     unit_rows,
     unpack_load,
 )
@@ -78,7 +79,7 @@ def _codebook_dequantize_kernel(
     else:
         y = _levels_cols(codes_ptr, levels_ptr, rows, rmask, cols, D, RB, BITS)
     if NSEP != 0:
-        n = tl.load(norm_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        n = to_float32(tl.load(norm_ptr + rows, mask=rmask, other=0.0))
         if RENORM:
             y, _ = unit_rows(y)
         y = y * n[:, None]

@@ -99,10 +99,20 @@ def cast_rne(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def to_float32(v):
+    """v -> float32 exactly. bfloat16 goes through its bits: the interpreter's own conversion
+    loses bfloat16 subnormals (the GPU's is exact; both now agree with torch)."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def load_rows(x_ptr, rows, rmask, cols, D):
     """(BT, K) float32 tile of x rows at columns cols; masked entries are 0."""
     mask = rmask[:, None] & (cols < D)[None, :]
-    return tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return to_float32(tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0))
 
 
 @triton.jit

@@ -29,7 +29,12 @@ PIPELINES = ("nsep>pchan>int4", "group(32)>int3(asym)", "rot>nsep>ptok>int2",
 # bfloat16 input and metadata, a padded head_dim, a random rotation with nsep before it
 EXTRA = (("nsep(bf16)>rot>group(16,token)>int4(asym,dtype=bf16)", 80, torch.bfloat16),
          ("rot>q4_0", 64, torch.float16), ("q4_1", 96, torch.bfloat16),
-         ("q8_0", 128, torch.float32))  # llama.cpp's block formats
+         ("q8_0", 128, torch.float32),  # llama.cpp's block formats
+         # float formats and scaled codebooks (float_formats.py), phead, nv's head statistics
+         ("phead>fp8", 128, torch.float16), ("fp8(e4m3,none)", 64, torch.float32),
+         ("group(16,token)>fp8(e5m2,dtype=bf16)", 80, torch.bfloat16),
+         ("nsep>rot>group(16)>fp4(nv)", 64, torch.float32),
+         ("group(32,token)>fp4(mx)", 128, torch.float16), ("pchan>lloyd3", 96, torch.float16))
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32",
         torch.uint8: "*u8", torch.int32: "*i32"}
 _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -39,13 +44,16 @@ def _compile(target: GPUTarget, log: list[str], kernel, args, kwargs) -> None:
     """triton.compile ``kernel`` for the arguments of one launch; append a line to log."""
     values = dict(zip([p.name for p in kernel.params], args))
     values.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
+    values.update({p.name: p.default for p in kernel.params
+                   if p.name not in values and p.has_default})
     sig, constexprs = {}, {}
     for p in kernel.params:
         v = values[p.name]
         if p.is_constexpr:
             sig[p.name], constexprs[p.name] = "constexpr", v
         else:
-            sig[p.name] = _PTR[v.dtype] if isinstance(v, torch.Tensor) else "i32"
+            sig[p.name] = (_PTR[v.dtype] if isinstance(v, torch.Tensor)
+                           else "fp32" if isinstance(v, float) else "i32")
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
     t0 = time.perf_counter()
     triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=target,
@@ -56,13 +64,18 @@ def _compile(target: GPUTarget, log: list[str], kernel, args, kwargs) -> None:
 @contextlib.contextmanager
 def compile_only(arch: int = 90, log: list[str] | None = None):
     """Within the block, kernel launches compile for CUDA sm_<arch> instead of running."""
+    from kvq.backends.triton import quantize_pack
+
     target = GPUTarget("cuda", arch, 32)
     log = [] if log is None else log
     common._launch_hook = lambda kernel, args, kwargs: _compile(target, log, kernel, args, kwargs)
+    on_cpu = quantize_pack.torch_divides_by_reciprocal
+    quantize_pack.torch_divides_by_reciprocal = lambda x: True  # the CUDA variant, as on a GPU
     try:
         yield log
     finally:
         common._launch_hook = None
+        quantize_pack.torch_divides_by_reciprocal = on_cpu
 
 
 def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 90,
@@ -82,8 +95,8 @@ def check(pipelines=PIPELINES, head_dim: int = 128, seq: int = 64, arch: int = 9
         for spec, d, dtype in cases:
             x = torch.randn(1, 1, seq, d, dtype=dtype)
             plan = KernelPlan.from_pipeline(kvq.build(spec))
-            quantize = quantize_codebook if plan.codebook else quantize_pack
-            dequantize = dequantize_codebook if plan.codebook else unpack_dequantize
+            quantize = quantize_codebook if plan.unscaled_codebook else quantize_pack
+            dequantize = dequantize_codebook if plan.unscaled_codebook else unpack_dequantize
             codes, meta, _ = quantize(plan, x)
             dequantize(plan, codes, meta, tuple(x.shape), x.dtype)
     return log

@@ -16,10 +16,12 @@ import torch
 
 from kvq.dtypes import TORCH_DTYPES
 
-Granularity = Literal["ptok", "pchan", "group_channel", "group_token"]
+Granularity = Literal["ptok", "pchan", "group_channel", "group_token", "phead"]
 
 MAX_HEAD_DIM = 512
 FORMATS = ("q4_0", "q4_1", "q8_0")  # llama.cpp block formats (kernels: ggml_blocks.py)
+# the kernels' FMT constexpr: kvq's int, llama.cpp's blocks, then float_formats.py's formats
+FMT_CODES = ("int", *FORMATS, "e4m3", "e5m2", "lloyd", "mx", "nv")
 TOKEN_AXIS = ("pchan", "group_token")
 
 
@@ -35,10 +37,13 @@ class KernelPlan:
     rot: None, or a function head_dim -> (D, D) float32 orthonormal R (the reference's own matrix).
     gran / group: granularity; group is g for group(g, channel|token), else 0.
     bits / asym: integer quantizer. meta_dtype: scale and zero dtype; norm_dtype: nsep norm dtype.
-    fmt: "int" (kvq's int quantizer) or a llama.cpp block format on group(32, channel): "q4_0",
-    "q4_1" (asym: its block minimum is stored as the zero) or "q8_0".
-    codebook: for an unscaled codebook quantizer (``lloyd4(none)``), its ``levels(head_dim,
-    device)``; codes are then level indices and there is no scale (gran is unused).
+    fmt: "int" (kvq's int quantizer); a llama.cpp block format on group(32, channel): "q4_0",
+    "q4_1" (asym: its block minimum is stored as the zero) or "q8_0"; "e4m3" / "e5m2" (fp8),
+    "mx" / "nv" (fp4 block scaling, scale codes uint8) or "lloyd" (a codebook quantizer).
+    scaled: False for ``fp8(none)`` and ``lloyd(none)`` (no scale, gran unused).
+    codebook: for a codebook quantizer, its ``levels(head_dim, device)``; codes are level
+    indices. Unscaled ones run in codebook.py's kernels, scaled ones in the generic kernels.
+    top: the absmax a scaled fp8 / lloyd group maps onto (fmax, max|level|), else 0.
     """
 
     bits: int
@@ -52,14 +57,17 @@ class KernelPlan:
     meta_dtype: torch.dtype = torch.float16
     norm_dtype: torch.dtype = torch.float16
     codebook: Callable[[int, torch.device], torch.Tensor] | None = None
+    scaled: bool = True
+    top: float = 0.0
 
     @classmethod
     def from_pipeline(cls, pipeline) -> KernelPlan:
         """The plan of a :class:`kvq.Pipeline`; raises Unsupported naming the step it can't run.
 
         Runs: at most one ``nsep`` and one ``rot`` (either order), then ``ptok``, ``pchan``,
-        ``group(g, channel)`` or ``group(g, token)``, then ``int2/3/4/8`` (sym or asym); or the
-        transforms, then an unscaled codebook quantizer (``lloyd{b}(none)``).
+        ``group(g, channel)`` or ``group(g, token)`` (or ``phead``, for the float formats and
+        codebooks), then ``int2/3/4/8`` (sym or asym), ``q4_0`` / ``q4_1`` / ``q8_0``,
+        ``fp8(e4m3|e5m2)``, ``fp4(mx|nv)`` or a codebook (``lloyd{b}``, scaled or not).
         """
         from kvq.quantizers.codebook import CodebookQuantizer
 
@@ -71,29 +79,50 @@ class KernelPlan:
         nsep = next((t for t in pipeline.transforms if t.type == "nsep"), None)
         rot = next((t for t in pipeline.transforms if t.type == "rot"), None)
         nsep_pos = 0 if nsep is None else (2 if names == ["rot", "nsep"] else 1)
-        if isinstance(quant, CodebookQuantizer):
-            if quant.scale != "none":
-                raise Unsupported(f"quantizer {quant.to_spec()!r} has no kernel (codebooks run "
-                                  "only unscaled, scale=none)")
-            return cls(bits=quant.bits, nsep=nsep_pos, renorm=nsep.renorm if nsep else True,
-                       rot=rot.matrix if rot else None, codebook=quant.levels,
-                       norm_dtype=TORCH_DTYPES[nsep.dtype] if nsep else torch.float16)
-        if quant.type not in ("int", *FORMATS):
+        common = dict(nsep=nsep_pos, renorm=nsep.renorm if nsep else True,
+                      rot=rot.matrix if rot else None,
+                      norm_dtype=TORCH_DTYPES[nsep.dtype] if nsep else torch.float16)
+        # codebooks that keep the base class's encoding (lloyd, plugins; not nuq's minmax)
+        book = (isinstance(quant, CodebookQuantizer) and quant.scale in ("none", "absmax")
+                and type(quant).quantize is CodebookQuantizer.quantize
+                and type(quant).dequantize is CodebookQuantizer.dequantize)
+        if book and quant.scale == "none":
+            return cls(bits=quant.bits, fmt="lloyd", codebook=quant.levels, scaled=False,
+                       **common)
+        if book:
+            fmt = "lloyd"
+        elif quant.type in ("int", *FORMATS):
+            fmt = quant.type
+        elif quant.type == "fp8":
+            fmt = quant.format
+        elif quant.type == "fp4":
+            fmt = quant.block
+        else:
             raise Unsupported(f"quantizer {quant.to_spec()!r} has no kernel (int2/3/4/8, "
-                              f"{', '.join(FORMATS)} and unscaled codebooks only)")
+                              f"{', '.join(FORMATS)}, fp8, fp4 and lloyd codebooks only)")
         gran = pipeline.granularity
         if gran.type == "group":
             kind, group = ("group_channel" if gran.axis == "channel" else "group_token"), gran.size
-        elif gran.type in ("ptok", "pchan"):
+        elif gran.type in ("ptok", "pchan") or (gran.type == "phead" and fmt not in
+                                                 ("int", *FORMATS)):
             kind, group = gran.type, 0
-        else:
-            raise Unsupported(f"granularity {gran.to_spec()!r} has no kernel")
+        else:  # phead x int: the decode-attention kernel reads int plans and has no phead index
+            raise Unsupported(f"granularity {gran.to_spec()!r} has no kernel for "
+                              f"{quant.to_spec()!r}")
+        if fmt == "lloyd":
+            return cls(bits=quant.bits, fmt=fmt, gran=kind, group=group, codebook=quant.levels,
+                       meta_dtype=TORCH_DTYPES[quant.dtype], **common)
+        if quant.type == "fp8":
+            if quant.scale == "none":  # no statistics: the granularity is unused
+                kind, group = "ptok", 0
+            return cls(bits=8, fmt=fmt, gran=kind, group=group, scaled=quant.scale != "none",
+                       top=quant.fmax, meta_dtype=TORCH_DTYPES[quant.dtype], **common)
+        if quant.type == "fp4":
+            return cls(bits=4, fmt=fmt, gran=kind, group=group, meta_dtype=torch.uint8, **common)
         ggml = quant.type in FORMATS
         return cls(bits=quant.bits, asym=quant.type == "q4_1" if ggml else quant.scheme == "asym",
-                   fmt=quant.type, gran=kind, group=group, nsep=nsep_pos,
-                   renorm=nsep.renorm if nsep else True, rot=rot.matrix if rot else None,
-                   meta_dtype=torch.float16 if ggml else TORCH_DTYPES[quant.dtype],
-                   norm_dtype=TORCH_DTYPES[nsep.dtype] if nsep else torch.float16)
+                   fmt=quant.type, gran=kind, group=group,
+                   meta_dtype=torch.float16 if ggml else TORCH_DTYPES[quant.dtype], **common)
 
     def levels(self, d: int, device: torch.device) -> torch.Tensor:
         """The codebook's sorted levels for head_dim d: (2**bits,) float32 on device."""
@@ -105,8 +134,19 @@ class KernelPlan:
 
     @property
     def fmt_code(self) -> int:
-        """The kernels' FMT constexpr: 0 for int, 1 q4_0, 2 q4_1, 3 q8_0 (ggml_blocks.py)."""
-        return FORMATS.index(self.fmt) + 1 if self.fmt in FORMATS else 0
+        """The kernels' FMT constexpr: 0 int, 1 q4_0, 2 q4_1, 3 q8_0 (ggml_blocks.py), 4 e4m3,
+        5 e5m2, 6 lloyd, 7 mx, 8 nv (float_formats.py)."""
+        return FMT_CODES.index(self.fmt)
+
+    @property
+    def unscaled_codebook(self) -> bool:
+        """Runs in codebook.py's kernels (``lloyd{b}(none)``), not the generic ones."""
+        return self.codebook is not None and not self.scaled
+
+    @property
+    def head_stats(self) -> bool:
+        """Needs each (batch, head)'s absmax before quantizing (phead scales, nv's tensor scale)."""
+        return self.scaled and (self.gran == "phead" or self.fmt == "nv")
 
     @property
     def offset(self) -> int:
