@@ -117,13 +117,14 @@ class TransformFit:
     Args:
         recipe: the spec; its steps before ``klt`` run as in the pipeline.
         levels: ``"kmeans"`` or ``"gaussian"``.
-        max_tokens: token vectors kept per head (uniformly subsampled, seeded).
+        max_tokens: token vectors kept per head for the basis (uniformly subsampled, seeded).
+        kmeans_tokens: of those, the samples each coordinate's k-means sees.
     """
 
     static = False
 
     def __init__(self, recipe: str, levels: str = "kmeans", max_tokens: int = 60_000,
-                 seed: int = 0):
+                 kmeans_tokens: int = 16_384, seed: int = 0):
         self.bits = recipe_bits(recipe)
         if levels not in ("kmeans", "gaussian"):
             raise SpecError(f"levels={levels!r}: use 'kmeans' or 'gaussian' for klt>alloc")
@@ -133,6 +134,7 @@ class TransformFit:
         if any(s.role != "transform" for s in self.transforms):
             raise SpecError(f"recipe {recipe[:200]!r}: only transforms may come before klt")
         self.max_tokens, self.gen = max_tokens, torch.Generator().manual_seed(seed)
+        self.kmeans_tokens = kmeans_tokens
         self.rows: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []
         self.weight_count = 0
@@ -206,6 +208,8 @@ class TransformFit:
         widths = allocate(importance, bits or self.bits)
         n_max = 2 ** int(widths.max())
         rows = y.transpose(1, 2).reshape(heads * d, n)  # one row per (head, channel)
+        if n > self.kmeans_tokens:  # k-means needs fewer samples than the basis
+            rows = rows[:, torch.randperm(n, generator=self.gen)[: self.kmeans_tokens]]
         flat_w = widths.reshape(-1)
         levels = torch.zeros(heads * d, n_max)
         for w in flat_w.unique().tolist():

@@ -54,9 +54,9 @@ def _one(name: str, bits: int | None) -> tuple[str, KVConfig]:
         cfg = kvq.kv(name)
         if bits is None:
             return cfg.label, cfg
-        if any(s.type == "nuq" for p in cfg.pipelines() for s in p.steps):
-            raise EvalError(f"pipeline {name!r} has nuq codebooks calibrated at one bit width; "
-                            "leave out --bits, or calibrate at each width")
+        if any(getattr(s, "source", None) for p in cfg.pipelines() for s in p.steps):
+            raise EvalError(f"pipeline {name!r} has steps calibrated at one bit width (nuq, "
+                            "alloc); leave out --bits, or calibrate at each width")
         data = _rewrite(cfg.to_dict(), bits)
         if data == cfg.to_dict():  # no int<b> in it (q4_0, fp8, ...): its own width, run once
             return cfg.label, cfg
