@@ -21,6 +21,24 @@ from kvq.hf.packed import Scratch, StreamReader
 TAG = "_kvq_view"
 
 
+class StepScratch:
+    """One :class:`Scratch` shared by all layers of a cache during one decode forward: the
+    buffers are allocated by the first layer, reused by the others (fresh multi-MB buffers per
+    layer cost page faults) and freed after the last layer's attention, so nothing is held
+    between steps."""
+
+    def __init__(self) -> None:
+        self.scratch: Scratch | None = None
+
+    def get(self) -> Scratch:
+        if self.scratch is None:
+            self.scratch = Scratch()
+        return self.scratch
+
+    def release(self) -> None:
+        self.scratch = None
+
+
 @dataclass
 class DecodeView:
     """The visible K/V of one layer at one decode step, still packed.
@@ -36,6 +54,13 @@ class DecodeView:
     readers: tuple[StreamReader, StreamReader]
     scratch: Scratch
     chunk_tokens: int  # tokens read per chunk (whole blocks; at least one block)
+    step: StepScratch | None = None  # released by the cache's last layer (:meth:`done`)
+    last: bool = False
+
+    def done(self) -> None:
+        """Attention is over: the last layer of a forward frees the step's scratch."""
+        if self.last and self.step is not None:
+            self.step.release()
 
     @property
     def visible(self) -> int:
@@ -44,6 +69,23 @@ class DecodeView:
     @property
     def quantized(self) -> int:
         return len(self.layer.k_store)
+
+    def plan(self) -> list[tuple]:
+        """Chunks to read, oldest first: (segment K, segment V, first block, end block, tokens
+        to skip in the chunk, tokens to read), covering the visible quantized tokens."""
+        out, pos, start = [], 0, self.start
+        layer = self.layer
+        for seg_k, seg_v in zip(layer.k_store.segments, layer.v_store.segments):
+            blk, live = seg_k.block, seg_k.length
+            nb = -(-live // blk)
+            step = max(1, self.chunk_tokens // blk)
+            for lo in range(max(start - pos, 0) // blk, nb, step):
+                hi = min(lo + step, nb)
+                a, z = pos + lo * blk, pos + min(hi * blk, live)  # absolute token range
+                skip = max(start - a, 0)
+                out.append((seg_k, seg_v, lo, hi, skip, z - a - skip))
+            pos += live
+        return out
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The visible K/V dequantized, (B, H, visible, D) each: the general path's result."""
@@ -60,6 +102,8 @@ class FastDecode:
     values: object
     model_config: object
     scratch_elements: int = 2**21  # fp32 K (or V) values dequantized at a time: 8 MiB
+    step: StepScratch | None = None  # shared by the cache's layers
+    last: bool = False  # the cache's last layer: frees the step's scratch
 
     def __post_init__(self) -> None:
         self.reason = fast_path_reason_kv(self.keys, self.values)
@@ -69,17 +113,27 @@ class FastDecode:
     def active(self) -> bool:
         return self.reason is None and attn_implementation(self.model_config) == "kvq"
 
+    def derive(self) -> tuple:
+        """What the layer stores beside new key / value blocks (the nsep factor), as callables
+        ``QuantizedTensor -> dict`` or None; only while the fast path is in use."""
+        if not self.active:
+            return None, None
+        return tuple(r.factors if r.renorm else None for r in self.readers)
+
     def read(self, layer, new_tokens: int, visible: int | None
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Tagged window for a one-token decode step, or None (use the general path)."""
         if new_tokens != 1 or not self.active or layer.keep_dequantized:
+            if self.last and self.step is not None:
+                self.step.release()
             return None
         total = layer.get_seq_length()
         start = 0 if visible is None else max(total - visible, 0)
-        # a fresh scratch per step: freed when attention is done, so nothing is held at rest
+        # the step's scratch: shared by the layers, freed after the last one's attention
+        step = self.step or StepScratch()
         b, h, _, d = layer.keys.shape
         chunk = max(1, self.scratch_elements // (b * h * max(d, layer.values.shape[-1])))
-        view = DecodeView(layer, start, total, self.readers, Scratch(), chunk)
+        view = DecodeView(layer, start, total, self.readers, step.get(), chunk, step, self.last)
         keys, values = layer.keys[:, :, :], layer.values
         setattr(keys, TAG, view)
         return keys, values
@@ -96,8 +150,10 @@ def attach_fast_decode(layers, model_config, attention: str) -> None:
                        "attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
     if attention == "dequantize":
         return
-    for layer in layers:
-        layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config)
+    step = StepScratch()
+    for i, layer in enumerate(layers):
+        layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config,
+                                step=step, last=i == len(layers) - 1)
         layer.fast.reason = layer.fast.reason or _layer_reason(layer)
         if attention != "fast":
             continue
