@@ -108,10 +108,12 @@ class FastDecode:
     def __post_init__(self) -> None:
         self.reason = fast_path_reason_kv(self.keys, self.values)
         self.readers = (StreamReader(self.keys), StreamReader(self.values))
+        self._text_config = _text_config(self.model_config)  # read once: a per-step cost
 
     @property
     def active(self) -> bool:
-        return self.reason is None and attn_implementation(self.model_config) == "kvq"
+        return (self.reason is None
+                and getattr(self._text_config, "_attn_implementation", None) == "kvq")
 
     def derive(self) -> tuple:
         """What the layer stores beside new key / value blocks (the nsep factor), as callables
@@ -179,7 +181,10 @@ def _layer_reason(layer) -> str | None:
 
 def attn_implementation(model_config) -> str | None:
     """The attention implementation the model's text config names (``"sdpa"``, ``"kvq"``...)."""
-    cfg = model_config
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config(decoder=True)
-    return getattr(cfg, "_attn_implementation", None)
+    return getattr(_text_config(model_config), "_attn_implementation", None)
+
+
+def _text_config(model_config):
+    if hasattr(model_config, "get_text_config"):
+        return model_config.get_text_config(decoder=True)
+    return model_config

@@ -11,9 +11,9 @@ chunk. Transforms are folded, never applied to K/V:
     scores_t = factor_k[t] * (q @ M_k.T) . d_k[t]           (rot: rotate the query once)
     out      = (sum_t p_t factor_v[t] d_v[t]) @ M_v          (rot: rotate the output once)
 
-with ``d`` the quantizer's affine dequantization of the codes, read as bit planes (see
-:mod:`kvq.hf.packed`): the query is split into the same planes, the output planes are moved
-back into channel order.
+with ``d`` the quantizer's affine dequantization of the codes, its columns in bit-plane order
+(see :mod:`kvq.hf.packed`): the query is put into the same column order, the output back into
+channel order.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kvq.errors import KVQError
+from kvq.hf.packed import from_columns, to_columns
 
 NEG = torch.finfo(torch.float32).min  # masked score: exp() gives 0 against any real score
 
@@ -61,19 +62,17 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     mk, mv = rk.matrix(d, query.device), rv.matrix(dv, query.device)
     qk = q if mk is None else q @ mk.T
     plan = view.plan()
-    scores, qp = [], None
+    scores, qp = [], {}
     for seg_k, _, lo, hi, skip, n in plan:
-        dk, fk = rk.chunk(seg_k, lo, hi, view.scratch, "kv")
-        if qp is None or qp.shape[0] != dk.shape[0]:
-            qp = _planes(qk, dk.shape[0])
-        s = torch.matmul(qp, dk[..., skip:skip + n, :].transpose(-1, -2))
-        s = s[0] if s.shape[0] == 1 else s.sum(dim=0)  # (B, H, G, n)
+        dk, fk, per = rk.chunk(seg_k, lo, hi, view.scratch, "kv")
+        if per not in qp:
+            qp[per] = to_columns(qk, per)
+        s = torch.matmul(qp[per], _tokens(dk, skip, n, -2).transpose(-1, -2))  # (B, H, G, n)
         if fk is not None:
-            s.mul_(fk[:, :, None, skip:skip + n])
+            s.mul_(_tokens(fk, skip, n, -1).unsqueeze(2))
         scores.append(s)
-    pos = view.quantized
-    skip = max(view.start - pos, 0)
-    kw, vw = kwin[:, :, skip:], vwin[:, :, skip:]
+    skip = max(view.start - view.quantized, 0)
+    kw, vw = (kwin, vwin) if skip == 0 else (kwin[:, :, skip:], vwin[:, :, skip:])
     if kw.shape[2]:  # residual=0 can leave the window empty
         scores.append(torch.matmul(q, kw.float().transpose(-1, -2)))
     s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # (B, H, G, visible)
@@ -83,12 +82,11 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     p = torch.softmax(s, dim=-1)
     out, at = None, 0
     for _, seg_v, lo, hi, skip, n in plan:
-        dvv, fv = rv.chunk(seg_v, lo, hi, view.scratch, "kv")
-        w = p[..., at:at + n]
+        dvv, fv, per = rv.chunk(seg_v, lo, hi, view.scratch, "kv")
+        w = p if len(scores) == 1 else p[..., at:at + n]
         if fv is not None:
-            w = w * fv[:, :, None, skip:skip + n]
-        o = torch.matmul(w, dvv[..., skip:skip + n, :])  # (P, B, H, G, Dv/P), planes
-        o = o[0] if o.shape[0] == 1 else o.movedim(0, -1).reshape(b, h, g, dv)
+            w = w * _tokens(fv, skip, n, -1).unsqueeze(2)
+        o = from_columns(torch.matmul(w, _tokens(dvv, skip, n, -2)), per)  # (B, H, G, Dv)
         out = o if out is None else out.add_(o)
         at += n
     if out is not None and mv is not None:
@@ -99,8 +97,6 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     return out.reshape(b, hq, 1, dv).to(query.dtype)
 
 
-def _planes(q: torch.Tensor, per: int) -> torch.Tensor:
-    """Query (B, H, G, D) -> (per, B, H, G, D/per) matching plane-split keys."""
-    if per == 1:
-        return q.unsqueeze(0)
-    return q.reshape(*q.shape[:-1], q.shape[-1] // per, per).movedim(-1, 0)
+def _tokens(x: torch.Tensor, skip: int, n: int, dim: int) -> torch.Tensor:
+    """Tokens [skip, skip + n) of ``x`` along ``dim`` (no slicing op when that is all)."""
+    return x if skip == 0 and x.shape[dim] == n else x.narrow(dim, skip, n)

@@ -2,19 +2,20 @@
 
 A :class:`StreamReader` turns a chunk of quantized blocks of one stream (keys or values) into
 
-    d      (P, batch, kv_heads, tokens, head_dim / P) fp32 in a reused scratch buffer: the
-           quantizer's affine dequantization of the codes, split into P *bit planes*. int4
-           (int2) codes unpack fastest as whole planes (two (four) codes per byte, unpacked with
-           64-bit word operations), so plane i holds channels i, i+P, i+2P... Moving the plane
-           axis last and flattening gives the channels in order (P = 1 for int8, none, int3 and
+    d      (batch, kv_heads, tokens, head_dim) fp32 in a reused scratch buffer: the quantizer's
+           affine dequantization of the codes, columns in *plane-major* order. int4 (int2)
+           codes unpack fastest as whole bit planes (two (four) codes per byte, unpacked with
+           64-bit word operations, then converted into the columns of their plane), so column
+           i*D/P + k holds channel k*P + i (:func:`to_columns`; P = 1 for int8, none, int3 and
            per-channel-group scales, which are read in channel order);
     factor (batch, kv_heads, tokens) fp32 per-token factor (nsep), or None,
 
-such that the dequantized K/V of those tokens are ``factor * flatten(movedim(d, 0, -1)) @ M``
-with ``M`` the product of the inverse rotations (:meth:`StreamReader.matrix`). Attention folds
-``M`` into the query (keys) or the output (values) and ``factor`` into the scores (keys) or the
-value weights (values), so the read costs the unpacking, one conversion and one fused affine
-pass; K/V in fp32 exist only one chunk at a time.
+such that the dequantized K/V of those tokens are ``factor * from_columns(d) @ M`` with ``M``
+the product of the inverse rotations (:meth:`StreamReader.matrix`). Attention puts the query
+into the same column order and the output back (both tiny), folds ``M`` into the query (keys)
+or the output (values) and ``factor`` into the scores (keys) or the value weights (values). So
+a read costs the unpacking, one conversion and one fused affine pass; K/V in fp32 exist only one
+chunk at a time.
 
 The nsep factor ``norm / ||direction||`` of a block never changes, so :meth:`StreamReader.factors`
 computes it once when the block is written (the cache stores it, fp32, beside the block: see
@@ -76,51 +77,52 @@ class StreamReader:
         return self._matrices[key]
 
     def chunk(self, seg, lo: int, hi: int, scratch: Scratch, name: str
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Blocks [lo, hi) of ``seg`` (a :class:`~kvq.hf.blocks.Segment`) ->
-        (d (P, B, H, (hi-lo)*L, D/P) fp32, factor (B, H, tokens) or None).
+        (d (B, H, (hi-lo)*L, D) fp32, factor (B, H, tokens) or None, P): the columns of ``d``
+        are P bit planes of D/P channels side by side (see :func:`to_columns`; P = 1: channels
+        in order).
 
-        ``d`` lives in ``scratch`` buffers ``name`` until the next read with that name.
+        ``d`` lives in ``scratch`` buffer ``name`` until the next read with that name.
         """
         q, h = seg.q, seg.heads
         meta = {k: _blocks(v, h, lo, hi) for k, v in q.meta.items()}
-        d = self._dequantize(_blocks(q.codes, h, lo, hi), meta, q.shape[-1], scratch, name)
+        d, per = self._dequantize(_blocks(q.codes, h, lo, hi), meta, q.shape[-1], scratch, name)
         stored = seg.extra.get("factor")
         f = self._factor(d, meta, None if stored is None else _blocks(stored, h, lo, hi))
-        p, b = d.shape[0], d.shape[1]
-        d = d.reshape(p, b, h, -1, d.shape[-1])
-        return d, None if f is None else f.reshape(b, h, -1)
+        b = d.shape[0]
+        d = d.reshape(b, h, -1, d.shape[-1])
+        return d, None if f is None else f.reshape(b, h, -1), per
 
     def factors(self, q) -> dict[str, torch.Tensor]:
         """What to store beside new blocks ``q`` (folded (B, H*n, L, ...)): ``{"factor": (B,
         H*n, L) fp32}`` for nsep with renorm (the per-read norm then disappears), else {}."""
         if not self.renorm:
             return {}
-        d = self._dequantize(q.codes, q.meta, q.shape[-1], Scratch(), "factor")
+        d, _ = self._dequantize(q.codes, q.meta, q.shape[-1], Scratch(), "factor")
         return {"factor": self._factor(d, q.meta, None)}
 
     # internals ----------------------------------------------------------------------------------
     def _dequantize(self, codes: torch.Tensor, meta: dict, dim: int, scratch: Scratch,
-                    name: str) -> torch.Tensor:
-        """Folded codes (B, Hn, L, bytes) -> d (P, B, Hn, L, dim/P) fp32 in ``scratch``."""
+                    name: str) -> tuple[torch.Tensor, int]:
+        """Folded codes (B, Hn, L, bytes) -> (d (B, Hn, L, dim) fp32 in ``scratch``, planes)."""
         b, hn, blk = codes.shape[:3]
+        out = scratch.get(name, (b, hn, blk, dim), codes.device)
         if self.identity:
-            out = scratch.get(name, (1, b, hn, blk, dim), codes.device)
-            out[0].copy_(codes)
-            return out
+            return out.copy_(codes), 1
         per = _planes(self.bits, dim, meta, blk, self.granularity)
-        if per:
+        if per == 1:  # int8: the codes are bytes
+            out.copy_(codes[..., :dim])
+        elif per:
             u8 = scratch.get(name, (per, b, hn, blk, dim // per), codes.device, torch.uint8)
             _unpack_planes(codes, self.bits, per, u8)
-            out = scratch.get(name, u8.shape, codes.device)
-            out.copy_(u8)
-            _plane_affine(out, meta, self.quantizer, per)
-            return out
+            out.view(b, hn, blk, per, dim // per).movedim(3, 0).copy_(u8)
+        if per:
+            _column_affine(out, meta, self.quantizer, per)
+            return out, per
         u8 = scratch.get(name, (b, hn, blk, dim), codes.device, torch.uint8)
-        u8.copy_(unpack(codes, self.bits, dim))
-        out = scratch.get(name, (1, b, hn, blk, dim), codes.device)
-        out[0].copy_(u8)
-        return _affine(out[0], meta, self.quantizer, self.granularity).unsqueeze(0)
+        out.copy_(u8.copy_(unpack(codes, self.bits, dim)))
+        return _affine(out, meta, self.quantizer, self.granularity), 1
 
     def _factor(self, d: torch.Tensor, meta: dict, stored: torch.Tensor | None
                 ) -> torch.Tensor | None:
@@ -134,10 +136,6 @@ class StreamReader:
         if not self.renorm:
             return f
         length = torch.linalg.vector_norm(d, dim=-1)
-        if length.shape[0] > 1:
-            length = torch.linalg.vector_norm(length, dim=0)
-        else:
-            length = length[0]
         return f / torch.where(length > 0, length, torch.ones_like(length))
 
 
@@ -174,10 +172,7 @@ _WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
 def _unpack_planes(packed: torch.Tensor, bits: int, per: int, out: torch.Tensor) -> None:
     """uint8 ``packed`` (B, Hn, L, bytes) -> codes ``out`` (per, B, Hn, L, bytes): plane i holds
     bits [i*bits, (i+1)*bits) of every byte, i.e. channels i, i+per... Byte-parallel on the
-    widest integer word the row length allows."""
-    if per == 1:
-        out[0].copy_(packed[..., :out.shape[-1]])
-        return
+    widest integer word the row length allows (int2/int4)."""
     nbytes = packed.shape[-1]
     packed = packed.contiguous()
     dtype, width = torch.uint8, 1
@@ -197,27 +192,39 @@ def _unpack_planes(packed: torch.Tensor, bits: int, per: int, out: torch.Tensor)
             planes[i].bitwise_and_(mask)
 
 
-def _to_planes(m: torch.Tensor, per: int) -> torch.Tensor:
-    """Per-channel metadata (..., D) -> (per, ..., D/per), contiguous (a strided operand would
-    slow the affine pass several times): plane i gets channels i, i+per..."""
-    return m.reshape(*m.shape[:-1], m.shape[-1] // per, per).movedim(-1, 0).contiguous()
+def to_columns(x: torch.Tensor, per: int) -> torch.Tensor:
+    """Channels (..., D) -> plane-major columns (..., D): column i*D/per + k holds channel
+    k*per + i (bit plane i of the packed codes). Contiguous: a strided operand would slow the
+    affine pass several times."""
+    if per == 1:
+        return x
+    x = x.reshape(*x.shape[:-1], x.shape[-1] // per, per).transpose(-1, -2)
+    return x.reshape(*x.shape[:-2], -1)
 
 
-def _plane_affine(d: torch.Tensor, meta: dict, quantizer, per: int) -> None:
-    """The integer quantizer's dequantize in place on plane-split fp32 codes ``d`` (P, B, Hn, L,
-    W): sym ``code * s - qmax * s``, asym ``code * s + zero`` (IntQuantizer.dequantize up to
-    fp32 rounding), scales per token (B, Hn, L, 1) or per channel over U token groups
-    (B, Hn, U, D)."""
+def from_columns(x: torch.Tensor, per: int) -> torch.Tensor:
+    """Inverse of :func:`to_columns`."""
+    if per == 1:
+        return x
+    x = x.reshape(*x.shape[:-1], per, x.shape[-1] // per).transpose(-1, -2)
+    return x.reshape(*x.shape[:-2], -1)
+
+
+def _column_affine(d: torch.Tensor, meta: dict, quantizer, per: int) -> None:
+    """The integer quantizer's dequantize in place on fp32 codes ``d`` (B, Hn, L, D) in
+    plane-major columns: sym ``code * s - qmax * s``, asym ``code * s + zero``
+    (IntQuantizer.dequantize up to fp32 rounding), scales per token (B, Hn, L, 1) or per
+    channel over U token groups (B, Hn, U, D)."""
     s = meta["scale"]
     if s.shape[-1] == 1:
-        view, sp = d, s.float().unsqueeze(0)
-        zp = None if quantizer.scheme == "sym" else meta["zero"].float().unsqueeze(0)
+        view, sp = d, s.float()
+        zp = None if quantizer.scheme == "sym" else meta["zero"].float()
     else:
-        p, b, hn, blk, w = d.shape
+        b, hn, blk, dim = d.shape
         u = s.shape[-2]
-        view = d.view(p, b, hn, u, blk // u, w)
-        sp = _to_planes(s.float(), per).unsqueeze(-2)
-        zp = None if quantizer.scheme == "sym" else _to_planes(
+        view = d.view(b, hn, u, blk // u, dim)
+        sp = to_columns(s.float(), per).unsqueeze(-2)
+        zp = None if quantizer.scheme == "sym" else to_columns(
             meta["zero"].float(), per).unsqueeze(-2)
     bias = sp * -quantizer.qmax if zp is None else zp
     torch.addcmul(bias, view, sp, out=view)
