@@ -11,9 +11,7 @@ chunk. Transforms are folded, never applied to K/V:
     scores_t = factor_k[t] * (q @ M_k.T) . d_k[t]           (rot: rotate the query once)
     out      = (sum_t p_t factor_v[t] d_v[t]) @ M_v          (rot: rotate the output once)
 
-with ``d`` the quantizer's affine dequantization of the codes, its columns in bit-plane order
-(see :mod:`kvq.hf.packed`): the query is put into the same column order, the output back into
-channel order.
+with ``d`` the quantizer's affine dequantization of the codes (see :mod:`kvq.hf.packed`).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from kvq.errors import KVQError
-from kvq.hf.packed import from_columns, to_columns
 
 NEG = torch.finfo(torch.float32).min  # masked score: exp() gives 0 against any real score
 
@@ -62,12 +59,10 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     mk, mv = rk.matrix(d, query.device), rv.matrix(dv, query.device)
     qk = q if mk is None else q @ mk.T
     plan = view.plan()
-    scores, qp = [], {}
+    scores = []
     for seg_k, _, lo, hi, skip, n in plan:
-        dk, fk, per = rk.chunk(seg_k, lo, hi, view.scratch, "kv")
-        if per not in qp:
-            qp[per] = to_columns(qk, per)
-        s = torch.matmul(qp[per], _tokens(dk, skip, n, -2).transpose(-1, -2))  # (B, H, G, n)
+        dk, fk = rk.chunk(seg_k, lo, hi, view.scratch, "kv")
+        s = torch.matmul(qk, _tokens(dk, skip, n, -2).transpose(-1, -2))  # (B, H, G, n)
         if fk is not None:
             s.mul_(_tokens(fk, skip, n, -1).unsqueeze(2))
         scores.append(s)
@@ -82,11 +77,11 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     p = torch.softmax(s, dim=-1)
     out, at = None, 0
     for _, seg_v, lo, hi, skip, n in plan:
-        dvv, fv, per = rv.chunk(seg_v, lo, hi, view.scratch, "kv")
+        dvv, fv = rv.chunk(seg_v, lo, hi, view.scratch, "kv")
         w = p if len(scores) == 1 else p[..., at:at + n]
         if fv is not None:
             w = w * _tokens(fv, skip, n, -1).unsqueeze(2)
-        o = from_columns(torch.matmul(w, _tokens(dvv, skip, n, -2)), per)  # (B, H, G, Dv)
+        o = torch.matmul(w, _tokens(dvv, skip, n, -2))  # (B, H, G, Dv)
         out = o if out is None else out.add_(o)
         at += n
     if out is not None and mv is not None:

@@ -3,19 +3,16 @@
 A :class:`StreamReader` turns a chunk of quantized blocks of one stream (keys or values) into
 
     d      (batch, kv_heads, tokens, head_dim) fp32 in a reused scratch buffer: the quantizer's
-           affine dequantization of the codes, columns in *plane-major* order. int4 (int2)
-           codes unpack fastest as whole bit planes (two (four) codes per byte, unpacked with
-           64-bit word operations, then converted into the columns of their plane), so column
-           i*D/P + k holds channel k*P + i (:func:`to_columns`; P = 1 for int8, none, int3 and
-           per-channel-group scales, which are read in channel order);
+           affine dequantization of the codes (one fused pass on the granularity's view);
     factor (batch, kv_heads, tokens) fp32 per-token factor (nsep), or None,
 
-such that the dequantized K/V of those tokens are ``factor * from_columns(d) @ M`` with ``M``
-the product of the inverse rotations (:meth:`StreamReader.matrix`). Attention puts the query
-into the same column order and the output back (both tiny), folds ``M`` into the query (keys)
-or the output (values) and ``factor`` into the scores (keys) or the value weights (values). So
-a read costs the unpacking, one conversion and one fused affine pass; K/V in fp32 exist only one
-chunk at a time.
+such that the dequantized K/V of those tokens are ``factor * d @ M`` with ``M`` the product of
+the inverse rotations (:meth:`StreamReader.matrix`). Attention folds ``M`` into the query (keys)
+or the output (values) and ``factor`` into the scores (keys) or the value weights (values), so
+a read costs the unpacking, one conversion and one affine pass; K/V in fp32 exist only one chunk
+at a time. int4 (int2) codes are unpacked without float temporaries by spreading each packed
+byte over a 16-bit (32-bit) lane and masking: one code per byte, channels in order
+(:func:`unpack_into`).
 
 The nsep factor ``norm / ||direction||`` of a block never changes, so :meth:`StreamReader.factors`
 computes it once when the block is written (the cache stores it, fp32, beside the block: see
@@ -77,52 +74,41 @@ class StreamReader:
         return self._matrices[key]
 
     def chunk(self, seg, lo: int, hi: int, scratch: Scratch, name: str
-              ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Blocks [lo, hi) of ``seg`` (a :class:`~kvq.hf.blocks.Segment`) ->
-        (d (B, H, (hi-lo)*L, D) fp32, factor (B, H, tokens) or None, P): the columns of ``d``
-        are P bit planes of D/P channels side by side (see :func:`to_columns`; P = 1: channels
-        in order).
+        (d (B, H, (hi-lo)*L, D) fp32, factor (B, H, tokens) or None).
 
         ``d`` lives in ``scratch`` buffer ``name`` until the next read with that name.
         """
         q, h = seg.q, seg.heads
         meta = {k: _blocks(v, h, lo, hi) for k, v in q.meta.items()}
-        d, per = self._dequantize(_blocks(q.codes, h, lo, hi), meta, q.shape[-1], scratch, name)
+        d = self._dequantize(_blocks(q.codes, h, lo, hi), meta, q.shape[-1], scratch, name)
         stored = seg.extra.get("factor")
         f = self._factor(d, meta, None if stored is None else _blocks(stored, h, lo, hi))
         b = d.shape[0]
-        d = d.reshape(b, h, -1, d.shape[-1])
-        return d, None if f is None else f.reshape(b, h, -1), per
+        return d.reshape(b, h, -1, d.shape[-1]), None if f is None else f.reshape(b, h, -1)
 
     def factors(self, q) -> dict[str, torch.Tensor]:
         """What to store beside new blocks ``q`` (folded (B, H*n, L, ...)): ``{"factor": (B,
         H*n, L) fp32}`` for nsep with renorm (the per-read norm then disappears), else {}."""
         if not self.renorm:
             return {}
-        d, _ = self._dequantize(q.codes, q.meta, q.shape[-1], Scratch(), "factor")
+        d = self._dequantize(q.codes, q.meta, q.shape[-1], Scratch(), "factor")
         return {"factor": self._factor(d, q.meta, None)}
 
     # internals ----------------------------------------------------------------------------------
     def _dequantize(self, codes: torch.Tensor, meta: dict, dim: int, scratch: Scratch,
-                    name: str) -> tuple[torch.Tensor, int]:
-        """Folded codes (B, Hn, L, bytes) -> (d (B, Hn, L, dim) fp32 in ``scratch``, planes)."""
+                    name: str) -> torch.Tensor:
+        """Folded codes (B, Hn, L, bytes) -> d (B, Hn, L, dim) fp32 in ``scratch``."""
         b, hn, blk = codes.shape[:3]
         out = scratch.get(name, (b, hn, blk, dim), codes.device)
         if self.identity:
-            return out.copy_(codes), 1
-        per = _planes(self.bits, dim, meta, blk, self.granularity)
-        if per == 1:  # int8: the codes are bytes
+            return out.copy_(codes)
+        if self.bits == 8:
             out.copy_(codes[..., :dim])
-        elif per:
-            u8 = scratch.get(name, (per, b, hn, blk, dim // per), codes.device, torch.uint8)
-            _unpack_planes(codes, self.bits, per, u8)
-            out.view(b, hn, blk, per, dim // per).movedim(3, 0).copy_(u8)
-        if per:
-            _column_affine(out, meta, self.quantizer, per)
-            return out, per
-        u8 = scratch.get(name, (b, hn, blk, dim), codes.device, torch.uint8)
-        out.copy_(u8.copy_(unpack(codes, self.bits, dim)))
-        return _affine(out, meta, self.quantizer, self.granularity), 1
+        else:
+            out.copy_(unpack_into(codes, self.bits, dim, scratch, name))
+        return _affine(out, meta, self.quantizer, self.granularity)
 
     def _factor(self, d: torch.Tensor, meta: dict, stored: torch.Tensor | None
                 ) -> torch.Tensor | None:
@@ -148,86 +134,36 @@ def _blocks(t: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
     return u.reshape(b, heads * (hi - lo), *t.shape[2:])
 
 
-def _planes(bits: int, dim: int, meta: dict, blk: int, granularity) -> int:
-    """Bit planes to read the codes as (8 // bits for int2/int4, 1 for int8), or 0 when the
-    codes go through the general unpacking (int3, channel groups, a token-group tail)."""
-    if bits not in (2, 4, 8) or dim % 8:
-        return 0
-    kind = granularity.type
-    if kind == "group" and (granularity.axis != "token" or blk % granularity.size):
-        return 0
-    if kind not in ("ptok", "pchan", "group"):
-        return 0
-    for m in meta.values():
-        per_token = m.shape[-1] == 1 and m.shape[-2] == blk
-        per_channel = m.shape[-1] == dim and blk % m.shape[-2] == 0
-        if not (per_token or per_channel):
-            return 0
-    return 8 // bits
+#: codes per byte -> (lane dtype, left shift per code, byte mask over the lane)
+_SPREAD = {2: (torch.int16, 4, 0x0F0F), 4: (torch.int32, 6, 0x03030303)}
 
 
-_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
+def unpack_into(packed: torch.Tensor, bits: int, dim: int, scratch: Scratch, name: str
+                ) -> torch.Tensor:
+    """uint8 ``packed`` (..., ceil(dim/8)*bits) -> uint8 codes (..., dim), channels in order
+    (as :func:`kvq.quantizers.packing.unpack`), in ``scratch``.
 
-
-def _unpack_planes(packed: torch.Tensor, bits: int, per: int, out: torch.Tensor) -> None:
-    """uint8 ``packed`` (B, Hn, L, bytes) -> codes ``out`` (per, B, Hn, L, bytes): plane i holds
-    bits [i*bits, (i+1)*bits) of every byte, i.e. channels i, i+per... Byte-parallel on the
-    widest integer word the row length allows (int2/int4)."""
-    nbytes = packed.shape[-1]
-    packed = packed.contiguous()
-    dtype, width = torch.uint8, 1
-    for width, dtype in _WORDS:
-        if nbytes % width == 0 and packed.storage_offset() % width == 0:
-            break
+    int4/int2: each packed byte ``p`` goes into a 16-bit (32-bit) integer lane, ``p | p << 4``
+    (``p | p << 6 | p << 12 | p << 18``) puts code j into byte j of the lane, a mask clears the
+    rest; the lanes, read as bytes (little-endian), are the codes in order. Integer work only,
+    no float temporaries. int3 uses the general unpacking.
+    """
+    per = 8 // bits
+    if bits not in (2, 4):
+        return unpack(packed, bits, dim)
+    dtype, shift, mask = _SPREAD[per]
+    lanes = scratch.get(name, packed.shape, packed.device, dtype)
+    lanes.copy_(packed)
+    if per == 2:
+        tmp = scratch.get(name + "_tmp", packed.shape, packed.device, dtype)
+        torch.bitwise_left_shift(lanes, shift, out=tmp).bitwise_or_(lanes)
     else:
-        width, dtype = 1, torch.uint8
-    mask = int.from_bytes(bytes([(1 << bits) - 1]) * width, "little")  # < 2**(8w-1): signed ok
-    words = packed.view(dtype)
-    planes = out.view(dtype)
-    for i in range(per):
-        if i == 0:
-            torch.bitwise_and(words, mask, out=planes[0])
-        else:
-            torch.bitwise_right_shift(words, bits * i, out=planes[i])
-            planes[i].bitwise_and_(mask)
-
-
-def to_columns(x: torch.Tensor, per: int) -> torch.Tensor:
-    """Channels (..., D) -> plane-major columns (..., D): column i*D/per + k holds channel
-    k*per + i (bit plane i of the packed codes). Contiguous: a strided operand would slow the
-    affine pass several times."""
-    if per == 1:
-        return x
-    x = x.reshape(*x.shape[:-1], x.shape[-1] // per, per).transpose(-1, -2)
-    return x.reshape(*x.shape[:-2], -1)
-
-
-def from_columns(x: torch.Tensor, per: int) -> torch.Tensor:
-    """Inverse of :func:`to_columns`."""
-    if per == 1:
-        return x
-    x = x.reshape(*x.shape[:-1], per, x.shape[-1] // per).transpose(-1, -2)
-    return x.reshape(*x.shape[:-2], -1)
-
-
-def _column_affine(d: torch.Tensor, meta: dict, quantizer, per: int) -> None:
-    """The integer quantizer's dequantize in place on fp32 codes ``d`` (B, Hn, L, D) in
-    plane-major columns: sym ``code * s - qmax * s``, asym ``code * s + zero``
-    (IntQuantizer.dequantize up to fp32 rounding), scales per token (B, Hn, L, 1) or per
-    channel over U token groups (B, Hn, U, D)."""
-    s = meta["scale"]
-    if s.shape[-1] == 1:
-        view, sp = d, s.float()
-        zp = None if quantizer.scheme == "sym" else meta["zero"].float()
-    else:
-        b, hn, blk, dim = d.shape
-        u = s.shape[-2]
-        view = d.view(b, hn, u, blk // u, dim)
-        sp = to_columns(s.float(), per).unsqueeze(-2)
-        zp = None if quantizer.scheme == "sym" else to_columns(
-            meta["zero"].float(), per).unsqueeze(-2)
-    bias = sp * -quantizer.qmax if zp is None else zp
-    torch.addcmul(bias, view, sp, out=view)
+        tmp = scratch.get(name + "_tmp", packed.shape, packed.device, dtype)
+        torch.bitwise_left_shift(lanes, shift, out=tmp).bitwise_or_(lanes)  # p | p << 6
+        torch.bitwise_left_shift(tmp, 2 * shift, out=lanes).bitwise_or_(tmp)  # | << 12, << 18
+        tmp = lanes
+    codes = tmp.bitwise_and_(mask).view(torch.uint8)
+    return codes if codes.shape[-1] == dim else codes[..., :dim]
 
 
 def _affine(x: torch.Tensor, meta: dict, quantizer, granularity) -> torch.Tensor:
