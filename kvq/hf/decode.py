@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvq.errors import KVQError
+from kvq.errors import KVQError, shorten
 from kvq.hf.coverage import fast_path_reason_kv
 from kvq.hf.packed import Scratch, StreamReader
 
@@ -104,6 +104,7 @@ class FastDecode:
     scratch_elements: int = 2**21  # fp32 K (or V) values dequantized at a time: 8 MiB
     step: StepScratch | None = None  # shared by the cache's layers
     last: bool = False  # the cache's last layer: frees the step's scratch
+    store_factors: bool = True  # keep the nsep factor beside each block (KVQCache factors=)
 
     def __post_init__(self) -> None:
         self.reason = fast_path_reason_kv(self.keys, self.values)
@@ -118,7 +119,7 @@ class FastDecode:
     def derive(self) -> tuple:
         """What the layer stores beside new key / value blocks (the nsep factor), as callables
         ``QuantizedTensor -> dict`` or None; only while the fast path is in use."""
-        if not self.active:
+        if not (self.store_factors and self.active):
             return None, None
         return tuple(r.factors if r.renorm else None for r in self.readers)
 
@@ -141,21 +142,26 @@ class FastDecode:
         return keys, values
 
 
-def attach_fast_decode(layers, model_config, attention: str) -> None:
+def attach_fast_decode(layers, model_config, attention: str, factors: str = "store") -> None:
     """Give every layer its :class:`FastDecode`.
 
     attention: ``"auto"`` (fast where covered), ``"fast"`` (raise :class:`KVQError` where it
-    cannot be used), ``"dequantize"`` (never).
+    cannot be used), ``"dequantize"`` (never). factors: ``"store"`` (keep the nsep factor
+    beside each block) or ``"recompute"`` (take the norm on every read).
     """
     if attention not in ("auto", "fast", "dequantize"):
-        raise KVQError(f"attention={attention!r}: use 'auto' (read packed blocks when the model "
-                       "attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
+        raise KVQError(f"attention={shorten(attention)}: use 'auto' (read packed blocks when the "
+                       "model attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
+    if factors not in ("store", "recompute"):
+        raise KVQError(f"factors={shorten(factors)}: use 'store' (keep each block's nsep factor, "
+                       "fp32, beside it: faster decode) or 'recompute' (no extra bytes)")
     if attention == "dequantize":
         return
     step = StepScratch()
     for i, layer in enumerate(layers):
         layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config,
-                                step=step, last=i == len(layers) - 1)
+                                step=step, last=i == len(layers) - 1,
+                                store_factors=factors == "store")
         layer.fast.reason = layer.fast.reason or _layer_reason(layer)
         if attention != "fast":
             continue
