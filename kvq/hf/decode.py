@@ -104,7 +104,7 @@ class FastDecode:
     scratch_elements: int = 2**21  # fp32 K (or V) values dequantized at a time: 8 MiB
     step: StepScratch | None = None  # shared by the cache's layers
     last: bool = False  # the cache's last layer: frees the step's scratch
-    store_factors: bool = True  # keep the nsep factor beside each block (KVQCache factors=)
+    store_factors: bool = False  # keep the nsep factor beside each block (KVQCache factors=)
 
     def __post_init__(self) -> None:
         self.reason = fast_path_reason_kv(self.keys, self.values)
@@ -142,19 +142,20 @@ class FastDecode:
         return keys, values
 
 
-def attach_fast_decode(layers, model_config, attention: str, factors: str = "store") -> None:
+def attach_fast_decode(layers, model_config, attention: str, factors: str = "recompute"
+                       ) -> None:
     """Give every layer its :class:`FastDecode`.
 
     attention: ``"auto"`` (fast where covered), ``"fast"`` (raise :class:`KVQError` where it
-    cannot be used), ``"dequantize"`` (never). factors: ``"store"`` (keep the nsep factor
-    beside each block) or ``"recompute"`` (take the norm on every read).
+    cannot be used), ``"dequantize"`` (never). factors: ``"recompute"`` (take the norm on every
+    read) or ``"store"`` (keep the nsep factor beside each block).
     """
     if attention not in ("auto", "fast", "dequantize"):
         raise KVQError(f"attention={shorten(attention)}: use 'auto' (read packed blocks when the "
                        "model attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
     if factors not in ("store", "recompute"):
-        raise KVQError(f"factors={shorten(factors)}: use 'store' (keep each block's nsep factor, "
-                       "fp32, beside it: faster decode) or 'recompute' (no extra bytes)")
+        raise KVQError(f"factors={shorten(factors)}: use 'recompute' (no extra bytes) or 'store' "
+                       "(keep each block's nsep factor, fp32, beside it: faster decode)")
     if attention == "dequantize":
         return
     step = StepScratch()

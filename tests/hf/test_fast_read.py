@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_models import VOCAB, tiny_model
-from test_fast_attention import (  # noqa: F401 - count_fast is a fixture
-    ATOL, _set, count_fast, decode_logits, fast_vs_general, prompt)
+from test_fast_attention import ATOL, _set, decode_logits, fast_vs_general, prompt
 
 import kvq
 from kvq.errors import KVQError
@@ -96,7 +95,7 @@ def test_blocks_written_without_factors_are_read_right(count_fast):
     ids = prompt(seq=21)
     ref = decode_logits(model, KVQCache("nsep>pchan>int4", model.config, residual=1, block=4,
                                         attention="dequantize"), ids, 8, tokens=tokens)
-    cache = KVQCache("nsep>pchan>int4", model.config, residual=1, block=4)
+    cache = KVQCache("nsep>pchan>int4", model.config, residual=1, block=4, factors="store")
     kw = cache_kwargs(model, cache)
     with torch.no_grad():
         out = [model(ids, use_cache=True, **kw).logits[:, -1]]
