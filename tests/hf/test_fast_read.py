@@ -17,7 +17,7 @@ from kvq.quantizers.packing import pack, unpack
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("dim", [8, 24, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dim", [8, 12, 20, 24, 64, 80, 96, 128, 256])
 def test_unpack_into_equals_unpack(bits, dim):
     g = torch.Generator().manual_seed(dim + bits)
     codes = torch.randint(0, 2**bits, (2, 5, 7, dim), generator=g, dtype=torch.uint8)
