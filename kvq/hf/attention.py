@@ -32,6 +32,7 @@ def kvq_attention(module, query, key, value, attention_mask, scaling=None, dropo
     view = getattr(key, TAG, None)
     if view is not None and not _fast_ok(query, dropout, kwargs):
         key, value = view.materialize()
+        view.done()
         view = None
     if view is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
@@ -39,6 +40,7 @@ def kvq_attention(module, query, key, value, attention_mask, scaling=None, dropo
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     with torch.no_grad():
         out = _decode(query, view, (key, value), attention_mask, scale)
+    view.done()
     return out.transpose(1, 2).contiguous(), None
 
 

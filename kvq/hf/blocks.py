@@ -13,7 +13,7 @@ length (a prompt tail) or a cropped segment starts a new one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,13 +25,20 @@ from kvq.quantized import QuantizedTensor
 class Segment:
     """``n`` quantized blocks of ``block`` tokens, folded: ``q.shape == (B, H*n, block, D)``.
 
-    ``length`` tokens are live (fewer than ``n * block`` after a crop).
+    ``length`` tokens are live (fewer than ``n * block`` after a crop). ``extra`` holds what a
+    reader derived from the blocks once, when they were written (folded like the metadata, e.g.
+    the fast decode's nsep factor ``(B, H*n, block)``); it is counted in :attr:`nbytes`.
     """
 
     q: QuantizedTensor
     heads: int
     block: int
     length: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + sum(t.numel() * t.element_size() for t in self.extra.values())
 
     @property
     def n(self) -> int:
@@ -74,14 +81,16 @@ class BlockStore:
     @property
     def nbytes(self) -> int:
         """Bytes really held: packed codes and all metadata (cropped tokens included)."""
-        return sum(s.q.nbytes for s in self.segments)
+        return sum(s.nbytes for s in self.segments)
 
-    def append(self, x: torch.Tensor, block: int,
-               valid: torch.Tensor | None = None) -> QuantizedTensor:
+    def append(self, x: torch.Tensor, block: int, valid: torch.Tensor | None = None,
+               derive=None) -> QuantizedTensor:
         """Quantize ``x`` (B, H, n*block, D) as ``n`` blocks and append them.
 
         ``valid`` (B, n*block) bool marks real tokens; pad rows are excluded from token-axis
-        statistics (see :func:`kvq.hf.padding.fill_pads`). Returns the new blocks, folded.
+        statistics (see :func:`kvq.hf.padding.fill_pads`). ``derive``: ``QuantizedTensor ->
+        dict`` of tensors kept beside the new blocks (``Segment.extra``). Returns the new
+        blocks, folded.
         """
         b, h, t, d = x.shape
         n = t // block
@@ -92,14 +101,18 @@ class BlockStore:
                 unit = block
             blocks = fill_pads(blocks, valid.reshape(b, n, block), unit)
         q = self.pipeline.quantize(_fold(blocks, h), backend=self.backend)
+        extra = derive(q) if derive is not None else {}
         last = self.segments[-1] if self.segments else None
         if last is not None and last.block == block and last.full:
             merged = replace(last.q, codes=self._cat(last.q.codes, q.codes, h),
                              meta={k: self._cat(v, q.meta[k], h) for k, v in last.q.meta.items()},
                              shape=(b, h * (last.n + n), block, d))
-            self.segments[-1] = Segment(merged, h, block, last.length + t)
+            # derived tensors continue only where both parts have them (else readers recompute)
+            kept = {k: self._cat(v, extra[k], h) for k, v in last.extra.items()
+                    if k in extra} if last.extra.keys() == extra.keys() else {}
+            self.segments[-1] = Segment(merged, h, block, last.length + t, kept)
         else:
-            self.segments.append(Segment(q, h, block, t))
+            self.segments.append(Segment(q, h, block, t, extra))
         return q
 
     @staticmethod
@@ -131,7 +144,8 @@ class BlockStore:
 
     def map_batch(self, fn) -> None:
         """Apply a batch-axis op (index_select, repeat_interleave, indexing) to every tensor."""
-        self.segments = [replace(s, q=_map(s.q, fn)) for s in self.segments]
+        self.segments = [replace(s, q=_map(s.q, fn), extra={k: fn(v) for k, v in s.extra.items()})
+                         for s in self.segments]
 
     def clear(self) -> None:
         self.segments = []

@@ -14,11 +14,29 @@ from dataclasses import dataclass
 
 import torch
 
-from kvq.errors import KVQError
+from kvq.errors import KVQError, shorten
 from kvq.hf.coverage import fast_path_reason_kv
 from kvq.hf.packed import Scratch, StreamReader
 
 TAG = "_kvq_view"
+
+
+class StepScratch:
+    """One :class:`Scratch` shared by all layers of a cache during one decode forward: the
+    buffers are allocated by the first layer, reused by the others (fresh multi-MB buffers per
+    layer cost page faults) and freed after the last layer's attention, so nothing is held
+    between steps."""
+
+    def __init__(self) -> None:
+        self.scratch: Scratch | None = None
+
+    def get(self) -> Scratch:
+        if self.scratch is None:
+            self.scratch = Scratch()
+        return self.scratch
+
+    def release(self) -> None:
+        self.scratch = None
 
 
 @dataclass
@@ -36,6 +54,13 @@ class DecodeView:
     readers: tuple[StreamReader, StreamReader]
     scratch: Scratch
     chunk_tokens: int  # tokens read per chunk (whole blocks; at least one block)
+    step: StepScratch | None = None  # released by the cache's last layer (:meth:`done`)
+    last: bool = False
+
+    def done(self) -> None:
+        """Attention is over: the last layer of a forward frees the step's scratch."""
+        if self.last and self.step is not None:
+            self.step.release()
 
     @property
     def visible(self) -> int:
@@ -44,6 +69,23 @@ class DecodeView:
     @property
     def quantized(self) -> int:
         return len(self.layer.k_store)
+
+    def plan(self) -> list[tuple]:
+        """Chunks to read, oldest first: (segment K, segment V, first block, end block, tokens
+        to skip in the chunk, tokens to read), covering the visible quantized tokens."""
+        out, pos, start = [], 0, self.start
+        layer = self.layer
+        for seg_k, seg_v in zip(layer.k_store.segments, layer.v_store.segments):
+            blk, live = seg_k.block, seg_k.length
+            nb = -(-live // blk)
+            step = max(1, self.chunk_tokens // blk)
+            for lo in range(max(start - pos, 0) // blk, nb, step):
+                hi = min(lo + step, nb)
+                a, z = pos + lo * blk, pos + min(hi * blk, live)  # absolute token range
+                skip = max(start - a, 0)
+                out.append((seg_k, seg_v, lo, hi, skip, z - a - skip))
+            pos += live
+        return out
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The visible K/V dequantized, (B, H, visible, D) each: the general path's result."""
@@ -60,44 +102,67 @@ class FastDecode:
     values: object
     model_config: object
     scratch_elements: int = 2**21  # fp32 K (or V) values dequantized at a time: 8 MiB
+    step: StepScratch | None = None  # shared by the cache's layers
+    last: bool = False  # the cache's last layer: frees the step's scratch
+    store_factors: bool = False  # keep the nsep factor beside each block (KVQCache factors=)
 
     def __post_init__(self) -> None:
         self.reason = fast_path_reason_kv(self.keys, self.values)
         self.readers = (StreamReader(self.keys), StreamReader(self.values))
+        self._text_config = _text_config(self.model_config)  # read once: a per-step cost
 
     @property
     def active(self) -> bool:
-        return self.reason is None and attn_implementation(self.model_config) == "kvq"
+        return (self.reason is None
+                and getattr(self._text_config, "_attn_implementation", None) == "kvq")
+
+    def derive(self) -> tuple:
+        """What the layer stores beside new key / value blocks (the nsep factor), as callables
+        ``QuantizedTensor -> dict`` or None; only while the fast path is in use."""
+        if not (self.store_factors and self.active):
+            return None, None
+        return tuple(r.factors if r.renorm else None for r in self.readers)
 
     def read(self, layer, new_tokens: int, visible: int | None
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Tagged window for a one-token decode step, or None (use the general path)."""
         if new_tokens != 1 or not self.active or layer.keep_dequantized:
+            if self.last and self.step is not None:
+                self.step.release()
             return None
         total = layer.get_seq_length()
         start = 0 if visible is None else max(total - visible, 0)
-        # a fresh scratch per step: freed when attention is done, so nothing is held at rest
+        # the step's scratch: shared by the layers, freed after the last one's attention
+        step = self.step or StepScratch()
         b, h, _, d = layer.keys.shape
         chunk = max(1, self.scratch_elements // (b * h * max(d, layer.values.shape[-1])))
-        view = DecodeView(layer, start, total, self.readers, Scratch(), chunk)
+        view = DecodeView(layer, start, total, self.readers, step.get(), chunk, step, self.last)
         keys, values = layer.keys[:, :, :], layer.values
         setattr(keys, TAG, view)
         return keys, values
 
 
-def attach_fast_decode(layers, model_config, attention: str) -> None:
+def attach_fast_decode(layers, model_config, attention: str, factors: str = "recompute"
+                       ) -> None:
     """Give every layer its :class:`FastDecode`.
 
     attention: ``"auto"`` (fast where covered), ``"fast"`` (raise :class:`KVQError` where it
-    cannot be used), ``"dequantize"`` (never).
+    cannot be used), ``"dequantize"`` (never). factors: ``"recompute"`` (take the norm on every
+    read) or ``"store"`` (keep the nsep factor beside each block).
     """
     if attention not in ("auto", "fast", "dequantize"):
-        raise KVQError(f"attention={attention!r}: use 'auto' (read packed blocks when the model "
-                       "attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
+        raise KVQError(f"attention={shorten(attention)}: use 'auto' (read packed blocks when the "
+                       "model attends with 'kvq'), 'fast' (the same, or raise) or 'dequantize'")
+    if factors not in ("store", "recompute"):
+        raise KVQError(f"factors={shorten(factors)}: use 'recompute' (no extra bytes) or 'store' "
+                       "(keep each block's nsep factor, fp32, beside it: faster decode)")
     if attention == "dequantize":
         return
-    for layer in layers:
-        layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config)
+    step = StepScratch()
+    for i, layer in enumerate(layers):
+        layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config,
+                                step=step, last=i == len(layers) - 1,
+                                store_factors=factors == "store")
         layer.fast.reason = layer.fast.reason or _layer_reason(layer)
         if attention != "fast":
             continue
@@ -123,7 +188,10 @@ def _layer_reason(layer) -> str | None:
 
 def attn_implementation(model_config) -> str | None:
     """The attention implementation the model's text config names (``"sdpa"``, ``"kvq"``...)."""
-    cfg = model_config
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config(decoder=True)
-    return getattr(cfg, "_attn_implementation", None)
+    return getattr(_text_config(model_config), "_attn_implementation", None)
+
+
+def _text_config(model_config):
+    if hasattr(model_config, "get_text_config"):
+        return model_config.get_text_config(decoder=True)
+    return model_config

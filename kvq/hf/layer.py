@@ -247,8 +247,9 @@ class KVQLayer(DynamicLayer):
                 valid = ~sink if valid is None else valid & ~sink
         if self.pre_rope:
             k = self.rope.unrotate(k, start)
-        qk = self.k_store.append(k.contiguous(), block, valid)
-        qv = self.v_store.append(v.contiguous(), block, valid)
+        dk, dv = self.fast.derive() if self.fast is not None else (None, None)
+        qk = self.k_store.append(k.contiguous(), block, valid, dk)
+        qv = self.v_store.append(v.contiguous(), block, valid, dv)
         if self.keep_dequantized:
             h = k.shape[1]
             kd, vd = self.k_store.unfold(qk, h), self.v_store.unfold(qv, h)

@@ -2,22 +2,26 @@
 
 A :class:`StreamReader` turns a chunk of quantized blocks of one stream (keys or values) into
 
-    d      (batch, kv_heads, tokens, head_dim) fp32 in a reused scratch buffer, columns in the
-           order ``perm`` (channel ``perm[j]`` is column j: int4/int2 codes unpack fastest as
-           whole nibble planes, so the columns are not interleaved back),
+    d      (batch, kv_heads, tokens, head_dim) fp32 in a reused scratch buffer: the quantizer's
+           affine dequantization of the codes (one fused pass on the granularity's view);
     factor (batch, kv_heads, tokens) fp32 per-token factor (nsep), or None,
 
-such that the dequantized K/V of those tokens are ``factor * d[..., inv(perm)] @ M`` with ``M``
-the product of the inverse rotations (:meth:`StreamReader.matrix`). Attention then folds ``M``
-into the query (keys) or the output (values) and ``factor`` into the scores (keys) or the value
-weights (values), so the read costs one unpack, the quantizer's affine dequantize and, for nsep,
-one norm over the chunk; K/V in fp32 exist only one chunk at a time.
+such that the dequantized K/V of those tokens are ``factor * d @ M`` with ``M`` the product of
+the inverse rotations (:meth:`StreamReader.matrix`). Attention folds ``M`` into the query (keys)
+or the output (values) and ``factor`` into the scores (keys) or the value weights (values), so
+a read costs the unpacking, one conversion and one affine pass; K/V in fp32 exist only one chunk
+at a time. int4 (int2) codes are unpacked without float temporaries by spreading each packed
+byte over a 16-bit (32-bit) lane and masking: one code per byte, channels in order
+(:func:`unpack_into`).
+
+The nsep factor ``norm / ||direction||`` of a block never changes, so :meth:`StreamReader.factors`
+computes it once when the block is written (the cache stores it, fp32, beside the block: see
+docs/decode-attention.md); a chunk whose blocks have no stored factor takes the norm per read.
 """
 
 from __future__ import annotations
 
 import math
-from functools import cached_property
 
 import torch
 
@@ -52,63 +56,73 @@ class StreamReader:
         self.identity = pipeline.is_identity
         self.bits = pipeline.bits
         self.quantizer, self.granularity = pipeline.quantizer, pipeline.granularity
-        nsep = self.factor_step
-        self.renorm = nsep is not None and nsep.renorm
-
-    @cached_property
-    def factor_step(self):
-        found = [t for t in self.pipeline.transforms if t.type == "nsep"]
-        return found[0] if found else None
-
-    @cached_property
-    def rotations(self) -> list:
-        return [t for t in self.pipeline.transforms if t.type == "rot"]
+        found = [t for t in pipeline.transforms if t.type == "nsep"]
+        self.factor_step = found[0] if found else None
+        self.renorm = self.factor_step is not None and self.factor_step.renorm
+        self.rotations = [t for t in pipeline.transforms if t.type == "rot"]
+        self._matrices: dict = {}
 
     def matrix(self, head_dim: int, device) -> torch.Tensor | None:
-        """M (head_dim, head_dim) fp32 with x = factor * d @ M, or None (identity)."""
-        m = None
-        for rot in reversed(self.rotations):  # inverses run right to left: x @ R_n.T ... R_1.T
-            r = rot.matrix(head_dim, device).T
-            m = r if m is None else m @ r
-        return m
+        """M (head_dim, head_dim) fp32 with x = factor * d @ M, or None (identity); cached."""
+        key = (head_dim, str(device))
+        if key not in self._matrices:
+            m = None
+            for rot in reversed(self.rotations):  # inverses run right to left: x @ R_n.T ... R_1.T
+                r = rot.matrix(head_dim, device).T
+                m = r if m is None else m @ r
+            self._matrices[key] = m
+        return self._matrices[key]
 
     def chunk(self, seg, lo: int, hi: int, scratch: Scratch, name: str
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Blocks [lo, hi) of ``seg`` (a :class:`~kvq.hf.blocks.Segment`) ->
-        (d (B, H, (hi-lo)*L, D) fp32, factor (B, H, tokens) or None, perm (D,) or None).
+        (d (B, H, (hi-lo)*L, D) fp32, factor (B, H, tokens) or None).
 
         ``d`` lives in ``scratch`` buffer ``name`` until the next read with that name.
         """
-        q, h, blk = seg.q, seg.heads, seg.block
-        b, d = q.codes.shape[0], q.shape[-1]
-        nc = hi - lo
-        shape = (b, h * nc, blk, d)
-        out = scratch.get(name, shape, q.codes.device)
-        codes = _blocks(q.codes, h, lo, hi)
-        if self.identity:
-            out.copy_(codes)
-            return out.view(b, h, nc * blk, d), None, None
+        q, h = seg.q, seg.heads
         meta = {k: _blocks(v, h, lo, hi) for k, v in q.meta.items()}
-        planes = all(m.shape[-1] in (1, d) for m in meta.values())
-        u8 = scratch.get(name, shape, q.codes.device, torch.uint8)
-        perm = _unpack_into(codes, self.bits, d, u8, planes)
-        out.copy_(u8)
-        if perm is not None:  # per-channel metadata into column order (fp32: the fast kernel)
-            meta = {k: (m if m.shape[-1] == 1 else m.float().index_select(-1, perm))
-                    for k, m in meta.items()}
-        x = _affine(out, meta, self.quantizer, self.granularity)
-        x = x.reshape(b, h, nc * blk, d)
-        return x, self._factor(x, meta, b, h), perm
+        d = self._dequantize(_blocks(q.codes, h, lo, hi), meta, q.shape[-1], scratch, name)
+        stored = seg.extra.get("factor")
+        f = self._factor(d, meta, None if stored is None else _blocks(stored, h, lo, hi))
+        b = d.shape[0]
+        return d.reshape(b, h, -1, d.shape[-1]), None if f is None else f.reshape(b, h, -1)
 
-    def _factor(self, x: torch.Tensor, meta: dict, b: int, h: int) -> torch.Tensor | None:
+    def factors(self, q) -> dict[str, torch.Tensor]:
+        """What to store beside new blocks ``q`` (folded (B, H*n, L, ...)): ``{"factor": (B,
+        H*n, L) fp32}`` for nsep with renorm (the per-read norm then disappears), else {}."""
+        if not self.renorm:
+            return {}
+        d = self._dequantize(q.codes, q.meta, q.shape[-1], Scratch(), "factor")
+        return {"factor": self._factor(d, q.meta, None)}
+
+    # internals ----------------------------------------------------------------------------------
+    def _dequantize(self, codes: torch.Tensor, meta: dict, dim: int, scratch: Scratch,
+                    name: str) -> torch.Tensor:
+        """Folded codes (B, Hn, L, bytes) -> d (B, Hn, L, dim) fp32 in ``scratch``."""
+        b, hn, blk = codes.shape[:3]
+        out = scratch.get(name, (b, hn, blk, dim), codes.device)
+        if self.identity:
+            return out.copy_(codes)
+        if self.bits == 8:
+            out.copy_(codes[..., :dim])
+        else:
+            out.copy_(unpack_into(codes, self.bits, dim, scratch, name))
+        return _affine(out, meta, self.quantizer, self.granularity)
+
+    def _factor(self, d: torch.Tensor, meta: dict, stored: torch.Tensor | None
+                ) -> torch.Tensor | None:
+        """Per-token factor (B, Hn, L) fp32: stored, or ``norm / ||d||`` as
+        NormSeparation.inverse computes it (a zero length divides by one), or None."""
         if self.factor_step is None:
             return None
-        f = meta["norm"].reshape(b, h, -1).float()
-        if self.renorm:  # as NormSeparation.inverse: n / ||direction||
-            # a zero length comes from an all-zero direction, whose scores and values are 0
-            # whatever the (finite: norm <= 65504, / 1e-30) factor; NormSeparation divides by 1
-            f = f / torch.linalg.vector_norm(x, dim=-1).clamp_min_(1e-30)
-        return f
+        if stored is not None:
+            return stored
+        f = meta["norm"].float().squeeze(-1)
+        if not self.renorm:
+            return f
+        length = torch.linalg.vector_norm(d, dim=-1)
+        return f / torch.where(length > 0, length, torch.ones_like(length))
 
 
 def _blocks(t: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
@@ -120,32 +134,41 @@ def _blocks(t: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
     return u.reshape(b, heads * (hi - lo), *t.shape[2:])
 
 
-def _unpack_into(packed: torch.Tensor, bits: int, d: int, out: torch.Tensor,
-                 planes: bool) -> torch.Tensor | None:
-    """Unpack uint8 ``packed`` (..., ceil(d/8)*bits) into uint8 codes ``out`` (..., d).
+#: codes per byte -> (lane dtype, left shift per code, byte mask over the lane)
+_SPREAD = {2: (torch.int16, 4, 0x0F0F), 4: (torch.int32, 6, 0x03030303)}
 
-    int4/int2 with ``planes`` (and d a multiple of 8) write bit planes side by side without
-    interleaving them: column j holds channel ``perm[j]``, which is returned. Otherwise the
-    columns are channels in order (returns None).
+
+def unpack_into(packed: torch.Tensor, bits: int, dim: int, scratch: Scratch, name: str
+                ) -> torch.Tensor:
+    """uint8 ``packed`` (..., ceil(dim/8)*bits) -> uint8 codes (..., dim), channels in order
+    (as :func:`kvq.quantizers.packing.unpack`), in ``scratch``.
+
+    int4/int2: each packed byte ``p`` goes into a 16-bit (32-bit) integer lane, ``p | p << 4``
+    (``p | p << 6 | p << 12 | p << 18``) puts code j into byte j of the lane, a mask clears the
+    rest; the lanes, read as bytes (little-endian), are the codes in order. Integer work only,
+    no float temporaries. int3 uses the general unpacking.
     """
-    if bits == 8:
-        out.copy_(packed[..., :d])
-        return None
-    if bits in (2, 4) and planes and d % 8 == 0:
-        per, mask = 8 // bits, (1 << bits) - 1
-        w = d // per
-        for i in range(per):
-            part = packed >> (bits * i) if i else packed
-            out[..., i * w:(i + 1) * w] = part & mask if i < per - 1 else part  # top: no mask
-        return _plane_perm(d, per, packed.device)
-    out.copy_(unpack(packed, bits, d))
-    return None
+    per = 8 // bits
+    if bits not in (2, 4):
+        return unpack(packed, bits, dim)
+    dtype, shift, mask = _SPREAD[per]
+    lanes = scratch.get(name, packed.shape, packed.device, dtype)
+    lanes.copy_(packed)
+    if per == 2:
+        tmp = scratch.get(name + "_tmp", packed.shape, packed.device, dtype)
+        torch.bitwise_left_shift(lanes, shift, out=tmp).bitwise_or_(lanes)
+    else:
+        tmp = scratch.get(name + "_tmp", packed.shape, packed.device, dtype)
+        torch.bitwise_left_shift(lanes, shift, out=tmp).bitwise_or_(lanes)  # p | p << 6
+        torch.bitwise_left_shift(tmp, 2 * shift, out=lanes).bitwise_or_(tmp)  # | << 12, << 18
+        tmp = lanes
+    codes = tmp.bitwise_and_(mask).view(torch.uint8)
+    return codes if codes.shape[-1] == dim else codes[..., :dim]
 
 
 def _affine(x: torch.Tensor, meta: dict, quantizer, granularity) -> torch.Tensor:
-    """The integer quantizer's dequantize on fp32 codes ``x``, as one fused pass in place:
-    sym ``code * s - qmax * s``, asym ``code * s + zero`` (IntQuantizer.dequantize up to fp32
-    rounding)."""
+    """The integer quantizer's dequantize on fp32 codes ``x`` (B, Hn, L, D) in channel order,
+    in place where the granularity's view allows."""
     g = granularity
     xg = g.view(x)
     s = g.from_meta(meta["scale"].float())
@@ -153,22 +176,3 @@ def _affine(x: torch.Tensor, meta: dict, quantizer, granularity) -> torch.Tensor
     if xg.data_ptr() == x.data_ptr() and xg.is_contiguous():
         return g.unview(torch.addcmul(bias, xg, s, out=xg), x.shape)
     return g.unview(torch.addcmul(bias, xg, s), x.shape)  # a padded token-group view
-
-
-_PERMS: dict = {}
-
-
-def _plane_perm(d: int, per: int, device) -> torch.Tensor:
-    """Channel of each column when ``per`` bit planes of d channels lie side by side."""
-    key = (d, per, str(device))
-    if key not in _PERMS:
-        _PERMS[key] = torch.cat([torch.arange(i, d, per) for i in range(per)]).to(device)
-    return _PERMS[key]
-
-
-def inverse_perm(perm: torch.Tensor) -> torch.Tensor:
-    """Column of each channel (cached for the plane permutations)."""
-    key = ("inv", perm.data_ptr(), perm.numel(), str(perm.device))
-    if key not in _PERMS:
-        _PERMS[key] = torch.argsort(perm)
-    return _PERMS[key]

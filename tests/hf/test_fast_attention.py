@@ -17,7 +17,6 @@ import transformers as tf
 from hf_models import COMMON, VOCAB, left_padded, tiny_model
 
 import kvq
-import kvq.hf.flash_decode as flash_decode
 from kvq.errors import KVQError
 from kvq.granularity import PerChannel
 from kvq.hf import KVQCache, cache_kwargs, enable_fast_attention, fast_path_reason
@@ -37,20 +36,6 @@ def wide():
     cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64, intermediate_size=64, **COMMON)
     return tf.AutoModelForCausalLM.from_config(cfg).eval()
-
-
-@pytest.fixture
-def count_fast(monkeypatch):
-    """Number of decode steps served by the torch fast path."""
-    calls = []
-    orig = flash_decode.decode_attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return orig(*args, **kwargs)
-
-    monkeypatch.setattr(flash_decode, "decode_attention", counted)
-    return calls
 
 
 def _set(model, name):
