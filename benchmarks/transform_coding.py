@@ -1,4 +1,4 @@
-"""Calibrate the transform-coding recipes, budgets and ablations on SmolLM2 (docs/transform-coding.md).
+"""Calibrate the transform-coding recipes, budgets and ablations (docs/transform-coding.md).
 
 Captures K/V (pre- and post-RoPE keys, Fisher sensitivities) once on ``shakespeare:calib`` and
 fits every variant from that capture, writing ``OUT/<label>.yaml`` + ``.safetensors``:
