@@ -13,6 +13,7 @@ Variants:
   Fisher-weighted importance, k-means levels.
 - ``tc-{B}`` (B = 2.48, 3.48, 4.48): ``--bits B``: alloc(2|3|4) per layer and K/V by knapsack
   (B leaves 0.02 bits/element for the sink token, which an fp32 model stores at 32 bits).
+- ``tc{b}-unweighted`` (b = 2, 3): no Fisher weights (squared error in K/V units).
 - ablations of ``tc-3.48``, one idea off each: ``-post`` keys after RoPE, ``-nosink``, ``-gauss``
   Gaussian Lloyd-Max levels instead of k-means, ``-nonsep`` no norm separation (``klt>alloc``),
   ``-unweighted`` no Fisher weights (squared error in K/V units).
@@ -31,6 +32,7 @@ from kvq.eval.calibrate import CalibrationSettings, calibrate, capture_corpus
 VARIANTS: dict[str, tuple[str, dict]] = {
     **{f"tc{b}": (f"tc{b}", {}) for b in (2, 3, 4)},
     **{f"tc-{b}.48": (f"tc{b}", {"bits": b + 0.48}) for b in (2, 3, 4)},
+    **{f"tc{b}-unweighted": (f"tc{b}", {"sensitivity": "none"}) for b in (2, 3)},
     "tc-3.48-post": ("tc3", {"bits": 3.48, "key_rope": "post"}),
     "tc-3.48-nosink": ("tc3", {"bits": 3.48, "sinks": 0}),
     "tc-3.48-gauss": ("tc3", {"bits": 3.48, "levels": "gaussian"}),
