@@ -1,8 +1,8 @@
 """Calibrated Karhunen-Loeve transform: a PCA basis per KV head, the transform of transform coding.
 
 Keys (before RoPE) and values are far from isotropic: on SmolLM2-135M a few directions of a
-head's unit keys carry most of their energy. Transform coding (KVTC, Staniszewski et al., 2025;
-SVDq, Yankun et al., 2025) rotates each vector into the eigenbasis of its head's covariance,
+head's unit keys carry most of their energy. Transform coding ("KV Cache Transform Coding", KVTC,
+2025; "SVDq", 2025) rotates each vector into the eigenbasis of its head's covariance,
 fitted offline, so that a quantizer can spend its bits where the variance is (``alloc``).
 Nothing is stored per token: the mean and basis are per (layer, K/V, kv head) in the file.
 """
