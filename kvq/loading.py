@@ -46,6 +46,21 @@ def kv(source: Any) -> KVConfig:
     if isinstance(source, Path) or (isinstance(source, str) and source.endswith(_FILE_SUFFIXES)):
         return load(source)
     if isinstance(source, str):
-        return KVConfig.from_spec(source)
+        try:
+            return KVConfig.from_spec(source)
+        except SpecError:
+            _recipe_hint(source)
+            raise
     raise SpecError(f"cannot make a K/V configuration from {type(source).__name__}",
                     suggestion="pass a spec string, preset name, YAML path or dict")
+
+
+def _recipe_hint(name: str) -> None:
+    """Raise a SpecError that says how to calibrate when ``name`` is a calibration recipe."""
+    from kvq.presets import RECIPES
+
+    if name.strip() in RECIPES:
+        name = name.strip()
+        raise SpecError(f"{name!r} is a calibration recipe, not a preset: its parameters are "
+                        "fitted to a model", suggestion=f"run `kvq calibrate --recipe {name} --out "
+                        f"{name}.yaml` and use {name}.yaml")

@@ -177,3 +177,9 @@ def test_file_errors(tmp_path):
         "a.klt.mean": torch.zeros(1, 8), "a.klt.basis": torch.ones(1, 8, 8)}, {})
     with pytest.raises(kvq.SpecError, match="orthonormal"):
         kvq.build(f"klt(source={bad}#a)>ptok>int8")
+
+
+def test_a_recipe_name_says_how_to_calibrate():
+    with pytest.raises(kvq.SpecError, match=r"calibration recipe.*kvq calibrate --recipe tc3"):
+        kvq.kv("tc3")
+    assert kvq.kv("kvquant3").label == "kvquant3"  # a preset of the same family stays a preset
