@@ -27,6 +27,7 @@ class Calibrated(Step):
     """
 
     calibrated_by: ClassVar[str] = "kvq calibrate"
+    needs: ClassVar[str] = "fitted parameters"  # what a step without ``source`` lacks
     _path: str = PrivateAttr(default="")
 
     @classmethod
@@ -44,7 +45,7 @@ class Calibrated(Step):
     def _load(self):
         name = self.spec_name()
         if self.source is None:
-            raise SpecError(f"{name} needs fitted parameters: {name}(...,source=FILE#NAME)",
+            raise SpecError(f"{name} needs {self.needs}: {name}(...,source=FILE#NAME)",
                             suggestion=f"`{self.calibrated_by}` writes them with a YAML config "
                                        "that uses them")
         if any(c in self.source for c in ",()=>") or any(c.isspace() for c in self.source):

@@ -10,18 +10,17 @@ The levels live in a codebook file (:mod:`kvq.codebooks`), referenced as ``sourc
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import PrivateAttr, ValidationError, model_validator
 
 from kvq import codebooks, dtypes
-from kvq.errors import KVQError, SpecError
+from kvq.calibrated import Calibrated
+from kvq.errors import KVQError
 from kvq.quantizers.codebook import CodebookQuantizer
 
 
-class Nuq(CodebookQuantizer):
+class Nuq(Calibrated, CodebookQuantizer):
     """``nuq(bits, source=FILE#NAME)``: min-max normalized, calibrated levels in [-1, 1].
 
     ``scale="minmax"``: each granularity group is normalized by its own range; metadata
@@ -41,68 +40,27 @@ class Nuq(CodebookQuantizer):
     source: str | None = None
 
     positional = ("bits",)
-    _path: str = PrivateAttr(default="")
+    calibrated_by: ClassVar[str] = "kvq calibrate --recipe kvquant3"
+    needs: ClassVar[str] = "a calibrated codebook"
 
-    @classmethod
-    def validated(cls, data, name):
-        """As :meth:`Step.validated`, but a codebook problem surfaces as its own one-line error."""
-        try:
-            return cls.model_validate({"type": "nuq", **data})
-        except ValidationError as exc:
-            inner = (exc.errors()[0].get("ctx") or {}).get("error")
-            if isinstance(inner, SpecError):
-                raise SpecError(inner.reason, suggestion=inner.suggestion) from None
-        return super().validated(data, name)
-
-    @model_validator(mode="after")
-    def _load(self) -> Nuq:
-        if self.source is None:
-            raise SpecError(f"nuq({self.bits}) needs a calibrated codebook: "
-                            f"nuq({self.bits},source=FILE#NAME)",
-                            suggestion=f"`kvq calibrate --recipe kvquant{self.bits}` writes one "
-                                       "with a YAML config that uses it")
-        if any(c in self.source for c in ",()=>") or any(c.isspace() for c in self.source):
-            raise SpecError(f"codebook reference {self.source[:200]!r} contains a space or one "
-                            "of , ( ) = > which spec strings cannot hold",
-                            suggestion="rename the file")
-        path, _, _ = codebooks.levels(self.source, self.bits)
-        self._path = str(path)
+    def load_tensors(self) -> None:
+        codebooks.levels(f"{self._path}#{self._name}", self.bits)
         if self.scale == "static":
             self.static()
-        return self
+
+    @property
+    def _name(self) -> str:
+        return codebooks.split_ref(self.source)[1]
 
     def static(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(zero, scale), each fp32 (kv_heads, head_dim), of ``scale="static"``."""
-        name = codebooks.split_ref(self.source)[1]
-        return codebooks.static_scales(self.file, name, device)
+        return codebooks.static_scales(self.file, self._name, device)
 
     def spec_name(self):
         return "nuq"
 
-    @property
-    def file(self) -> Path:
-        """The resolved codebook file."""
-        return Path(self._path)
-
-    @property
-    def calibration(self) -> dict[str, str]:
-        """Metadata of the codebook file (model, layers, head_dim, bits, corpus, ...)."""
-        return codebooks.read(self.file)[0]
-
     def codebook(self, head_dim):
-        name = codebooks.split_ref(self.source)[1]
-        return codebooks.levels(f"{self._path}#{name}", self.bits)[2]
-
-    def check_model(self, num_layers: int, head_dim: int) -> None:
-        meta = self.calibration
-        want = {"num_layers": num_layers, "head_dim": head_dim}
-        for key, value in want.items():
-            if key in meta and meta[key] != str(value):
-                raise SpecError(
-                    f"codebook file {self._path!r} was calibrated for "
-                    f"{meta.get('model', 'another model')} ({meta.get('num_layers')} layers, "
-                    f"head_dim {meta.get('head_dim')}), but this model has {num_layers} layers, "
-                    f"head_dim {head_dim}", suggestion="run `kvq calibrate` for this model")
+        return codebooks.levels(f"{self._path}#{self._name}", self.bits)[2]
 
     def quantize(self, x, granularity):
         lv = self.levels(x.shape[-1], x.device)
