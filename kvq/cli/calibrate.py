@@ -35,6 +35,13 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", type=float,
                    help="klt>alloc recipes: mean stored bits/element; alloc(2|3|4) is chosen per "
                         "layer and K/V to minimise the predicted loss (exact knapsack)")
+    p.add_argument("--allocate", choices=("predicted", "measured"), default=d.allocate,
+                   help="--bits costs: predicted (Fisher-weighted distortion model, default) or "
+                        "measured (KL of the model's outputs with one layer's K or V quantized "
+                        "at each width; one forward per layer, K/V, width and window)")
+    p.add_argument("--measure-windows", type=int, default=d.measure_windows,
+                   help=f"calibration windows --allocate measured runs (default "
+                        f"{d.measure_windows})")
     p.add_argument("--out", default="calibrated.yaml",
                    help="output YAML (default calibrated.yaml; .safetensors written beside it)")
     p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2)")
@@ -70,6 +77,8 @@ def run(args) -> int:
                                    context=args.context, block=args.block,
                                    sensitivity=args.sensitivity, levels=args.levels,
                                    key_rope=args.key_rope, bits=args.bits,
+                                   allocate=args.allocate,
+                                   measure_windows=args.measure_windows,
                                    sinks=args.sinks, device=args.device)
     if args.threads:
         import torch

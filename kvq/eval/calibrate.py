@@ -40,6 +40,8 @@ class CalibrationSettings:
     key_rope: str | None = None  # "pre" / "post" (default: the recipe's, else post)
     sinks: int | None = None  # first tokens kept exact (default: the recipe's, else 0)
     bits: float | None = None  # klt>alloc recipes: mean stored bits/element, alloc(2|3|4) chosen
+    allocate: str = "predicted"  # or "measured": --bits costs from measured KL per layer and width
+    measure_windows: int = 4  # calibration windows the measured allocation runs
     device: str | None = None
 
 
@@ -166,7 +168,24 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         bar.tick()
     bar.close()
 
-    widths = _budget(fits, s.bits, head_dim) if s.bits is not None else {}
+    costs = None
+    if s.bits is not None and s.allocate == "measured":
+        import tempfile
+
+        from kvq.eval.measured_widths import measured_costs
+
+        windows = [c.ids.to(model.device) for c in caps[: s.measure_windows] if c.ids is not None]
+        if not windows:
+            raise EvalError("--allocate measured needs the captured token ids; capture again "
+                            "with this kvq")
+        bar = _Progress(progress)
+        bar.total(len(fits) * len(BUDGET_WIDTHS))
+        bar.describe("measuring widths")
+        with tempfile.TemporaryDirectory() as tmp:
+            costs = measured_costs(model, windows, fits, roles, rope, sinks, BUDGET_WIDTHS,
+                                   Path(tmp), bar.tick)
+        bar.close()
+    widths = _budget(fits, s.bits, head_dim, costs) if s.bits is not None else {}
     tensors = {}
     for (i, r), fit in fits.items():
         if isinstance(fit, tc.TransformFit):
@@ -215,14 +234,17 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
 BUDGET_WIDTHS = (2, 3, 4)
 
 
-def _budget(fits: dict, bits: float, head_dim: int) -> dict[tuple[int, str], int]:
+def _budget(fits: dict, bits: float, head_dim: int, costs: dict | None = None
+            ) -> dict[tuple[int, str], int]:
     """``alloc`` width per (layer, role) minimising the summed predicted distortion (in loss
-    units with Fisher sensitivities) with mean stored bits/element <= ``bits``."""
+    units with Fisher sensitivities), or the summed measured ``costs[layer, role, width]``,
+    with mean stored bits/element <= ``bits``."""
     from kvq.eval.errors import EvalError
     from kvq.knapsack import choose
 
     keys = list(fits)
-    options = [[(round((b + fits[k].meta_bits_per_element) * head_dim), fits[k].distortion(b))
+    options = [[(round((b + fits[k].meta_bits_per_element) * head_dim),
+                 fits[k].distortion(b) if costs is None else costs[(*k, b)])
                 for b in BUDGET_WIDTHS] for k in keys]
     picks = choose(options, int(bits * head_dim * len(keys) + 1e-9))
     if picks is None:
@@ -253,6 +275,12 @@ def _check(s: CalibrationSettings) -> None:
                         "(the default) or your own text")
     if s.bits is not None and not s.bits > 0:
         raise EvalError(f"--bits must be positive, got {s.bits}")
+    if s.allocate not in ("predicted", "measured"):
+        raise EvalError(f"--allocate {s.allocate!r}: use predicted or measured")
+    if s.allocate == "measured" and s.bits is None:
+        raise EvalError("--allocate measured chooses widths under --bits; give --bits B")
+    if s.measure_windows < 1:
+        raise EvalError(f"--measure-windows must be positive, got {s.measure_windows}")
     if s.levels not in ("kmeans", "uniform", "gaussian"):
         raise EvalError(f"--levels {s.levels!r}: use kmeans, uniform (nuq) or gaussian "
                         "(alloc)")

@@ -18,12 +18,14 @@ import torch
 @dataclass
 class Captured:
     """One window, per layer: keys by rope (``"post"``, ``"pre"``) and values, each (batch,
-    kv_heads, seq, head_dim) fp32, and their squared loss gradients (same layout) or None."""
+    kv_heads, seq, head_dim) fp32, their squared loss gradients (same layout) or None, and the
+    token ids (batch, seq) of the window."""
 
     keys: dict[str, list[torch.Tensor]]
     values: list[torch.Tensor]
     key_fisher: dict[str, list[torch.Tensor]] | None = None
     value_fisher: list[torch.Tensor] | None = None
+    ids: torch.Tensor | None = None
 
 
 def capture(model, ids: torch.Tensor, sensitivity: bool = False,
@@ -44,7 +46,7 @@ def capture(model, ids: torch.Tensor, sensitivity: bool = False,
         with torch.no_grad():
             model(ids, **cache_kwargs(model, cache), use_cache=True)
         return Captured({r: [f(la.keys.float()) for la in cache.layers] for r, f in turns.items()},
-                        [la.values.float() for la in cache.layers])
+                        [la.values.float() for la in cache.layers], ids=ids)
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -67,7 +69,7 @@ def capture(model, ids: torch.Tensor, sensitivity: bool = False,
         {r: [f(la.keys.detach().float()) for la in cache.layers] for r, f in turns.items()},
         [la.values.detach().float() for la in cache.layers],
         {r: [f(la.keys.grad.float()).pow(2) for la in cache.layers] for r, f in turns.items()},
-        [la.values.grad.float().pow(2) for la in cache.layers])
+        [la.values.grad.float().pow(2) for la in cache.layers], ids=ids)
 
 
 def _unrotate(model, key_rope: str):

@@ -102,6 +102,8 @@ def test_missing_corrupt_and_mismatched_artifacts(artifact, tmp_path, tiny):
     (["--bits", "3"], "needs klt>alloc(b) recipes"),
     (["--recipe", "tc3", "--bits", "0"], "--bits must be positive"),
     (["--recipe", "tc3", "--levels", "uniform"], "--levels uniform does not apply"),
+    (["--recipe", "tc3", "--allocate", "measured"], "give --bits B"),
+    (["--recipe", "tc3", "--bits", "3", "--measure-windows", "0"], "--measure-windows"),
 ])
 def test_bad_input_exits_2_before_loading_a_model(argv, message, capsys):
     assert main(["calibrate", "--model", "/nonexistent/model", *argv]) == 2
@@ -139,3 +141,35 @@ def test_transform_coding_budget_artifact(tc_artifact, tiny):
         out = model(ids, past_key_values=KVQCache(cfg, model, residual=0, block=16)).logits
     rel = (out - ref).norm() / ref.norm()
     assert torch.isfinite(out).all() and 0 < rel < 0.5
+
+
+def test_measured_allocation_spends_the_budget_where_the_divergence_is(tiny_dir, text_file,
+                                                                        tmp_path, monkeypatch):
+    import kvq.eval.measured_widths as mw
+
+    seen = {}
+    real = mw.measured_costs
+
+    def spy(*args, **kwargs):
+        seen.update(real(*args, **kwargs))
+        return seen
+
+    monkeypatch.setattr(mw, "measured_costs", spy)
+    out = tmp_path / "m.yaml"
+    rc = main(["calibrate", "--quiet", "--recipe", "tc3", "--bits", "3.6", "--allocate",
+               "measured", "--measure-windows", "2", "--model", str(tiny_dir), "--corpus",
+               str(text_file), "--tokens", "256", "--context", "64", "--out", str(out)])
+    assert rc == 0
+    cfg = kvq.load(out)
+    assert len(seen) == 2 * 2 * 3 and all(v >= 0 for v in seen.values())  # KL >= 0
+    chosen = {(i, r): p.quantizer.bits for i in range(2)
+              for r, p in zip("kv", cfg.for_layer(i))}
+    assert sum(b + 1 for b in chosen.values()) / 4 <= 3.6 + 1e-9  # head_dim 16: norm = 1 bit
+    total = sum(seen[i, r, b] for (i, r), b in chosen.items())
+    # the knapsack's choice is the cheapest divergence among all choices within the budget
+    import itertools
+
+    best = min(sum(seen[k[0], k[1], b] for k, b in zip(chosen, combo))
+               for combo in itertools.product((2, 3, 4), repeat=4)
+               if sum(b + 1 for b in combo) / 4 <= 3.6 + 1e-9)
+    assert total == pytest.approx(best)
