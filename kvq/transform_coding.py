@@ -93,14 +93,20 @@ def gaussian_lloyd_max(bits: int, tol: float = 1e-7, max_iter: int = 100_000
     return c.float(), mse
 
 
+def gaussian_mse(max_width: int = MAX_WIDTH) -> torch.Tensor:
+    """g(w) for w = 0..max_width: (max_width + 1,) float64, see :func:`gaussian_lloyd_max`."""
+    return torch.tensor([gaussian_lloyd_max(w)[1] for w in range(max_width + 1)],
+                        dtype=torch.float64)
+
+
 def allocate(variances: torch.Tensor, bits: int, max_width: int = MAX_WIDTH) -> torch.Tensor:
     """Widths (H, D) int64 for per-channel ``variances`` (H, D): each row sums to bits * D."""
     h, d = variances.shape
-    if bits * d > max_width * d:
+    if bits > max_width:
         raise SpecError(f"{bits} bits per element exceed the {max_width}-bit channel maximum")
-    g = torch.tensor([gaussian_lloyd_max(w)[1] for w in range(max_width + 1)] + [0.0],
-                     dtype=torch.float64)
-    gain = g[:-1] - g[1:]  # distortion drop of the (w + 1)-th bit, per unit variance
+    g = gaussian_mse(max_width)
+    # distortion drop of the (w + 1)-th bit, per unit variance (none past max_width)
+    gain = torch.cat([g[:-1] - g[1:], g.new_zeros(1)])
     var = variances.double().clamp_min(0)
     widths = torch.zeros(h, d, dtype=torch.long)
     rows = torch.arange(h)
@@ -195,10 +201,7 @@ class TransformFit:
         """Predicted weighted squared error per token at ``bits`` (Gaussian Lloyd-Max model):
         ``sum_h sum_c importance[h, c] * g(w[h, c])``; comparable across layers and K/V."""
         importance = self.pca()[3]
-        widths = allocate(importance, bits)
-        g = torch.tensor([gaussian_lloyd_max(w)[1] for w in range(MAX_WIDTH + 1)],
-                         dtype=torch.float64)
-        return float((importance * g[widths]).sum())
+        return float((importance * gaussian_mse()[allocate(importance, bits)]).sum())
 
     def fit(self, bits: int | None = None) -> dict[str, torch.Tensor]:
         """``{"klt.mean", "klt.basis", "alloc.widths", "alloc.levels"}`` (fp32) at ``bits``
