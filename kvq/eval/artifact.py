@@ -45,7 +45,7 @@ def prepare(out: Path, model: str | None = None, force: bool = False) -> list[Pa
     for path in targets:
         try:
             st = path.lstat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # make_folder names what is in the way
             continue
         except OSError as exc:
             raise EvalError(f"--out: cannot use {_show(path)} ({exc.strerror or exc})") from None
