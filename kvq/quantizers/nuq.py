@@ -73,12 +73,12 @@ class Nuq(Calibrated, CodebookQuantizer):
     def codebook(self, head_dim):
         return codebooks.checked_levels(self.artifact, self.ref, self.bits).clone()
 
-    def levels(self, head_dim, device=None):
-        # the snapshot's levels on ``device`` (checked when the step was built)
+    def _levels(self, device) -> torch.Tensor:
+        """The snapshot's levels on ``device`` (checked when the step was built; shared)."""
         return self.artifact.tensor(self.ref, device)
 
     def quantize(self, x, granularity):
-        lv = self.levels(x.shape[-1], x.device)
+        lv = self._levels(x.device)
         mids = (lv[1:] + lv[:-1]) / 2
         if self.scale == "static":
             zero, scale = self._per_head(x.shape, x.device)
@@ -101,10 +101,10 @@ class Nuq(Calibrated, CodebookQuantizer):
     def dequantize(self, codes, meta, granularity):
         if self.scale == "static":
             zero, scale = self._per_head(codes.shape, codes.device)
-            lv = self.levels(codes.shape[-1], codes.device)
+            lv = self._levels(codes.device)
             return lv[codes.long()].mul_(scale).add_(zero)
         g = granularity
-        out = g.view(self.levels(codes.shape[-1], codes.device)[codes.long()])
+        out = g.view(self._levels(codes.device)[codes.long()])
         out = out.mul_(g.from_meta(meta["scale"].float())).add_(g.from_meta(meta["zero"].float()))
         return g.unview(out, codes.shape)
 

@@ -71,7 +71,7 @@ def test_public_tensors_are_copies(tmp_path):
     codebooks.static_scales(book, "a")[1].mul_(100)
     step = kvq.build(spec).quantizer
     step.codebook(64).mul_(0.1)
-    step.levels(64)  # internal: the snapshot itself
+    step.levels(64).mul_(0.1)
     kvq.build(f"nuq(3,scale=static,source={book}#a)").quantizer.static()[0].add_(9)
     kvq.build(f"klt(source={book}#a)>ptok>int8").steps[0].tensor("klt.mean").add_(9)
     assert torch.equal(kvq.build(spec).roundtrip(x.clone()), want)
