@@ -827,7 +827,6 @@ def evalcli_cases():
     (tmp / "latin1.txt").write_bytes("winter of our discontent, señor".encode("latin-1") * 20)
     (tmp / "binary.txt").write_bytes(bytes(range(256)) * 20)
     (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
-    (tmp / "nomodel.json").write_text(json.dumps({"layers": [], "settings": {"block": 32}}))
     mine = tmp / "mine.safetensors"
     weights = (model / "model.safetensors").read_bytes()
 
@@ -910,21 +909,41 @@ def evalcli_cases():
         if extra is not None:
             yield f"diagnose {label}", cli(["diagnose", *diag, "--no-plot", "--out",
                                             str(tmp / "diag"), *extra])
-    bad_tune = {"--bits inf": ["--bits", "inf", *diag], "--bits 1e309": ["--bits", "1e309", *diag],
-                "--threads -1": ["--bits", "3", "--threads", "-1", *diag],
-                "--diagnosis nested JSON": ["--bits", "3", "--diagnosis", str(tmp / "deep.json")],
-                "--diagnosis without model": ["--bits", "3", "--diagnosis",
-                                              str(tmp / "nomodel.json")],
-                "--diagnosis non-UTF-8": ["--bits", "3", "--diagnosis", str(tmp / "latin1.txt")],
-                "--diagnosis with --model": ["--bits", "3", "--diagnosis",
-                                             str(tmp / "nomodel.json"), "--model", str(model)],
-                "--diagnosis with --pipelines": ["--bits", "3", "--diagnosis",
-                                                 str(tmp / "nomodel.json"), "--pipelines",
-                                                 "int4"],
-                "--out under a file": ["--bits", "3", "--out", str(tmp / "file" / "t.yaml"),
-                                       *diag]}
-    for label, extra in bad_tune.items():
-        yield f"tune {label}", cli(["tune", *extra])
+    good = tmp / "diag-ok"
+    yield "diagnose valid", cli(["diagnose", *diag, "--no-plot", "--bits", "2,4", "--out",
+                                 str(good)], expect="ok")
+
+    def derived(name, edit):
+        """A copy of the valid diagnosis edited by ``edit`` (made when the case runs)."""
+        def make():
+            data = json.loads((good / "diagnose.json").read_text())
+            edit(data)
+            (tmp / name).write_text(json.dumps(data))
+        return make
+    tune_ok = ["--bits", "3", "--diagnosis", str(good / "diagnose.json"), "--out",
+               str(tmp / "t.yaml")]
+    bad_tune = {"--bits inf": (["--bits", "inf", *diag], None),
+                "--bits 1e309": (["--bits", "1e309", *diag], None),
+                "--threads -1": (["--bits", "3", "--threads", "-1", *diag], None),
+                "--diagnosis nested JSON": (["--bits", "3", "--diagnosis",
+                                             str(tmp / "deep.json")], None),
+                "--diagnosis without model": (["--bits", "3", "--diagnosis",
+                                               str(tmp / "nomodel.json")],
+                                              derived("nomodel.json", lambda d: d.pop("model"))),
+                "--diagnosis without a layer's errors": (
+                    ["--bits", "3", "--diagnosis", str(tmp / "noerr.json")],
+                    derived("noerr.json", lambda d: d["layers"][1].pop("errors"))),
+                "--diagnosis non-UTF-8": (["--bits", "3", "--diagnosis",
+                                           str(tmp / "latin1.txt")], None),
+                "--diagnosis with --model (ignored?)": ([*tune_ok, "--model", "gpt2"], None),
+                "--diagnosis with --pipelines (ignored?)": ([*tune_ok, "--pipelines", "int4"],
+                                                            None),
+                "--out under a file": (["--bits", "3", "--out", str(tmp / "file" / "t.yaml"),
+                                        *diag], None)}
+    yield "tune valid --diagnosis", cli(["tune", *tune_ok], expect="ok")
+    for label, (extra, make) in bad_tune.items():
+        case = cli(["tune", *extra])
+        yield f"tune {label}", (lambda case=case, make=make: (make and make()) or case())
     shutil.rmtree(tmp, ignore_errors=True)
 
 
