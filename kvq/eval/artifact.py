@@ -41,7 +41,7 @@ def prepare(out: Path, model: str | None = None, force: bool = False) -> list[Pa
     folders and return them (to remove if the run fails)."""
     check_name(out)
     targets = (out, out.with_suffix(".safetensors"))
-    protected = _model_folder(model)
+    protected = _protected(model)
     for path in targets:
         try:
             st = path.lstat()
@@ -54,9 +54,9 @@ def prepare(out: Path, model: str | None = None, force: bool = False) -> list[Pa
             raise EvalError(f"--out: {_show(path)} exists and is {what}; choose another --out")
         if force:
             continue
-        inside = protected is not None and _inside(path, protected)
+        inside = [(label, d) for label, d in protected if _inside(path, d)]
         if inside or what:
-            why = (f"it is inside the --model folder {_show(protected)}" if inside else
+            why = (f"it is inside {inside[0][0]} {_show(inside[0][1])}" if inside else
                    f"it is {what}")
             raise EvalError(f"--out would overwrite {_show(path)}: {why}; choose another --out "
                             "or pass --force")
@@ -144,16 +144,19 @@ def _is_codebook_file(f) -> bool:
     return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == FORMAT
 
 
-def _model_folder(model: str | None) -> Path | None:
-    if not model:
-        return None
+def _protected(model: str | None) -> list[tuple[str, Path]]:
+    """Folders whose existing files are never overwritten without --force: the local --model
+    folder (the folder of a .gguf file) and kvq's asset cache (the default model lives there)."""
+    from kvq.eval.assets import cache_dir
+
+    out = []
     with contextlib.suppress(OSError, RuntimeError):
-        path = Path(model).expanduser().resolve()
-        if path.is_dir():
-            return path
-        if path.is_file():
-            return path.parent
-    return None
+        out.append(("kvq's asset cache", cache_dir().expanduser().resolve()))
+    with contextlib.suppress(OSError, RuntimeError):
+        path = Path(model).expanduser().resolve() if model else None
+        if path is not None and (path.is_dir() or path.is_file()):
+            out.insert(0, ("the --model folder", path if path.is_dir() else path.parent))
+    return out
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -51,6 +51,17 @@ def test_never_overwrites_the_model_or_foreign_files(tiny_dir, text_file, tmp_pa
     assert main([*argv, "--out", str(tmp_path / "todo.yaml")]) == 0  # its own artifact: fine
 
 
+def test_never_overwrites_files_in_the_asset_cache(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    weights = cache / "models" / "SmolLM2-135M-Instruct" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    monkeypatch.setenv("KVQ_CACHE_DIR", str(cache))
+    assert main(["calibrate", "--model", "/nonexistent/model", "--out",
+                 str(weights.with_suffix(".yaml"))]) == 2
+    assert "inside kvq's asset cache" in _err(capsys) and weights.read_bytes() == b"weights"
+
+
 def test_a_failed_write_leaves_no_orphan(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
     import errno
 
