@@ -9,12 +9,16 @@ keys, non-UTF-8, deep nesting, 200k overrides; each file loaded in a child proce
 2 GiB address-space limit and a 180 s timeout), ``plugins`` (faulty fake plugins found through a
 fake distribution on ``PYTHONPATH``, each command in a child process), ``numerics`` (fp16 near
 65504, tiny inputs, empty/meta tensors, out-of-range arguments, constructors, round trips,
-mismatched dequantize, the ``none`` quantizer), ``options`` (KVQCache / kvq_hf options).
+mismatched dequantize, the ``none`` quantizer), ``options`` (KVQCache / kvq_hf options),
+``artifacts`` (calibration files changed, truncated, aliased, foreign, written to a full disk,
+odd ``source=`` paths), ``evalcli`` (``kvq calibrate`` / ``tune`` / ``diagnose`` arguments on a
+tiny random model: data loss, out-of-range numbers, bad corpora and diagnoses, odd ``--out``).
 
 An outcome is ``ok`` (accepted, right result), ``clean`` (a kvq error of at most 1000
-characters), ``raw`` (any other exception, crash, timeout or memory blow-up) or ``wrong``
+characters), ``raw`` (any other exception, crash, timeout or memory blow-up), ``wrong``
 (accepted although the result is wrong: Inf/zeros, a lost option, code that ran, an unbounded
-message...). Only public entry points are used, so the script measures any version of kvq.
+message...) or ``hang`` (a case of the artifacts/evalcli categories still running after its
+time limit). Only public entry points are used, so the script measures any version of kvq.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -44,10 +49,16 @@ MAX_MESSAGE = 1000
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class Hang(Exception):
+    """A case ran past its time limit (see :func:`_time_limit`)."""
+
+
 def outcome(fn) -> tuple[str, str]:
     """Run ``fn``: it returns None (ok) or a string saying what is wrong."""
     try:
         bad = fn()
+    except Hang as err:
+        return "hang", str(err)
     except KVQError as err:
         msg = str(err)
         return ("clean", "") if len(msg) <= MAX_MESSAGE else ("wrong", f"{len(msg)}-char error")
@@ -553,9 +564,410 @@ def options_cases():
         yield f"KVQCache({label})", run
 
 
+# calibration artifacts -----------------------------------------------------------------------
+LEVELS3 = torch.tensor([-0.9, -0.5, -0.22, -0.05, 0.1, 0.3, 0.6, 0.95])
+
+
+def _codebook_file(path: Path, levels=LEVELS3, heads=2, d=64, seed=0, layers=None, **meta):
+    """A kvq codebook file: nuq levels ``a`` (+ static scales), a klt basis and alloc widths for
+    ``heads`` x ``d`` (or per-layer ``L{i}.k/v`` levels when ``layers``)."""
+    from kvq import codebooks
+
+    g = torch.Generator().manual_seed(seed)
+    if layers:
+        tensors = {f"L{i}.{r}": torch.sort(torch.rand(8, generator=g) * 2 - 1).values
+                   for i in range(layers) for r in "kv"}
+        return codebooks.write(path, tensors, {"num_layers": layers, "head_dim": d, **meta})
+    widths = torch.full((heads, d), 3.0)
+    lv = torch.sort(torch.randn(heads, d, 8, generator=g), dim=-1).values
+    return codebooks.write(path, {
+        "a": levels, "a.zero": torch.randn(heads, d, generator=g) * 0.1,
+        "a.scale": torch.rand(heads, d, generator=g) + 2.0,
+        "a.klt.mean": torch.randn(heads, d, generator=g),
+        "a.klt.basis": torch.linalg.qr(torch.randn(heads, d, d, generator=g))[0],
+        "a.alloc.widths": widths, "a.alloc.levels": lv,
+    }, {"model": "unit", "num_layers": 2, "head_dim": d, **meta})
+
+
+CHILD_FULL_DISK = """
+import resource, signal, sys, torch
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
+sys.path.insert(0, sys.argv[3])
+from fuzz_report import _codebook_file
+import kvq
+try:
+    if sys.argv[4] == "codebook":
+        _codebook_file(Path(sys.argv[1]), d=128, seed=7)
+    else:
+        kvq.kv({"kv": "ptok>int4", "layers": {i: "int8" for i in range(300)}}).save(sys.argv[1])
+except Exception as e:
+    print("FAILED", type(e).__name__)
+"""
+
+
+def artifacts_cases():
+    from kvq import codebooks
+
+    x = torch.randn(1, 2, 32, 64, generator=torch.Generator().manual_seed(1))
+
+    def in_tmp(body):
+        def run():
+            with tempfile.TemporaryDirectory() as tmp:
+                return body(Path(tmp))
+        return run
+
+    def changed(spec):
+        def body(tmp):
+            book = _codebook_file(tmp / "cb.safetensors")
+            p = kvq.build(spec.format(f=book))
+            want = p.roundtrip(x.clone())
+            _codebook_file(book, levels=torch.linspace(-1, 1, 8), seed=5)
+            try:
+                if not torch.equal(p.roundtrip(x.clone()), want):
+                    return "a running pipeline read the changed file"
+            except KVQError:
+                return "a running pipeline failed on the changed file"
+            book.write_bytes(b"garbage" * 10)
+            try:
+                if not torch.equal(p.roundtrip(x.clone()), want):
+                    return "a running pipeline read the broken file"
+            except KVQError:
+                return "a running pipeline failed on the broken file"
+            _codebook_file(book, levels=torch.linspace(-1, 1, 8), seed=5)
+            kvq.build(p.to_spec())
+            return "the spec written back accepts the changed file"
+        return body
+
+    for spec in ("ptok>nuq(3,source={f}#a)", "nuq(3,scale=static,source={f}#a)",
+                 "klt(source={f}#a)>ptok>int8", "alloc(3,source={f}#a)"):
+        yield f"file changed under {spec.split('(')[0]}", in_tmp(changed(spec))
+
+    def relative(tmp, how):
+        home, cwd = tmp / "home", tmp / "cwd"
+        home.mkdir()
+        cwd.mkdir()
+        _codebook_file(home / "cb.safetensors")
+        _codebook_file(cwd / "cb.safetensors", levels=torch.linspace(-1, 1, 8))
+        (home / "c.yaml").write_text("kv: ptok>nuq(3,source=cb.safetensors#a)\n")
+        old = os.getcwd()
+        os.chdir(cwd)
+        try:
+            cfg = kvq.load(home / "c.yaml")
+            if how == "to_dict":
+                again = kvq.KVConfig.from_dict(cfg.to_dict())
+            elif how == "save":
+                cfg.save(cwd / "saved.yaml")
+                again = kvq.load(cwd / "saved.yaml")
+            else:  # what kvq_hf does for sinks= / key_rope= on a YAML
+                data = cfg.to_dict() | {"name": None, "keys": cfg.keys.to_spec(), "sinks": 2}
+                again = kvq.KVConfig.from_dict(data, source="model_args")
+        finally:
+            os.chdir(old)
+        if not torch.equal(again.keys.quantizer.codebook(64), LEVELS3):
+            return "re-serialised config loads another file"
+    for how in ("to_dict", "save", "lm-eval sinks="):
+        yield f"relative source, {how} in another cwd", in_tmp(lambda t, h=how: relative(t, h))
+
+    def truncated(tmp):
+        _codebook_file(tmp / "cal.safetensors", layers=3)
+        text = "keys: ptok>nuq(3,source=cal.safetensors#L0.k)\n" \
+               "values: ptok>nuq(3,source=cal.safetensors#L0.v)\nlayers:\n" + "".join(
+                   f"  {i}:\n    keys: ptok>nuq(3,source=cal.safetensors#L{i}.k)\n"
+                   f"    values: ptok>nuq(3,source=cal.safetensors#L{i}.v)\n" for i in (1, 2))
+        (tmp / "c.yaml").write_text(text[:text.index("  2:")])
+        kvq.load(tmp / "c.yaml")
+        return "a truncated YAML loads (layer 2 falls back to layer 0)"
+    yield "truncated calibration YAML", in_tmp(truncated)
+
+    def heads(spec):
+        def body(tmp):
+            from transformers import LlamaConfig
+
+            from kvq.hf import KVQCache
+
+            one = _codebook_file(tmp / "one.safetensors", heads=1, d=16, kv_heads=1)
+            KVQCache(spec.format(f=one), LlamaConfig(
+                hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                num_hidden_layers=2, intermediate_size=64, vocab_size=64))
+            return "fitted for 1 kv head, accepted for 2"
+        return body
+    for spec in ("klt(source={f}#a)>ptok>int8", "ptok>nuq(3,source={f}#a)",
+                 "nuq(3,scale=static,source={f}#a)", "alloc(3,source={f}#a)"):
+        yield f"kv heads mismatch {spec.split('(')[0]}", in_tmp(heads(spec))
+
+    def wide(tmp):
+        book = _codebook_file(tmp / "w.safetensors", levels=torch.linspace(-2, 2, 8))
+        kvq.build(f"ptok>nuq(3,source={book}#a)")
+        return "minmax levels outside [-1, 1] accepted"
+    yield "nuq minmax levels outside [-1, 1]", in_tmp(wide)
+
+    def aliased(edit):
+        def body(tmp):
+            book = _codebook_file(tmp / "cb.safetensors")
+            spec = f"pchan>nuq(3,source={book}#a)"
+            want = kvq.build(spec).roundtrip(x.clone())
+            edit(book)
+            if not torch.equal(kvq.build(spec).roundtrip(x.clone()), want):
+                return "an in-place edit of a returned tensor changed later pipelines"
+        return body
+    edits = {"levels()": lambda b: codebooks.levels(f"{b}#a", 3)[2].mul_(0.1),
+             "read()": lambda b: codebooks.read(b)[1]["a"].mul_(0.1),
+             "step.codebook()": lambda b: kvq.build(f"nuq(3,source={b}#a)").quantizer
+             .codebook(64).mul_(0.1)}
+    for label, edit in edits.items():
+        yield f"caller edits {label} in place", in_tmp(aliased(edit))
+
+    def odd_source(make, misleading=("does not exist",)):
+        def body(tmp):
+            try:
+                kvq.build(f"ptok>nuq(3,source={make(tmp)}#a)")
+            except KVQError as err:
+                if any(m in str(err) for m in misleading):
+                    return f"misleading error: {str(err)[:80]}"
+                raise
+            return "accepted"
+        return body
+    odd = {"symlink loop": lambda d: os.symlink(d / "l.safetensors", d / "l.safetensors")
+           or d / "l.safetensors",
+           "over-long name": lambda d: d / ("x" * 5000),
+           "~nosuchuser": lambda d: "~nosuchuser_kvq/cb.safetensors",
+           "FIFO": lambda d: os.mkfifo(d / "f.safetensors") or d / "f.safetensors",
+           "/dev/zero": lambda d: "/dev/zero",
+           "a directory": lambda d: d,
+           "garbage bytes": lambda d: (d / "g.safetensors").write_bytes(b"\x00" * 99)
+           and d / "g.safetensors",
+           "foreign safetensors": lambda d: _foreign_st(d / "w.safetensors")}
+    for label, make in odd.items():
+        yield f"source= {label}", in_tmp(odd_source(make, () if label in (
+            "garbage bytes", "foreign safetensors") else ("does not exist",)))
+
+    def full_disk(kind):
+        def body(tmp):
+            path = tmp / ("cb.safetensors" if kind == "codebook" else "c.yaml")
+            if kind == "codebook":
+                _codebook_file(path)
+            else:
+                kvq.kv("ptok>int4").save(path)
+            before = path.read_bytes()
+            with _time_limit(120):
+                proc = subprocess.run([sys.executable, "-c", CHILD_FULL_DISK, str(path),
+                                       str(len(before) // 2), str(Path(__file__).parent), kind],
+                                      capture_output=True, text=True, env=_child_env())
+            if "Traceback" in proc.stderr:
+                raise RuntimeError(proc.stderr.strip().splitlines()[-1][:100])
+            left = sorted(p.name for p in tmp.iterdir())
+            if path.read_bytes() != before:
+                return "the old file was destroyed by a failed write"
+            if left != [path.name]:
+                return f"left behind: {left}"
+            if "FAILED" not in proc.stdout:
+                return "the failed write was not reported"
+            raise KVQError("clean: the write failed and changed nothing")
+        return body
+    yield "disk full while writing a codebook file", in_tmp(full_disk("codebook"))
+    yield "disk full while saving a YAML", in_tmp(full_disk("yaml"))
+
+    def mode(tmp):
+        old = os.umask(0o022)
+        try:
+            book = _codebook_file(tmp / "cb.safetensors")
+            kvq.kv("ptok>int4").save(tmp / "c.yaml")
+        finally:
+            os.umask(old)
+        modes = {oct(p.stat().st_mode & 0o777) for p in (book, tmp / "c.yaml")}
+        if modes != {"0o644"}:
+            return f"modes {sorted(modes)} with umask 022"
+    yield "file modes follow the umask", in_tmp(mode)
+
+
+def _foreign_st(path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"a": LEVELS3}, str(path))
+    return path
+
+
+# eval CLI arguments --------------------------------------------------------------------------
+def _tiny_model(folder: Path) -> tuple[Path, Path]:
+    """A seeded random 2-layer Llama with its tokenizer, and a small text corpus."""
+    import transformers as tf
+    from tokenizers import ByteLevelBPETokenizer
+
+    text = ("Now is the winter of our discontent made glorious summer by this sun of York; "
+            "and all the clouds that lour'd upon our house in the deep bosom of the ocean "
+            "buried. ") * 30
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=300, min_frequency=1,
+                            special_tokens=["<pad>", "<s>", "</s>"])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>",
+                                     bos_token="<s>", eos_token="</s>")
+    model_dir = folder / "model"
+    tok.save_pretrained(model_dir)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    corpus = folder / "text.txt"
+    corpus.write_text(text)
+    return model_dir, corpus
+
+
+def evalcli_cases():
+    from kvq.cli.main import main
+
+    tmp = Path(tempfile.mkdtemp(prefix="kvq-fuzz-cli-"))
+    model, corpus = _tiny_model(tmp)
+    small = ["--tokens", "128", "--context", "64", "--block", "16", "--quiet"]
+    (tmp / "file").write_text("x")
+    (tmp / "dir.yaml").mkdir()
+    (tmp / "latin1.txt").write_bytes("winter of our discontent, señor".encode("latin-1") * 20)
+    (tmp / "binary.txt").write_bytes(bytes(range(256)) * 20)
+    (tmp / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    mine = tmp / "mine.safetensors"
+    weights = (model / "model.safetensors").read_bytes()
+
+    def cli(argv, expect="error", check=None, limit=300):
+        def run():
+            err = io.StringIO()
+            with _time_limit(limit), contextlib.redirect_stderr(err), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                rc = main(argv)
+            msg = err.getvalue()
+            bad = check() if check else None
+            if bad:
+                return bad
+            if "Traceback" in msg or rc not in (0, 2):
+                raise RuntimeError(f"exit {rc}: {msg.strip().splitlines()[-1][:100]}")
+            if rc == 2:
+                if expect != "error":
+                    return f"refused a valid command: {msg.strip()[-100:]}"
+                lines = [ln for ln in msg.replace("\r", "\n").splitlines()
+                         if ln.strip() and "it/s]" not in ln]
+                if len(lines) != 1 or len(lines[0]) > MAX_MESSAGE:
+                    return f"{len(lines)}-line error"
+                raise KVQError("clean")
+            if expect == "error":
+                return "accepted"
+        return run
+
+    cal = ["calibrate", "--model", str(model), "--corpus", str(corpus), *small]
+    out = str(tmp / "k3.yaml")
+
+    def weights_kept():
+        if (model / "model.safetensors").read_bytes() != weights:
+            (model / "model.safetensors").write_bytes(weights)  # for the cases that follow
+            return "overwrote the model's weights"
+
+    def mine_kept():
+        if mine.read_bytes() != b"user data":
+            return "overwrote a file kvq did not write"
+
+    mine.write_bytes(b"user data")
+    yield "calibrate valid", cli([*cal, "--out", out], expect="ok")
+    yield "calibrate over its own artifact", cli([*cal, "--out", out], expect="ok")
+    yield "calibrate --out MODEL/model.yaml", cli([*cal, "--out", str(model / "model.yaml")],
+                                                  check=weights_kept)
+    yield "calibrate --out over a user file", cli([*cal, "--out", str(tmp / "mine.yaml")],
+                                                  check=mine_kept)
+    bad_cal = {
+        "--bits inf": ["--recipe", "tc3", "--bits", "inf"],
+        "--bits 1e309": ["--recipe", "tc3", "--bits", "1e309"],
+        "--bits nan": ["--recipe", "tc3", "--bits", "nan"],
+        "--threads -1": ["--threads", "-1"],
+        "--device cuda": ["--device", "cuda"] if not torch.cuda.is_available() else None,
+        "--device nonsense": ["--device", "nonsense:7"],
+        "--block 1 --context 1": ["--block", "1", "--context", "1"],
+        "--sinks 64 --context 64": ["--sinks", "64", "--context", "64"],
+        "--sinks 63 --context 64 --block 32": ["--sinks", "63", "--context", "64", "--block",
+                                               "32"],
+        "--context 512 (model max 256)": ["--context", "512"],
+        "non-UTF-8 corpus": ["--corpus", str(tmp / "latin1.txt")],
+        "binary corpus": ["--corpus", str(tmp / "binary.txt")],
+        "deeply nested JSON corpus": ["--corpus", str(tmp / "deep.json")],
+        "--out under a file": ["--out", str(tmp / "file" / "x.yaml")],
+        "--out folder named x.yaml": ["--out", str(tmp / "dir.yaml")],
+        "--out /proc": ["--out", "/proc/kvq-fuzz.yaml"],
+        "--out /sys": ["--out", "/sys/kvq-fuzz.yaml"],
+        "--out name with a space": ["--out", str(tmp / "my file.yaml")],
+    }
+    for label, extra in bad_cal.items():
+        if extra is not None:
+            yield f"calibrate {label}", cli([*cal, "--out", str(tmp / "bad.yaml"), *extra])
+
+    diag = ["--model", str(model), "--corpus", str(corpus), "--context", "64", "--block", "16",
+            "--queries", "8", "--quiet"]
+    bad_diag = {"--threads -1": ["--threads", "-1"], "--context 512": ["--context", "512"],
+                "--out under a file": ["--out", str(tmp / "file" / "d")],
+                "--out /proc": ["--out", "/proc/kvq-fuzz"],
+                "non-UTF-8 corpus": ["--corpus", str(tmp / "latin1.txt")],
+                "--device cuda": ["--device", "cuda"] if not torch.cuda.is_available() else None}
+    for label, extra in bad_diag.items():
+        if extra is not None:
+            yield f"diagnose {label}", cli(["diagnose", *diag, "--no-plot", "--out",
+                                            str(tmp / "diag"), *extra])
+    good = tmp / "diag-ok"
+    yield "diagnose valid", cli(["diagnose", *diag, "--no-plot", "--bits", "2,4", "--out",
+                                 str(good)], expect="ok")
+
+    def derived(name, edit):
+        """A copy of the valid diagnosis edited by ``edit`` (made when the case runs)."""
+        def make():
+            data = json.loads((good / "diagnose.json").read_text())
+            edit(data)
+            (tmp / name).write_text(json.dumps(data))
+        return make
+    tune_ok = ["--bits", "3", "--diagnosis", str(good / "diagnose.json"), "--out",
+               str(tmp / "t.yaml")]
+    bad_tune = {"--bits inf": (["--bits", "inf", *diag], None),
+                "--bits 1e309": (["--bits", "1e309", *diag], None),
+                "--threads -1": (["--bits", "3", "--threads", "-1", *diag], None),
+                "--diagnosis nested JSON": (["--bits", "3", "--diagnosis",
+                                             str(tmp / "deep.json")], None),
+                "--diagnosis without model": (["--bits", "3", "--diagnosis",
+                                               str(tmp / "nomodel.json")],
+                                              derived("nomodel.json", lambda d: d.pop("model"))),
+                "--diagnosis without a layer's errors": (
+                    ["--bits", "3", "--diagnosis", str(tmp / "noerr.json")],
+                    derived("noerr.json", lambda d: d["layers"][1].pop("errors"))),
+                "--diagnosis non-UTF-8": (["--bits", "3", "--diagnosis",
+                                           str(tmp / "latin1.txt")], None),
+                "--diagnosis with --model (ignored?)": ([*tune_ok, "--model", "gpt2"], None),
+                "--diagnosis with --pipelines (ignored?)": ([*tune_ok, "--pipelines", "int4"],
+                                                            None),
+                "--out under a file": (["--bits", "3", "--out", str(tmp / "file" / "t.yaml"),
+                                        *diag], None)}
+    yield "tune valid --diagnosis", cli(["tune", *tune_ok], expect="ok")
+    for label, (extra, make) in bad_tune.items():
+        case = cli(["tune", *extra])
+        yield f"tune {label}", (lambda case=case, make=make: (make and make()) or case())
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Raise :class:`Hang` in the main thread after ``seconds`` (a blocked open() included)."""
+    import signal
+
+    def alarm(signum, frame):
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 # driver --------------------------------------------------------------------------------------
 CATEGORIES = {"assets": assets_cases, "spec": spec_cases, "yaml": yaml_cases,
-              "plugins": plugin_cases, "numerics": numerics_cases, "options": options_cases}
+              "plugins": plugin_cases, "numerics": numerics_cases, "options": options_cases,
+              "artifacts": artifacts_cases, "evalcli": evalcli_cases}
 
 
 def main() -> None:
@@ -568,18 +980,19 @@ def main() -> None:
     torch.manual_seed(0)
     report = {}
     print(f"kvq fuzz report ({_rev()})")
-    print(f"{'category':<10} {'tried':>6} {'ok':>6} {'clean':>6} {'raw':>5} {'wrong':>6}  time")
+    print(f"{'category':<10} {'tried':>6} {'ok':>6} {'clean':>6} {'raw':>5} {'wrong':>6} "
+          f"{'hang':>5}  time")
     for name in args.only.split(","):
         cases = CATEGORIES[name](args.specs) if name == "spec" else CATEGORIES[name]()
         counts, failures, t0 = Counter(), [], time.perf_counter()
         for label, fn in cases:
             kind, why = outcome(fn)
             counts[kind] += 1
-            if kind in ("raw", "wrong"):
+            if kind in ("raw", "wrong", "hang"):
                 failures.append(f"{kind}: {label!r}: {why}")
         tried = sum(counts.values())
         print(f"{name:<10} {tried:>6} {counts['ok']:>6} {counts['clean']:>6} {counts['raw']:>5} "
-              f"{counts['wrong']:>6}  {time.perf_counter() - t0:.0f} s")
+              f"{counts['wrong']:>6} {counts['hang']:>5}  {time.perf_counter() - t0:.0f} s")
         for f in failures[:args.show]:
             print(f"    {f}")
         if len(failures) > args.show:

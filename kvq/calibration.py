@@ -31,9 +31,11 @@ def recipe_bits(recipe: str) -> int:
     return int(m.group(1))
 
 
-def with_source(recipe: str, source: str) -> str:
-    """The recipe with its ``nuq(b...)`` given a codebook: ``nuq(b...,source=FILE#NAME)``."""
-    return _NUQ.sub(lambda m: f"nuq({m.group(1)}{m.group(2)},source={source})", recipe)
+def with_source(recipe: str, source: str, sha256: str | None = None) -> str:
+    """The recipe with its ``nuq(b...)`` given a codebook: ``nuq(b...,source=FILE#NAME)``
+    (and ``sha256=`` the file's digest, when given)."""
+    pin = f",sha256={sha256}" if sha256 else ""
+    return _NUQ.sub(lambda m: f"nuq({m.group(1)}{m.group(2)},source={source}{pin})", recipe)
 
 
 class LevelFit:

@@ -222,10 +222,10 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
             out += [p for p in (o.keys, o.values) if p is not None]
         return out
 
-    def check(self, num_layers: int, head_dim: int) -> None:
+    def check(self, num_layers: int, head_dim: int, kv_heads: int | None = None) -> None:
         """Raise :class:`KVQError` if an override names a missing layer or a pipeline can't
         take ``head_dim`` (e.g. a channel group that does not divide it, or a codebook fitted
-        for another model)."""
+        for another model: other layers, kv heads or head_dim)."""
         missing = sorted(i for i in self.layers if not 0 <= i < num_layers)
         if missing:
             raise SpecError(f"per-layer override for layer {missing[0]}, but the model has "
@@ -234,12 +234,16 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
         if both:
             raise SpecError(f"layer {both[0]} is both skipped and overridden",
                             suggestion="drop it from 'skip' or from 'layers'")
+        import inspect
+
         import torch
 
         probe = torch.Size([1, 1, 2, head_dim])
         for p in self.pipelines():
             for step in p.steps:
-                step.check_model(num_layers=num_layers, head_dim=head_dim)
+                extra = {"kv_heads": kv_heads} if kv_heads is not None and "kv_heads" in \
+                    inspect.signature(step.check_model).parameters else {}
+                step.check_model(num_layers=num_layers, head_dim=head_dim, **extra)
             if not p.is_identity:
                 try:
                     p.granularity.check(probe)
@@ -298,8 +302,17 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
+        """Write the YAML (or ``.json``) file atomically. Calibrated steps are written with the
+        absolute path and sha256 of the file they were built from."""
+        from kvq.spec.files import write_atomic
+
         path = Path(path)
-        path.write_text(self.to_json() if path.suffix == ".json" else self.to_yaml())
+        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
+        try:
+            write_atomic(path, text.encode("utf-8"))
+        except OSError as exc:
+            raise KVQError(f"cannot write {shorten(str(path), 300)}: "
+                           f"{exc.strerror or exc}") from None
 
 
 def _keys_entry(keys: Pipeline | None, rope: str | None) -> Any:

@@ -28,10 +28,13 @@ def load(path: str | Path) -> KVConfig:
     data = load_json(text, str(path)) if path.suffix == ".json" else load_yaml(text, str(path))
     if isinstance(data, (str, list)):
         data = {"kv": data}
+    from kvq.calibrated import check_layers
     from kvq.codebooks import relative_to
 
     with relative_to(path.parent):  # codebook files named in the file are relative to it
-        return KVConfig.from_dict(data, source=str(path))
+        cfg = KVConfig.from_dict(data, source=str(path))
+    check_layers(cfg, source=shorten(str(path), 300))
+    return cfg
 
 
 def kv(source: Any) -> KVConfig:

@@ -50,10 +50,11 @@ def at_bits(recipe: str, bits: int) -> str:
     return _TAIL.sub(f"klt>alloc({bits})", recipe)
 
 
-def with_source(recipe: str, source: str) -> str:
-    """``...>klt>alloc(b)`` -> ``...>klt(source=S)>alloc(b,source=S)``."""
-    return _TAIL.sub(lambda m: f"klt(source={source})>alloc({m.group(1)},source={source})",
-                     recipe)
+def with_source(recipe: str, source: str, sha256: str | None = None) -> str:
+    """``...>klt>alloc(b)`` -> ``...>klt(source=S)>alloc(b,source=S)`` (and ``sha256=`` the
+    file's digest on both, when given)."""
+    src = f"source={source}" + (f",sha256={sha256}" if sha256 else "")
+    return _TAIL.sub(lambda m: f"klt({src})>alloc({m.group(1)},{src})", recipe)
 
 
 @functools.cache

@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                    help=f"calibration windows --allocate measured runs (default "
                         f"{d.measure_windows})")
     p.add_argument("--out", default="calibrated.yaml",
-                   help="output YAML (default calibrated.yaml; .safetensors written beside it)")
+                   help="output YAML (default calibrated.yaml; .safetensors written beside it; "
+                        "files kvq did not write are never overwritten without --force)")
     p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2)")
     p.add_argument("--corpus", default=d.corpus,
                    help=f"calibration text (default {d.corpus}; never the eval split)")
@@ -65,11 +66,15 @@ def add_parser(sub) -> None:
     p.add_argument("--sinks", type=int, help="first tokens kept exact (default: the recipe's)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite OUT and its .safetensors even when they are not files kvq "
+                        "calibrate wrote, or lie in the --model folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from kvq.cli.diagnose import set_threads
     from kvq.eval.calibrate import CalibrationSettings, calibrate
 
     settings = CalibrationSettings(recipe=args.recipe, keys=args.keys, values=args.values,
@@ -79,11 +84,8 @@ def run(args) -> int:
                                    key_rope=args.key_rope, bits=args.bits,
                                    allocate=args.allocate,
                                    measure_windows=args.measure_windows,
-                                   sinks=args.sinks, device=args.device)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+                                   sinks=args.sinks, device=args.device, force=args.force)
+    set_threads(args.threads)
     cfg = calibrate(settings, args.out, progress=not args.quiet)
     from pathlib import Path
 

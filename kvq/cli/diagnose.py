@@ -76,10 +76,7 @@ def run(args) -> int:
     settings = settings_from(args, args.bits)
     settings.validate()
     out = _out_dir(args.out)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     result = diagnose(settings, progress=not args.quiet)
     print(markdown(result))
     written = write(result, out)
@@ -91,14 +88,30 @@ def run(args) -> int:
     return 0
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads (refused unless a positive integer)."""
+    if threads is None:
+        return
+    if threads < 1:
+        from kvq.eval.errors import EvalError
+
+        raise EvalError(f"--threads must be a positive integer, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _out_dir(path: str):
     from pathlib import Path
+
+    from kvq.eval.artifact import make_folder
 
     out = Path(path)
     if out.exists() and not out.is_dir():
         from kvq.eval.errors import EvalError
 
-        raise EvalError(f"--out {path!r} exists and is not a directory")
+        raise EvalError(f"--out {path[:200]!r} exists and is not a directory")
+    make_folder(out)
     return out
 
 

@@ -42,38 +42,51 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import json
     from pathlib import Path
 
+    from kvq.cli.diagnose import set_threads
+    from kvq.eval.artifact import make_folder
     from kvq.eval.errors import EvalError
-    from kvq.eval.tune import tune
+    from kvq.eval.tune import check_budget, read_diagnosis, tune
 
-    if not args.bits > 0:
-        raise EvalError(f"--bits must be positive, got {args.bits}")
+    check_budget(args.bits)
+    out = Path(args.out or f"tuned{args.bits:g}.yaml")
+    if out.exists() and not out.is_file():
+        raise EvalError(f"--out {str(out)[:200]!r} exists and is not a regular file")
+    make_folder(out.parent)
     if args.diagnosis:
-        path = Path(args.diagnosis)
-        try:
-            diagnosis = json.loads(path.read_text(encoding="utf-8"))
-            diagnosis["layers"][0]["errors"]["keys"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
-            raise EvalError(f"--diagnosis {args.diagnosis!r} is not a readable kvq diagnose "
-                            f"JSON ({type(err).__name__}); run kvq diagnose --bits all") from None
+        _refuse_diagnosis_options(args)
+        diagnosis = read_diagnosis(Path(args.diagnosis))
     else:
         from kvq.eval.diagnose import run as diagnose
 
         settings = settings_from(args, None)
         settings.validate()
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         diagnosis = diagnose(settings, progress=not args.quiet)
     cfg, report = tune(diagnosis, args.bits, args.name, args.error_model)
-    out = Path(args.out or f"tuned{args.bits:g}.yaml")
     cfg.save(out)
     print(summary(cfg, report))
     print(f"wrote {out}")
     return 0
+
+
+def _refuse_diagnosis_options(args) -> None:
+    """``--diagnosis`` reuses a finished diagnosis: options that would change it are refused,
+    not silently ignored."""
+    import argparse
+
+    from kvq.eval.errors import EvalError
+
+    defaults = argparse.ArgumentParser()
+    add_common(defaults)
+    given = [f"--{name.replace('_', '-')}" for name in
+             ("model", "corpus", "pipelines", "context", "windows", "queries", "block", "stress",
+              "device", "threads")
+             if getattr(args, name) != defaults.get_default(name)]
+    if given:
+        raise EvalError(f"{', '.join(given)} would change the diagnosis, but --diagnosis reuses "
+                        "a finished one; run kvq diagnose with them, or leave out --diagnosis")
 
 
 def summary(cfg, report: dict) -> str:

@@ -21,6 +21,25 @@ def geometry(model_config) -> tuple[int, int, int]:
     return g.num_layers, g.kv_heads, g.head_dim
 
 
+def max_context(model_config) -> int | None:
+    """The model's maximum number of positions (``max_position_embeddings``, ``n_positions`` or
+    ``n_ctx`` of its text config), None when it names none."""
+    text = model_config.get_text_config(decoder=True)
+    return next((getattr(text, a) for a in ("max_position_embeddings", "n_positions", "n_ctx")
+                 if isinstance(getattr(text, a, None), int)), None)
+
+
+def check_context(model_config, asked: int, option: str = "--context") -> None:
+    """The one rule of every command: a window of ``asked`` tokens must fit the model's
+    maximum (:func:`max_context`); otherwise an :class:`~kvq.eval.errors.EvalError`."""
+    from kvq.eval.errors import EvalError
+
+    limit = max_context(model_config)
+    if limit is not None and asked > limit:
+        raise EvalError(f"context {asked} is longer than the model's maximum of {limit} tokens; "
+                        f"use {option} of at most {limit}")
+
+
 def is_identity(cfg: KVConfig) -> bool:
     """True when no pipeline of ``cfg`` quantizes (the ``fp16`` reference)."""
     return all(p.is_identity for p in cfg.pipelines())

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvq.errors import KVQError
+from kvq.eval import artifact
 
 SENSITIVITY = ("fisher", "none")
 
@@ -43,6 +44,7 @@ class CalibrationSettings:
     allocate: str = "predicted"  # or "measured": --bits costs from measured KL per layer and width
     measure_windows: int = 4  # calibration windows the measured allocation runs
     device: str | None = None
+    force: bool = False  # overwrite files that kvq did not write (and files in the model folder)
 
 
 def resolve_recipe(settings: CalibrationSettings) -> dict:
@@ -60,8 +62,13 @@ def resolve_recipe(settings: CalibrationSettings) -> dict:
             base[name] = getattr(settings, name)
     if base["key_rope"] not in ("pre", "post"):
         raise EvalError(f"--key-rope {base['key_rope']!r}: use pre or post")
-    if base["sinks"] < 0:
-        raise EvalError(f"--sinks must be >= 0, got {base['sinks']}")
+    sinks = base["sinks"]
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise EvalError(f"--sinks must be an integer >= 0, got {sinks!r}")
+    if sinks + settings.block > settings.context:
+        raise EvalError(f"--sinks {sinks} leaves no block of {settings.block} tokens in a "
+                        f"--context of {settings.context}: use at most "
+                        f"{max(settings.context - settings.block, 0)} sinks or a longer context")
     return base
 
 
@@ -72,14 +79,18 @@ def capture_corpus(settings: CalibrationSettings, loaded=None, progress: bool = 
     (default: the recipe's) says which keys to keep, ``("post", "pre")`` for both."""
     from kvq.eval import corpus as corpora
     from kvq.eval import models
+    from kvq.eval.caches import check_context
     from kvq.eval.capture import capture
     from kvq.eval.compare import _device, _Progress
 
     _check(settings)
     key_ropes = key_ropes or (resolve_recipe(settings)["key_rope"],)
+    device = _device(settings.device)
+    docs = corpora.load_documents(settings.corpus)
     model, tokenizer = loaded or models.load(settings.model)
-    model.to(_device(settings.device))
-    ids = corpora.token_ids(tokenizer, corpora.load_documents(settings.corpus))
+    check_context(model.config, settings.context)
+    model.to(device)
+    ids = corpora.token_ids(tokenizer, docs)
     wins = corpora.windows(ids, [settings.context], settings.tokens)[settings.context]
     bar = _Progress(progress)
     bar.total(len(wins))
@@ -101,28 +112,18 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     ``options``: :class:`CalibrationSettings` fields; ``loaded``: a (model, tokenizer) to reuse;
     ``captured``: the result of :func:`capture_corpus` for the same settings, to skip the model.
     """
-    import torch
-
     import kvq
-    from kvq import codebooks
     from kvq import transform_coding as tc
-    from kvq.calibration import LevelFit, recipe_bits, with_source
-    from kvq.eval import models
-    from kvq.eval.caches import geometry
-    from kvq.eval.compare import _Progress
+    from kvq.calibration import recipe_bits
     from kvq.eval.errors import EvalError
 
     s = recipe if isinstance(recipe, CalibrationSettings) else \
         CalibrationSettings(recipe=recipe, **options)
     _check(s)
     out = Path(out)
-    if out.suffix not in (".yaml", ".yml"):
-        raise EvalError(f"--out {str(out)[:200]!r} must end in .yaml (the safetensors file is "
-                        "written next to it)")
+    artifact.check_name(out)
     rec = resolve_recipe(s)
-    keys_recipe, values_recipe, rope, sinks = rec["keys"], rec["values"], rec["key_rope"], \
-        rec["sinks"]
-    roles = {"k": keys_recipe, "v": values_recipe}
+    roles = {"k": rec["keys"], "v": rec["values"]}
     fitted = {r: spec for r, spec in roles.items() if "nuq(" in spec or tc.is_recipe(spec)}
     if not fitted:
         raise EvalError("neither the keys nor the values recipe has a nuq(b) or klt>alloc(b) "
@@ -143,8 +144,35 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     except KVQError as err:
         raise EvalError(f"recipe: {err}") from None
 
+    created = artifact.prepare(out, s.model, s.force)
+    try:
+        return _run(s, out, rec, roles, fitted, progress, loaded, captured)
+    except BaseException:
+        artifact.remove_folders(created)
+        raise
+
+
+def _run(s: CalibrationSettings, out: Path, rec: dict, roles: dict, fitted: dict, progress,
+         loaded, captured):
+    """Capture (or reuse ``captured``), fit, write the artifact, load it back."""
+    import hashlib
+
+    import torch
+
+    import kvq
+    from kvq import codebooks
+    from kvq import transform_coding as tc
+    from kvq.calibration import LevelFit, with_source
+    from kvq.eval import models
+    from kvq.eval.caches import geometry
+    from kvq.eval.compare import _Progress
+    from kvq.eval.errors import EvalError
+
+    rope, sinks = rec["key_rope"], rec["sinks"]
+    keys_recipe, values_recipe = roles["k"], roles["v"]
     model, caps = captured or capture_corpus(s, loaded, progress)
     layers, kv_heads, head_dim = geometry(model.config)
+
     def fitter(spec):
         if tc.is_recipe(spec):
             return tc.TransformFit(spec, levels=s.levels)
@@ -191,26 +219,28 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
         if isinstance(fit, tc.TransformFit):
             tensors.update({f"L{i}.{r}.{k}": t for k, t in fit.fit(widths.get((i, r))).items()})
             continue
-        tensors[f"L{i}.{r}"] = fit.fit()
+        tensors[f"L{i}.{r}"] = _distinct(fit.fit(), i, r)
         if fit.static:
             tensors[f"L{i}.{r}.zero"], tensors[f"L{i}.{r}.scale"] = fit.zero, fit.scale
     tokens = sum(c.values[0].shape[0] * c.values[0].shape[2] for c in caps)
     st_path = out.with_suffix(".safetensors")
-    codebooks.write(st_path, tensors, {
+    st_bytes = codebooks.encode(tensors, {
         "model": s.model or models.DEFAULT_MODEL_NAME, "num_layers": layers,
         "kv_heads": kv_heads, "head_dim": head_dim,
         "keys_recipe": keys_recipe, "values_recipe": values_recipe,
         **{k: v for k, v in asdict(s).items() if k not in ("keys", "values") and v is not None},
         "tokens_used": tokens, "key_rope": rope, "sinks": sinks,
         "torch": torch.__version__})
+    digest = hashlib.sha256(st_bytes).hexdigest()
 
     def spec(i: int, r: str) -> str:
         if r not in fitted:
             return roles[r]
         source = f"{st_path.name}#L{i}.{r}"
         if not tc.is_recipe(roles[r]):
-            return with_source(roles[r], source)
-        return tc.with_source(tc.at_bits(roles[r], widths.get((i, r), fits[i, r].bits)), source)
+            return with_source(roles[r], source, digest)
+        return tc.with_source(tc.at_bits(roles[r], widths.get((i, r), fits[i, r].bits)), source,
+                              digest)
 
     data = {"name": out.stem,
             "keys": spec(0, "k") if rope == "post" else {"rope": rope, "pipeline": spec(0, "k")},
@@ -223,11 +253,26 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
               f"{s.context}-token windows, blocks of {s.block}, sensitivity {s.sensitivity})\n"
               f"# for {s.model or models.DEFAULT_MODEL_NAME} ({layers} layers, head_dim "
               f"{head_dim}); levels in {st_path.name} (keys {rope}-RoPE, {sinks} sink(s))\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    artifact.write(out, header + yaml.safe_dump(data, sort_keys=False), st_bytes)
     cfg = kvq.load(out)
-    cfg.check(num_layers=layers, head_dim=head_dim)
+    cfg.check(num_layers=layers, head_dim=head_dim, kv_heads=kv_heads)
     return cfg
+
+
+def _distinct(levels, layer: int, role: str):
+    """``levels`` unless some of them collapsed onto one value (k-means on too few distinct
+    samples makes levels a rounding step apart): then the fit is refused."""
+    from kvq.eval.errors import EvalError
+
+    gaps = levels[1:] - levels[:-1]
+    span = float(levels[-1] - levels[0])
+    collapsed = int((gaps <= 1e-5 * max(span, 1e-30)).sum())
+    if collapsed:
+        raise EvalError(f"the fitted levels of layer {layer} {'keys' if role == 'k' else 'values'}"
+                        f" collapse ({levels.numel() - collapsed} distinct of {levels.numel()}):"
+                        " the calibration samples take too few values; use more --tokens, "
+                        "fewer --sinks or a longer --context")
+    return levels
 
 
 #: the code widths ``kvq calibrate --bits`` chooses from, per layer and K/V
@@ -267,14 +312,16 @@ def _without_sinks(x, fisher, sinks: int):
 
 
 def _check(s: CalibrationSettings) -> None:
+    from kvq.eval.compare import _device
     from kvq.eval.errors import EvalError
 
+    _device(s.device)
     if s.corpus in ("shakespeare", "shakespeare:eval"):
         raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
                         "fit the codebooks to the text they are scored on. Use shakespeare:calib "
                         "(the default) or your own text")
-    if s.bits is not None and not s.bits > 0:
-        raise EvalError(f"--bits must be positive, got {s.bits}")
+    if s.bits is not None and not 0 < s.bits <= 16:
+        raise EvalError(f"--bits must be positive and at most 16 (bits/element), got {s.bits}")
     if s.allocate not in ("predicted", "measured"):
         raise EvalError(f"--allocate {s.allocate!r}: use predicted or measured")
     if s.allocate == "measured" and s.bits is None:
@@ -287,7 +334,11 @@ def _check(s: CalibrationSettings) -> None:
     if s.sensitivity not in SENSITIVITY:
         raise EvalError(f"--sensitivity {s.sensitivity!r}: use one of {', '.join(SENSITIVITY)}")
     for name in ("tokens", "context", "block"):
-        if getattr(s, name) < 1:
-            raise EvalError(f"--{name} must be positive, got {getattr(s, name)}")
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EvalError(f"--{name} must be a positive integer, got {value!r}")
+    if s.context < 2:
+        raise EvalError(f"--context {s.context}: a window needs at least 2 tokens (the loss "
+                        "predicts each next token)")
     if s.context < s.block:
         raise EvalError(f"--context {s.context} is shorter than one --block of {s.block} tokens")

@@ -175,24 +175,13 @@ def _ppl_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
 
 
 def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
-    text = model_config.get_text_config(decoder=True)
-    limit = next(
-        (
-            getattr(text, a)
-            for a in ("max_position_embeddings", "n_positions", "n_ctx")
-            if isinstance(getattr(text, a, None), int)
-        ),
-        None,
-    )
+    from kvq.eval.caches import check_context
+
     asked = max(
         (settings.contexts if "ppl" in settings.tasks else [])
         + (settings.needle_lengths if "needle" in settings.tasks else [])
     )
-    if limit is not None and asked > limit:
-        raise EvalError(
-            f"context {asked} is longer than the model's maximum of {limit} tokens; "
-            f"use --context (and --needle-lengths) of at most {limit}"
-        )
+    check_context(model_config, asked, "--context (and --needle-lengths)")
     for label, cfg in configs.items():
         try:
             cfg.check(num_layers=layers, head_dim=head_dim)
@@ -206,9 +195,17 @@ def _device(name: str | None):
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise EvalError(f"--device {name!r}: {err}") from None
+        raise EvalError(f"--device {name[:80]!r}: {str(err)[:200]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name[:80]!r}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EvalError(f"--device {name[:80]!r}: there are {torch.cuda.device_count()} CUDA "
+                        "device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"--device {name[:80]!r}: MPS is not available here; use --device cpu")
+    return device
 
 
 def _machine() -> dict:

@@ -89,13 +89,13 @@ def _read_path(path: Path, shown: str) -> list[str]:
         files = sorted(path.glob("*.txt"))
         if not files:
             raise EvalError(f"corpus directory {shown!r} has no .txt files")
-        return [p.read_text(encoding="utf-8") for p in files]
+        return [_text(p, shown) for p in files]
     if not path.is_file():
         raise EvalError(
             f"corpus {shown!r} is neither 'shakespeare' nor an existing file or directory"
         )
     if path.suffix in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
+        text = _text(path, shown)
         try:
             rows = (
                 json.loads(text)
@@ -103,10 +103,28 @@ def _read_path(path: Path, shown: str) -> list[str]:
                 else [json.loads(line) for line in text.splitlines() if line.strip()]
             )
         except json.JSONDecodeError as e:
-            raise EvalError(f"corpus {shown!r} is not valid JSON: {e}") from None
+            raise EvalError(f"corpus {shown[:200]!r} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise EvalError(f"corpus {shown[:200]!r}: the JSON is nested too deeply; a corpus "
+                            "is a list of objects with a 'text' field") from None
         if isinstance(rows, dict):
             rows = [rows]
         if not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
             raise EvalError(f"corpus {shown!r}: every JSON object needs a string 'text' field")
         return [r["text"] for r in rows]
-    return [path.read_text(encoding="utf-8")]
+    return [_text(path, shown)]
+
+
+def _text(path: Path, shown: str) -> str:
+    """A corpus file as UTF-8 text; an EvalError naming the byte for other encodings or binary
+    data (a NUL byte)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"corpus file {str(path)[:200]!r} is not UTF-8 text (byte {exc.start}); "
+                        "convert it to UTF-8") from None
+    if "\x00" in text:
+        raise EvalError(f"corpus file {str(path)[:200]!r} holds NUL bytes (character "
+                        f"{text.index(chr(0))}): it is binary, not text") from None
+    return text

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvq.eval.errors import EvalError
 from kvq.knapsack import choose
@@ -45,6 +46,76 @@ class Choice:
 
 
 ERROR_MODELS = ("attention", "residual")
+MAX_BITS = 16  # fp16 K/V: a larger budget buys nothing
+
+
+def check_budget(budget) -> None:
+    """``--bits``: a finite number of bits/element in (0, 16]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
+            or not 0 < budget <= MAX_BITS:
+        raise EvalError(f"--bits must be positive and at most {MAX_BITS} (bits/element), got "
+                        f"{budget!r}")
+
+
+def read_diagnosis(path: Path) -> dict:
+    """A ``diagnose.json`` checked for everything :func:`tune` reads (clean errors for a file
+    that is missing, not UTF-8, malformed, too deeply nested or not a diagnosis)."""
+    from kvq.errors import SpecError
+    from kvq.spec.files import load_json, read_text
+
+    hint = "run kvq diagnose --bits all and pass its diagnose.json"
+    shown = str(path)[:200]
+    try:
+        if not path.is_file():
+            raise EvalError(f"--diagnosis {shown!r} is not a file; {hint}")
+        data = load_json(read_text(path), f"--diagnosis {shown!r}")
+    except SpecError as err:
+        raise EvalError(f"{err}; {hint}") from None
+    except OSError as err:
+        raise EvalError(f"--diagnosis {shown!r} cannot be read ({err.strerror}); {hint}") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise EvalError(f"--diagnosis {shown!r} is not a kvq diagnose JSON: {what}; {hint}")
+
+    def num(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+    need(isinstance(data, dict), "not an object")
+    for key in ("model", "settings", "layers", "bits", "candidates"):
+        need(key in data, f"no {key!r}")
+    m, st = data["model"], data["settings"]
+    need(isinstance(m, dict) and count(m.get("head_dim")) and count(m.get("layers")),
+         "'model' needs positive integers head_dim and layers")
+    need(isinstance(st, dict) and count(st.get("block")), "'settings' needs a positive block")
+    bits = data["bits"]
+    need(isinstance(bits, dict) and all(isinstance(bits.get(r), dict) and bits[r]
+                                        and all(num(b) and b >= 0 for b in bits[r].values())
+                                        for r in ROLES), "'bits' needs keys and values widths")
+    rows = data["layers"]
+    need(isinstance(rows, list) and len(rows) == m["layers"],
+         f"'layers' needs one row per layer ({m['layers']})")
+    for i, row in enumerate(rows):
+        need(isinstance(row, dict) and row.get("layer") == i, f"layer row {i} is not layer {i}")
+        need(num(row.get("weight")), f"layer {i} has no numeric weight")
+        errs = row.get("errors")
+        need(isinstance(errs, dict), f"layer {i} has no errors")
+        for r in ROLES:
+            e = errs.get(r)
+            need(isinstance(e, dict) and e and all(
+                spec in bits[r] and isinstance(v, dict) and num(v.get("energy"))
+                for spec, v in e.items()),
+                f"layer {i} {r} errors need a numeric energy per candidate of 'bits'")
+    cands = data["candidates"]
+    need(isinstance(cands, dict) and all(
+        isinstance(c, dict) and num(c.get("bits_per_element")) and all(
+            isinstance(c.get(r), str) and all(c[r] in row["errors"][r] for row in rows)
+            for r in ROLES) for c in cands.values()),
+        "'candidates' needs keys, values and bits_per_element per preset")
+    return data
 
 
 def allocate(diagnosis: dict, budget: float, error_model: str = "attention") -> list[Choice]:
@@ -92,8 +163,7 @@ def tune(diagnosis: dict, budget: float, name: str | None = None,
          error_model: str = "attention") -> tuple[KVConfig, dict]:
     """``(config, report)``: the allocation as a KVConfig and a plain-data report (predicted error
     of the tuned config and of every uniform candidate preset within the budget)."""
-    if not budget > 0:
-        raise EvalError(f"--bits must be positive, got {budget}")
+    check_budget(budget)
     choices = allocate(diagnosis, budget, error_model)
     m, block = diagnosis["model"], diagnosis["settings"]["block"]
     cfg = to_config(choices, name or f"tuned{budget:g}")

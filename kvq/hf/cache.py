@@ -76,7 +76,7 @@ class KVQCache(Cache):
                 raise KVQError(f"sinks={sinks!r}: expected a number of tokens >= 0")
             cfg = cfg.model_copy(update={"sinks": sinks})
         geom = kv_geometry(model_config)
-        cfg.check(num_layers=geom.num_layers, head_dim=geom.head_dim)
+        cfg.check(num_layers=geom.num_layers, head_dim=geom.head_dim, kv_heads=geom.kv_heads)
         _check_options(cfg, geom, prefill, residual, block, backend, keep_dequantized,
                        _context(model_config))
         self.kv_config, self.geometry = cfg, geom

@@ -37,12 +37,16 @@ class Alloc(Calibrated, Quantizer):
     type: Literal["alloc"] = "alloc"
     bits: Literal[2, 3, 4, 8]
     source: str | None = None
+    sha256: str | None = None
 
     positional = ("bits",)
     calibrated_by: ClassVar[str] = "kvq calibrate --recipe tc3"
 
+    def fitted_heads(self) -> int:
+        return self.shared("alloc.widths").shape[0]
+
     def load_tensors(self):
-        widths, levels = self.tensor("alloc.widths"), self.tensor("alloc.levels")
+        widths, levels = self.shared("alloc.widths"), self.shared("alloc.levels")
         check(widths.dim() == 2 and levels.dim() == 3 and levels.shape[:2] == widths.shape, self,
               "alloc.widths / alloc.levels are not (kv_heads, head_dim) / (kv_heads, head_dim, L)")
         check(bool((widths == widths.round()).all()) and 0 <= float(widths.min())
@@ -54,7 +58,7 @@ class Alloc(Calibrated, Quantizer):
         if not bool((sums == self.bits * d).all()):
             from kvq.errors import SpecError
 
-            raise SpecError(f"alloc({self.bits}): the widths in {self._path!r} spend "
+            raise SpecError(f"alloc({self.bits}): the widths in {self.where} spend "
                             f"{int(sums[0])} bits per token of {d} channels, not "
                             f"{self.bits * d}", suggestion=f"write alloc({int(sums[0]) // d}) "
                             "or calibrate at this width")
@@ -64,12 +68,12 @@ class Alloc(Calibrated, Quantizer):
               self, "alloc.levels are not strictly increasing")
 
     def _params(self, x: torch.Tensor):
-        widths = self.per_head(self.tensor("alloc.widths", x.device), x.shape[1]).long()
-        levels = self.per_head(self.tensor("alloc.levels", x.device), x.shape[1])
+        widths = self.per_head(self.shared("alloc.widths", x.device), x.shape[1]).long()
+        levels = self.per_head(self.shared("alloc.levels", x.device), x.shape[1])
         if x.shape[-1] != widths.shape[1]:
             from kvq.errors import KVQError
 
-            raise KVQError(f"alloc in {self._path!r} was fitted for head_dim {widths.shape[1]}, "
+            raise KVQError(f"alloc in {self.where} was fitted for head_dim {widths.shape[1]}, "
                            f"the K/V have head_dim {x.shape[-1]}; use the file calibrated for "
                            "this model")
         return widths, levels

@@ -16,7 +16,7 @@ import torch
 
 from kvq import codebooks, dtypes
 from kvq.calibrated import Calibrated
-from kvq.errors import KVQError
+from kvq.errors import KVQError, SpecError
 from kvq.quantizers.codebook import CodebookQuantizer
 
 
@@ -38,32 +38,47 @@ class Nuq(Calibrated, CodebookQuantizer):
     type: Literal["nuq"] = "nuq"
     scale: Literal["minmax", "static"] = "minmax"
     source: str | None = None
+    sha256: str | None = None
 
     positional = ("bits",)
     calibrated_by: ClassVar[str] = "kvq calibrate --recipe kvquant3"
     needs: ClassVar[str] = "a calibrated codebook"
 
     def load_tensors(self) -> None:
-        codebooks.levels(f"{self._path}#{self._name}", self.bits)
+        lv = codebooks.checked_levels(self.artifact, self.ref, self.bits)
+        if self.scale == "minmax" and not bool((lv.abs() <= 1).all()):
+            raise SpecError(f"nuq levels {self.ref!r} in {self.where} reach "
+                            f"{float(lv.abs().max()):.4g}, outside [-1, 1] where min-max "
+                            "normalized values lie", suggestion="use the file `kvq calibrate` "
+                            "wrote for this recipe, or scale=static if it was fitted for it")
         if self.scale == "static":
-            self.static()
+            codebooks.checked_static(self.artifact, self.ref)
 
-    @property
-    def _name(self) -> str:
-        return codebooks.split_ref(self.source)[1]
+    def fitted_heads(self) -> int | None:
+        if self.scale == "static":
+            return codebooks.checked_static(self.artifact, self.ref)[0].shape[0]
+        return None
 
     def static(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(zero, scale), each fp32 (kv_heads, head_dim), of ``scale="static"``."""
-        return codebooks.static_scales(self.file, self._name, device)
+        """(zero, scale), each fp32 (kv_heads, head_dim), of ``scale="static"`` (copies)."""
+        zero, scale = self._static(device)
+        return zero.clone(), scale.clone()
+
+    def _static(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.shared("zero", device), self.shared("scale", device)
 
     def spec_name(self):
         return "nuq"
 
     def codebook(self, head_dim):
-        return codebooks.levels(f"{self._path}#{self._name}", self.bits)[2]
+        return codebooks.checked_levels(self.artifact, self.ref, self.bits).clone()
+
+    def _levels(self, device) -> torch.Tensor:
+        """The snapshot's levels on ``device`` (checked when the step was built; shared)."""
+        return self.artifact.tensor(self.ref, device)
 
     def quantize(self, x, granularity):
-        lv = self.levels(x.shape[-1], x.device)
+        lv = self._levels(x.device)
         mids = (lv[1:] + lv[:-1]) / 2
         if self.scale == "static":
             zero, scale = self._per_head(x.shape, x.device)
@@ -74,22 +89,22 @@ class Nuq(Calibrated, CodebookQuantizer):
 
     def _per_head(self, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Static (zero, scale) broadcast to (1, kv_heads * n, 1, head_dim), head-major."""
-        zero, scale = self.static(device)
+        zero, scale = self._static(device)
         heads, d = zero.shape
         if shape[1] % heads or shape[-1] != d:
-            raise KVQError(f"nuq static scales in {self._path!r} are for {heads} kv heads x "
-                           f"head_dim {d}, but the K/V have shape {tuple(shape)}; use the codebook "
-                           "file calibrated for this model")
+            raise KVQError(f"nuq static scales in {self.where} are for {heads} kv heads x "
+                           f"head_dim {d}, but the K/V have shape {tuple(shape)}; use the "
+                           "codebook file calibrated for this model")
         n = shape[1] // heads
         return tuple(t.repeat_interleave(n, 0)[None, :, None] for t in (zero, scale))
 
     def dequantize(self, codes, meta, granularity):
         if self.scale == "static":
             zero, scale = self._per_head(codes.shape, codes.device)
-            lv = self.levels(codes.shape[-1], codes.device)
+            lv = self._levels(codes.device)
             return lv[codes.long()].mul_(scale).add_(zero)
         g = granularity
-        out = g.view(self.levels(codes.shape[-1], codes.device)[codes.long()])
+        out = g.view(self._levels(codes.device)[codes.long()])
         out = out.mul_(g.from_meta(meta["scale"].float())).add_(g.from_meta(meta["zero"].float()))
         return g.unview(out, codes.shape)
 

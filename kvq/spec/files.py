@@ -1,16 +1,21 @@
-"""Reading pipeline files safely: strict UTF-8, a YAML subset without aliases, no duplicate keys.
+"""Reading and writing pipeline files safely: strict UTF-8, a YAML subset without aliases, no
+duplicate keys, atomic writes.
 
 Pipeline files are small, so kvq accepts only what they need: YAML without anchors/aliases
 (an alias bomb expands a few hundred bytes into billions of nodes), mapping keys that are
 strings or integers (``true:`` or ``1.5:`` as a layer key is a mistake, not layer 1), each key
 once (YAML and JSON would otherwise keep the last one silently) and at most
 :data:`MAX_DEPTH` levels of nesting. Every violation is a :class:`SpecError` naming the line.
-The C loader (libyaml) is used when PyYAML has it.
+The C loader (libyaml) is used when PyYAML has it. :func:`write_atomic` writes every file kvq
+produces (YAML configs, calibration files): a reader sees the old file or the whole new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +142,52 @@ def _check_depth(data: Any, source: str) -> None:
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`write_atomic_all`)."""
+    write_atomic_all([(Path(path), data)])
+
+
+def write_atomic_all(files: list[tuple[Path, bytes]]) -> None:
+    """Write each ``(path, data)`` atomically: every file is first written in full to a
+    temporary file in its folder and flushed to disk (fsync); only then are they renamed over
+    their paths (``os.replace``), so a failure while writing (a full disk) leaves no file
+    changed and no temporary file behind. Each file gets mode ``0o666 & ~umask``, as ``open``
+    would give it."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:60]}.",
+                                       suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    for folder in {path.parent for _, path in staged}:
+        with contextlib.suppress(OSError):  # the renames themselves reach the disk
+            dirfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where possible, else set and restored)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -26,7 +26,7 @@ class Step(BaseModel):
         """The name this step is written with in a spec string."""
         return self.type  # type: ignore[attr-defined]
 
-    def check_model(self, num_layers: int, head_dim: int) -> None:
+    def check_model(self, num_layers: int, head_dim: int, kv_heads: int | None = None) -> None:
         """Raise :class:`SpecError` if the step cannot serve this model (e.g. fitted for another).
         Called by :meth:`kvq.KVConfig.check`; most steps accept any model."""
 

@@ -29,12 +29,16 @@ class KLT(Calibrated, Transform):
 
     type: Literal["klt"] = "klt"
     source: str | None = None
+    sha256: str | None = None
 
     positional = ()
     calibrated_by: ClassVar[str] = "kvq calibrate --recipe tc3"
 
+    def fitted_heads(self) -> int:
+        return self.shared("klt.mean").shape[0]
+
     def load_tensors(self):
-        mean, basis = self.tensor("klt.mean"), self.tensor("klt.basis")
+        mean, basis = self.shared("klt.mean"), self.shared("klt.basis")
         check(mean.dim() == 2 and basis.shape == (*mean.shape, mean.shape[1]), self,
               "klt.mean / klt.basis are not (kv_heads, head_dim) / (kv_heads, head_dim, head_dim)")
         eye = torch.eye(mean.shape[1]).expand_as(basis)
@@ -43,11 +47,11 @@ class KLT(Calibrated, Transform):
               "klt.basis is not finite and orthonormal")
 
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, basis = self.tensor("klt.mean", x.device), self.tensor("klt.basis", x.device)
+        mean, basis = self.shared("klt.mean", x.device), self.shared("klt.basis", x.device)
         if x.shape[-1] != mean.shape[1]:
             from kvq.errors import KVQError
 
-            raise KVQError(f"klt in {self._path!r} was fitted for head_dim {mean.shape[1]}, the "
+            raise KVQError(f"klt in {self.where} was fitted for head_dim {mean.shape[1]}, the "
                            f"K/V have head_dim {x.shape[-1]}; use the file calibrated for this "
                            "model")
         return self.per_head(mean, x.shape[1])[None, :, None], self.per_head(basis, x.shape[1])

@@ -74,9 +74,12 @@ def test_dtypes_and_head_dims(book, dtype, head_dim):
 
 
 def test_round_trips(book, tmp_path, monkeypatch):
+    import hashlib
+
     spec = f"sparse(0.01,channel)>pchan>nuq(3,source={book}#a)"
     p = kvq.build(spec)
-    assert p.to_spec() == spec and kvq.build(p.to_spec()) == p
+    digest = hashlib.sha256(book.read_bytes()).hexdigest()  # the file's content is pinned
+    assert p.to_spec() == spec[:-1] + f",sha256={digest})" and kvq.build(p.to_spec()) == p
     assert kvq.Pipeline.model_validate_json(p.model_dump_json()) == p
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.yaml").write_text("kv: ptok>nuq(3,source=../cb.safetensors#a)\n")

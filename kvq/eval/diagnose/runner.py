@@ -76,10 +76,14 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     (``settings.stress`` changes its weights in place)."""
     settings.validate()
     t0 = time.perf_counter()
-    model, tokenizer = loaded or models.load(settings.model)
+    from kvq.eval.caches import check_context
     from kvq.eval.compare import _device
 
-    model.to(_device(settings.device))
+    device = _device(settings.device)
+    docs = corpora.load_documents(settings.corpus)
+    model, tokenizer = loaded or models.load(settings.model)
+    check_context(model.config, settings.context)
+    model.to(device)
     stress = None
     if settings.stress is not None:
         from kvq.eval.stress import apply_stress
@@ -92,7 +96,7 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     except KVQError as err:
         raise EvalError(f"model {settings.model or models.DEFAULT_MODEL!r}: {err}") from None
     cands = collect(settings.bits, settings.pipelines, head_dim, n_layers, settings.block)
-    ids = corpora.token_ids(tokenizer, corpora.load_documents(settings.corpus))
+    ids = corpora.token_ids(tokenizer, docs)
     wins = corpora.windows(ids, [settings.context], settings.context * settings.windows)
     captured = capture(model, wins[settings.context].to(model.device), settings.queries)
 
