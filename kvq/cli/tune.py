@@ -36,7 +36,10 @@ def add_parser(sub) -> None:
                    help="attention (default): sum of the layers' squared relative attention "
                    "errors; residual: each weighted by the layer's weight in the residual stream")
     p.add_argument("--name", help="config name in the YAML (default tuned<B>)")
-    p.add_argument("--out", default=None, help="YAML to write (default tuned<B>.yaml)")
+    p.add_argument("--out", default=None, help="YAML to write (default tuned<B>.yaml; a file "
+                   "kvq tune did not write is never overwritten without --force)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite --out even if it is not a YAML written by kvq tune")
     add_common(p)
     p.set_defaults(run=run)
 
@@ -46,13 +49,11 @@ def run(args) -> int:
 
     from kvq.cli.diagnose import set_threads
     from kvq.eval.artifact import make_folder
-    from kvq.eval.errors import EvalError
-    from kvq.eval.tune import check_budget, read_diagnosis, tune
+    from kvq.eval.tune import check_budget, check_out, read_diagnosis, tune, write_config
 
     check_budget(args.bits)
     out = Path(args.out or f"tuned{args.bits:g}.yaml")
-    if out.exists() and not out.is_file():
-        raise EvalError(f"--out {str(out)[:200]!r} exists and is not a regular file")
+    check_out(out, args.force)
     make_folder(out.parent)
     if args.diagnosis:
         _refuse_diagnosis_options(args)
@@ -65,7 +66,7 @@ def run(args) -> int:
         set_threads(args.threads)
         diagnosis = diagnose(settings, progress=not args.quiet)
     cfg, report = tune(diagnosis, args.bits, args.name, args.error_model)
-    cfg.save(out)
+    write_config(cfg, out, args.bits)
     print(summary(cfg, report))
     print(f"wrote {out}")
     return 0

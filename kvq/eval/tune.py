@@ -188,3 +188,39 @@ def tune(diagnosis: dict, budget: float, name: str | None = None,
         "choices": [c.__dict__ for c in choices],
     }
     return cfg, report
+
+
+HEADER = "# kvq tune:"
+
+
+def check_out(out: Path, force: bool = False) -> None:
+    """Refuse an ``--out`` that exists and is not a YAML written by ``kvq tune`` (unless
+    ``force``), before any diagnosis runs: kvq never overwrites a file it did not write."""
+    from kvq.errors import shorten
+
+    show = shorten(str(out), 200)
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_file():
+        raise EvalError(f"--out {show} exists and is not a regular file; choose another --out")
+    if force:
+        return
+    try:
+        with open(out, "rb") as f:
+            ours = f.read(len(HEADER)) == HEADER.encode()
+    except OSError as exc:
+        raise EvalError(f"--out {show} is unreadable ({exc.strerror or exc})") from None
+    if not ours:
+        raise EvalError(f"--out would overwrite {show}, which is not a YAML written by kvq "
+                        "tune; choose another --out or pass --force")
+
+
+def write_config(cfg: KVConfig, out: Path, budget: float) -> None:
+    """Write the tuned config atomically, with the header that marks it as kvq tune's."""
+    from kvq.spec.files import write_atomic
+
+    text = f"{HEADER} budget {budget:g} bits/element\n" + cfg.to_yaml()
+    try:
+        write_atomic(out, text.encode("utf-8"))
+    except OSError as exc:
+        raise EvalError(f"cannot write --out ({exc.strerror or exc})") from None

@@ -113,6 +113,33 @@ def test_tune_cli_and_compare_report_the_same_bits(tiny_dir, text_file, tmp_path
     assert main(["tune", "--bits", "4", "--diagnosis", str(yaml)]) == 2
 
 
+def test_tune_out_never_overwrites_a_file_it_did_not_write(tiny_dir, text_file, tmp_path, capsys):
+    """A user's file at --out is refused before any diagnosis (exit 2, file unchanged); a YAML
+    kvq tune wrote is replaced; --force overwrites."""
+    from kvq.cli.main import main
+
+    diag = tmp_path / "diag"
+    assert main(["diagnose", "--model", str(tiny_dir), "--corpus", str(text_file), "--bits",
+                 "2,4", "--context", "64", "--block", "16", "--queries", "8", "--out",
+                 str(diag), "--quiet", "--no-plot"]) == 0
+    mine = tmp_path / "notes.yaml"
+    mine.write_text("my notes\n")
+    args = ["tune", "--bits", "4", "--diagnosis", str(diag / "diagnose.json"), "--out", str(mine)]
+    assert main(args) == 2
+    assert "not a YAML written by kvq tune" in capsys.readouterr().err
+    assert mine.read_text() == "my notes\n"
+    assert main(["tune", "--bits", "3", "--model", str(tiny_dir), "--out", str(mine)]) == 2
+    assert mine.read_text() == "my notes\n"  # refused before the diagnosis ran
+    assert main([*args, "--force"]) == 0
+    assert mine.read_text().startswith("# kvq tune:")
+    assert main(args) == 0  # kvq tune's own YAML is replaced
+    import kvq
+
+    assert kvq.load(mine).label == "tuned4"
+    (tmp_path / "d.yaml").mkdir()
+    assert main([*args[:-1], str(tmp_path / "d.yaml")]) == 2
+
+
 def test_tune_without_diagnosis_runs_diagnose_first(tmp_path, capsys):
     from kvq.cli.main import main
 
