@@ -119,6 +119,12 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     if out.suffix not in (".yaml", ".yml"):
         raise EvalError(f"--out {str(out)[:200]!r} must end in .yaml (the safetensors file is "
                         "written next to it)")
+    from kvq.static_scales import RECIPES as STATIC_RECIPES
+
+    if s.recipe in STATIC_RECIPES:  # static FP8 scales (kvq export --engine compressed-tensors)
+        from kvq.eval.static_calibrate import calibrate_static
+
+        return calibrate_static(s, out, progress, loaded, captured)
     rec = resolve_recipe(s)
     keys_recipe, values_recipe, rope, sinks = rec["keys"], rec["values"], rec["key_rope"], \
         rec["sinks"]

@@ -23,6 +23,7 @@ from kvq.export.base import Exported, Model, Refused
 ENGINES: dict[str, str] = {
     "vllm": "kvq.export.vllm",
     "llama.cpp": "kvq.export.llama_cpp",
+    "compressed-tensors": "kvq.export.compressed_tensors",
 }
 
 __all__ = ["ENGINES", "Exported", "Model", "Refused", "export", "load_model"]

@@ -54,6 +54,13 @@ def fp8_format(p: Pipeline) -> tuple[str, str] | None:
     return q.format, q.scale
 
 
+def _kind(p: Pipeline) -> tuple | str:
+    """What vLLM distinguishes: the spec, or for calibrated fp8 its format (each layer has
+    its own scales in the checkpoint)."""
+    f = fp8_format(p)
+    return ("fp8", *f) if f is not None and f[1] == "static" else p.to_spec()
+
+
 def candidates(model: Model) -> dict[str, KVConfig]:
     """Every dtype vLLM runs, as the kvq config it stores (uncalibrated fp8: scale 1.0)."""
     from kvq.registry import PRESETS
@@ -88,7 +95,7 @@ def export(cfg: KVConfig, model: Model) -> Exported:
     if half:
         raise refuse(f"vLLM quantizes a layer's keys and values together; layer {half[0]} "
                      "quantizes only one of them", cfg, model)
-    pairs = {(k.to_spec(), v.to_spec()) for i, (k, v) in enumerate(layers) if i not in skipped}
+    pairs = {(_kind(k), _kind(v)) for i, (k, v) in enumerate(layers) if i not in skipped}
     if not pairs:
         return _result(cfg, model, "auto", [], ["all layers unquantized: the model dtype"])
     if len(pairs) > 1:

@@ -1,0 +1,140 @@
+"""compressed-tensors checkpoints: kvq's static FP8 scales equal llm-compressor's, the checkpoint
+parses with the compressed-tensors package, and kvq's static FP8 cast is its fake-quantize.
+
+The llm-compressor reference is a pinned fixture (fixtures/llmcompressor/README.md): the
+llmcompressor 0.14 wheel pins compressed-tensors 0.19 and transformers 5.17, so it cannot be
+installed beside kvq's test environment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kvq
+from kvq.export import Refused, export
+
+from export_tiny import calibration_ids, tiny_llama
+
+FIXTURE = Path(__file__).parent / "fixtures" / "llmcompressor"
+ct = pytest.importorskip("compressed_tensors", reason="needs the test-export extra "
+                         "(pip install '.[test-export]')")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, model, captured windows) of tests/export/export_tiny.py."""
+    from kvq.eval.capture import capture
+
+    path = tmp_path_factory.mktemp("tiny")
+    model = tiny_llama()
+    model.save_pretrained(path)
+    caps = [capture(model, w[None], sensitivity=False, key_ropes=("post",))
+            for w in calibration_ids()]
+    return path, model, caps
+
+
+def calibrated(tiny, recipe, tmp_path):
+    from kvq.eval.calibrate import calibrate
+
+    path, model, caps = tiny
+    return calibrate(recipe, tmp_path / f"{recipe}.yaml", progress=False,
+                     captured=(model, caps), model=str(path))
+
+
+@pytest.mark.parametrize("recipe, strategy", [("fp8-tensor", "tensor"),
+                                              ("fp8-head", "attn_head")])
+def test_checkpoint_equals_llmcompressor(tiny, tmp_path, recipe, strategy):
+    cfg = calibrated(tiny, recipe, tmp_path)
+    out = tmp_path / "ckpt"
+    res = export(tmp_path / f"{recipe}.yaml", "compressed-tensors", model=str(tiny[0]), out=out)
+    assert res.exact and res.config == cfg
+    ref = json.loads((FIXTURE / f"{strategy}.json").read_text())["quantization_config"]
+    got = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: v for k, v in got.items() if k != "version"} == \
+        {k: v for k, v in ref.items() if k != "version"}
+    want = load_file(str(FIXTURE / f"{strategy}.safetensors"))
+    have = load_file(str(out / "kv_scales.safetensors"))
+    assert sorted(have) == sorted(want)
+    for name, w in want.items():
+        assert have[name].shape == w.shape and have[name].dtype == w.dtype
+        torch.testing.assert_close(have[name], w, rtol=2e-6, atol=0)
+
+
+def test_checkpoint_parses_with_compressed_tensors(tiny, tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStrategy
+
+    calibrated(tiny, "fp8-head", tmp_path)
+    out = tmp_path / "ckpt"
+    export(tmp_path / "fp8-head.yaml", "compressed-tensors", model=str(tiny[0]), out=out)
+    data = json.loads((out / "config.json").read_text())
+    qc = QuantizationConfig.model_validate(data["quantization_config"])
+    assert qc.kv_cache_scheme.strategy == QuantizationStrategy.ATTN_HEAD
+    assert qc.kv_cache_scheme.num_bits == 8 and not qc.kv_cache_scheme.dynamic
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["model.layers.1.self_attn.k_scale"] == "kv_scales.safetensors"
+    assert all((out / f).is_file() for f in set(index["weight_map"].values()))
+    import transformers as tf  # the weights still load (scales are extra tensors)
+
+    config = tf.AutoConfig.from_pretrained(out)
+    assert config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("per", ["tensor", "head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_static_fp8_is_compressed_tensors_fake_quantize(tmp_path, per, dtype):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from kvq import codebooks
+
+    heads = 3
+    scale = torch.tensor(0.0123) if per == "tensor" else torch.tensor([0.01, 0.02, 0.005])
+    codebooks.write(tmp_path / "s.safetensors", {"L0.k.scale": scale}, {})
+    p = kvq.build(f"fp8(e4m3,static,source={tmp_path / 's.safetensors'}#L0.k)")
+    torch.manual_seed(0)
+    x = (torch.randn(2, heads, 37, 64) * 3).to(dtype)  # odd length; some values saturate
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, dynamic=False,
+                            strategy="tensor" if per == "tensor" else "attn_head")
+    s = scale.reshape(1) if per == "tensor" else scale.reshape(heads, 1, 1)
+    # in fp32, as vLLM's cache kernels compute float(x) / scale; returned in x's dtype
+    want = fake_quantize(x.float(), s, torch.zeros_like(s), args).to(dtype)
+    torch.testing.assert_close(p.roundtrip(x), want, rtol=0, atol=0)
+    assert p.bits_per_element(64, 32) == 8
+
+
+def test_refusals(tiny, tmp_path):
+    with pytest.raises(Refused, match="static FP8 E4M3.*kvq calibrate --recipe fp8-tensor"):
+        export("fp8(e4m3,none)", "compressed-tensors", model=str(tiny[0]))
+    calibrated(tiny, "fp8-tensor", tmp_path)
+    cfg = kvq.load(tmp_path / "fp8-tensor.yaml")
+    with pytest.raises(Refused, match="leaves layer 0 unquantized"):
+        export(cfg.model_copy(update={"skip": (0,)}), "compressed-tensors", model=str(tiny[0]))
+    mixed = cfg.model_copy(update={"values": kvq.build("ptok>int8")})
+    with pytest.raises(Refused, match="layer 0 values are 'ptok>int8'"):
+        export(mixed, "compressed-tensors", model=str(tiny[0]))
+
+
+def test_vllm_maps_calibrated_fp8(tiny, tmp_path):
+    calibrated(tiny, "fp8-tensor", tmp_path)
+    res = export(tmp_path / "fp8-tensor.yaml", "vllm", model=str(tiny[0]))
+    assert res.exact and res.engine_args == {"kv_cache_dtype": "fp8"}
+    assert any("compressed-tensors" in n for n in res.notes)
+
+
+def test_calibrated_config_runs_in_the_cache(tiny, tmp_path):
+    """What kvq scores: the tiny model with the calibrated per-head FP8 cache, near fp32."""
+    from kvq.hf import KVQCache
+
+    cfg = calibrated(tiny, "fp8-head", tmp_path)
+    _, model, _ = tiny
+    ids = calibration_ids()[:1]
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = model(ids, past_key_values=KVQCache(cfg, model.config), use_cache=True).logits
+    err = (got - ref).norm() / ref.norm()
+    assert 0 < err < 0.05
