@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_tiny import calibration_ids, tiny_llama
 from safetensors.torch import load_file
 
 import kvq
 from kvq.export import Refused, export
-
-from export_tiny import calibration_ids, tiny_llama
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llmcompressor"
 ct = pytest.importorskip("compressed_tensors", reason="needs the test-export extra "
