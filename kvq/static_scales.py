@@ -50,6 +50,8 @@ RECIPES: dict[str, Recipe] = {
                              "FP8 E4M3 per tensor, absmax over all windows (ModelOpt max)"),
     "fp8-head-max": Recipe(_FP8, "head", "max", 448.0,
                            "FP8 E4M3 per KV head, absmax over all windows"),
+    "nvfp4": Recipe("group(16)>fp4(nv,scale=static,source={src})", "tensor", "max", 6 * 448.0,
+                    "NVFP4, static second-level scale per layer and K/V (ModelOpt max)"),
 }
 
 

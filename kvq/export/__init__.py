@@ -24,6 +24,7 @@ ENGINES: dict[str, str] = {
     "vllm": "kvq.export.vllm",
     "llama.cpp": "kvq.export.llama_cpp",
     "compressed-tensors": "kvq.export.compressed_tensors",
+    "modelopt": "kvq.export.modelopt",
 }
 
 __all__ = ["ENGINES", "Exported", "Model", "Refused", "export", "load_model"]

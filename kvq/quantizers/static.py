@@ -43,11 +43,11 @@ class StaticScaled(Step):
         if self.scale != "static":
             if self.source is not None:
                 raise SpecError(f"{name}: source= is read only with scale=static",
-                                suggestion=f"write {name}(...,static,source=FILE#NAME)")
+                                suggestion=f"write {name}(...,scale=static,source=FILE#NAME)")
             return self
         if self.source is None:
             raise SpecError(f"{name}(scale=static) needs calibrated scales: "
-                            f"{name}(...,static,source=FILE#NAME)",
+                            f"{name}(...,scale=static,source=FILE#NAME)",
                             suggestion=f"`{self.calibrated_by}` writes them with a YAML config "
                                        "that uses them")
         file, _ = codebooks.split_ref(self.source)
