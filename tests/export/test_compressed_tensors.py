@@ -137,3 +137,16 @@ def test_calibrated_config_runs_in_the_cache(tiny, tmp_path):
         got = model(ids, past_key_values=KVQCache(cfg, model.config), use_cache=True).logits
     err = (got - ref).norm() / ref.norm()
     assert 0 < err < 0.05
+
+
+@pytest.mark.parametrize("options, match", [({"key_rope": "pre"}, "after RoPE"),
+                                            ({"sinks": 1}, "after RoPE"),
+                                            ({"keys": "ptok>nuq(3)", "values": "ptok>nuq(3)"},
+                                             "do not apply")])
+def test_static_recipe_bad_options(tmp_path, options, match):
+    from kvq.eval.calibrate import calibrate
+    from kvq.eval.errors import EvalError
+
+    with pytest.raises(EvalError, match=match):
+        calibrate("fp8-tensor", tmp_path / "x.yaml", progress=False, **options)
+    assert list(tmp_path.iterdir()) == []
