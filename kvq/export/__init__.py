@@ -88,7 +88,7 @@ def export(config: Any, engine: str, model: str | Model | None = None,
             raise
         res = mod.export(err.closest, m, **options)
         res.exact, res.reason = False, err.reason
-    res.files["kvq_config.yaml"] = res.config.to_yaml()
+    res.files["kvq_config.yaml"] = _portable_yaml(res.config)
     if not res.exact:
         res.files["suggested.yaml"] = res.config.to_yaml()
     res.files["export.json"] = _summary(res, cfg)
@@ -97,6 +97,22 @@ def export(config: Any, engine: str, model: str | Model | None = None,
 
         files.write(Path(out), res.files, res.copies, force)
     return res
+
+
+def _portable_yaml(cfg) -> str:
+    """``cfg`` as YAML with calibrated files referenced by absolute path (the YAML is written
+    into ``--out``, away from the file its relative references were resolved against)."""
+    import re
+
+    text = cfg.to_yaml()
+    for p in cfg.pipelines():
+        for step in p.steps:
+            src, path = getattr(step, "source", None), getattr(step, "_path", "")
+            if src and path:
+                absolute = f"{path}#{src.rpartition('#')[2]}"
+                text = re.sub(re.escape(f"source={src}") + r"(?=[,)])",
+                              lambda _m, a=absolute: f"source={a}", text)
+    return text
 
 
 def _summary(res: Exported, source) -> str:

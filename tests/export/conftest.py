@@ -17,7 +17,7 @@ def model() -> Model:
     return Model(name="tiny", num_layers=6, kv_heads=2, head_dim=64)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A saved random tiny Llama (config.json + model.safetensors), head_dim 64, 6 layers."""
     import torch

@@ -54,6 +54,9 @@ def test_checkpoint_equals_llmcompressor(tiny, tmp_path, recipe, strategy):
     assert res.exact and res.config == cfg
     ref = json.loads((FIXTURE / f"{strategy}.json").read_text())["quantization_config"]
     got = json.loads((out / "config.json").read_text())["quantization_config"]
+    moved = kvq.load(out / "kvq_config.yaml")  # references the scales by absolute path
+    assert [p.quantizer.static_scale().tolist() for p in moved.pipelines()] == \
+        [p.quantizer.static_scale().tolist() for p in cfg.pipelines()]
     assert {k: v for k, v in got.items() if k != "version"} == \
         {k: v for k, v in ref.items() if k != "version"}
     want = load_file(str(FIXTURE / f"{strategy}.safetensors"))
