@@ -106,3 +106,16 @@ def test_fp8_keys_nvfp4_values_refused(tiny):
     cfg = fp8.model_copy(update={"values": nv.values, "layers": {}})
     with pytest.raises(Refused, match="FP8 keys and NVFP4 values"):
         export(cfg, "modelopt", model=str(tiny[0]))
+
+
+def test_static_scales_have_no_triton_kernel(tmp_path):
+    """The Triton plan would compute absmax scales; static ones must stay on the torch path."""
+    pytest.importorskip("triton")
+    from kvq import codebooks
+    from kvq.backends.triton.plan import KernelPlan, Unsupported
+
+    codebooks.write(tmp_path / "s.safetensors", {"L0.k.scale": torch.tensor(0.01)}, {})
+    src = f"source={tmp_path / 's.safetensors'}#L0.k"
+    for spec in (f"fp8(e4m3,static,{src})", f"group(16)>fp4(nv,scale=static,{src})"):
+        with pytest.raises(Unsupported, match="static scales have no kernel"):
+            KernelPlan.from_pipeline(kvq.build(spec))
