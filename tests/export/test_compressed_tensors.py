@@ -153,3 +153,32 @@ def test_static_recipe_bad_options(tmp_path, options, match):
     with pytest.raises(EvalError, match=match):
         calibrate("fp8-tensor", tmp_path / "x.yaml", progress=False, **options)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("tensors, match", [
+    ({"L0.k.scale": torch.tensor(-1.0)}, "not a finite positive"),
+    ({"L0.k.scale": torch.ones(2, 2)}, "not a finite positive"),
+    ({"L0.k.scale": torch.tensor(float("inf"))}, "not a finite positive"),
+    ({"L0.v.scale": torch.tensor(1.0)}, "'L0.k.scale' is not in"),
+])
+def test_corrupt_scale_files(tmp_path, tensors, match):
+    from kvq import codebooks
+    from kvq.errors import SpecError
+
+    codebooks.write(tmp_path / "s.safetensors", tensors, {})
+    with pytest.raises(SpecError, match=match):
+        kvq.build(f"fp8(e4m3,static,source={tmp_path / 's.safetensors'}#L0.k)")
+
+
+def test_scales_of_another_model_refused(tmp_path):
+    from kvq import codebooks
+    from kvq.errors import KVQError
+
+    codebooks.write(tmp_path / "s.safetensors", {"L0.k.scale": torch.ones(4)},
+                    {"num_layers": 2, "head_dim": 64})
+    p = kvq.build(f"fp8(e4m3,static,source={tmp_path / 's.safetensors'}#L0.k)")
+    with pytest.raises(KVQError, match="fitted for|are for 4 kv heads"):
+        p.roundtrip(torch.randn(1, 3, 5, 64))
+    cfg = kvq.kv({"kv": p.to_spec()})
+    with pytest.raises(KVQError, match="calibrated for"):
+        cfg.check(num_layers=30, head_dim=64)

@@ -118,3 +118,10 @@ def test_python_api_matches_cli(tiny_dir):
 
     res = export("turboquant-k8v4", "vllm", model=str(tiny_dir))
     assert res.exact and res.engine_args == {"kv_cache_dtype": "turboquant_k8v4"}
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(OSError):
+        files.write(out, {"a.json": "{}"}, {"weights.safetensors": tmp_path / "missing"})
+    assert not out.exists() and list(tmp_path.iterdir()) == []
