@@ -67,8 +67,7 @@ def candidates(model: Model) -> dict[str, KVConfig]:
 
     out = {d: KVConfig.from_spec(f"fp8({f},none)", name=f"vllm-{d}") for d, f in FP8.items()}
     for dtype, preset in TURBOQUANT.items():
-        if preset in PRESETS:
-            out[dtype] = PRESETS.get(preset)()
+        out[dtype] = PRESETS.get(preset)()
     return out
 
 
@@ -135,10 +134,9 @@ def _turboquant(keys: Pipeline, values: Pipeline) -> str | None:
     from kvq.registry import PRESETS
 
     for dtype, preset in TURBOQUANT.items():
-        if preset in PRESETS:
-            p = PRESETS.get(preset)()
-            if (p.keys.to_spec(), p.values.to_spec()) == (keys.to_spec(), values.to_spec()):
-                return dtype
+        p = PRESETS.get(preset)()
+        if (p.keys.to_spec(), p.values.to_spec()) == (keys.to_spec(), values.to_spec()):
+            return dtype
     return None
 
 

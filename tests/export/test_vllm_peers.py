@@ -28,7 +28,10 @@ def test_every_exported_dtype_is_a_vllm_dtype():
 
 
 def test_turboquant_table_covers_vllm_presets():
+    from kvq.registry import PRESETS
+
     assert set(v.TURBOQUANT) == set(tq.TQ_PRESETS)
+    assert all(name in PRESETS for name in v.TURBOQUANT.values())  # kvq/presets.py names
 
 
 @pytest.mark.parametrize("dtype", sorted(tq.TQ_PRESETS))
