@@ -131,13 +131,15 @@ def test_vllm_maps_calibrated_fp8(tiny, tmp_path):
 def test_calibrated_config_runs_in_the_cache(tiny, tmp_path):
     """What kvq scores: the tiny model with the calibrated per-head FP8 cache, near fp32."""
     from kvq.hf import KVQCache
+    from kvq.hf.compat import cache_kwargs
 
     cfg = calibrated(tiny, "fp8-head", tmp_path)
     _, model, _ = tiny
     ids = calibration_ids()[:1]
     with torch.no_grad():
         ref = model(ids).logits
-        got = model(ids, past_key_values=KVQCache(cfg, model.config), use_cache=True).logits
+        got = model(ids, **cache_kwargs(model, KVQCache(cfg, model.config)),
+                    use_cache=True).logits
     err = (got - ref).norm() / ref.norm()
     assert 0 < err < 0.05
 
