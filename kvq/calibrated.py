@@ -62,9 +62,15 @@ class Calibrated(Step):
                 raise SpecError(inner.reason, suggestion=inner.suggestion) from None
         return super().validated(data, name)
 
+    def uses_source(self) -> bool:
+        """Whether this step reads its file (steps whose file is optional override it)."""
+        return True
+
     @model_validator(mode="after")
     def _load(self):
         name = self.spec_name()
+        if not self.uses_source():
+            return self
         if self.source is None:
             raise SpecError(f"{name} needs {self.needs}: {name}(...,source=FILE#NAME)",
                             suggestion=f"`{self.calibrated_by}` writes them with a YAML config "
@@ -140,6 +146,8 @@ class Calibrated(Step):
         return None
 
     def check_model(self, num_layers: int, head_dim: int, kv_heads: int | None = None) -> None:
+        if self._artifact is None:  # a step that reads no file (see uses_source)
+            return
         meta = self.calibration
         heads = self.fitted_heads()
         if heads is None and "kv_heads" in meta:

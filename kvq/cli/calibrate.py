@@ -13,7 +13,9 @@ EXAMPLES = """examples:
 Writes OUT (a KVConfig with one override per layer) and OUT with suffix .safetensors (the
 levels it references; keep the two files together). The default corpus is the training split of
 the shipped Shakespeare corpus; its evaluation split is refused. Recipes: kvquant2, kvquant3,
-kvquant4 (kvq explain kvquant3 shows the uncalibrated preset).
+kvquant4 (kvq explain kvquant3 shows the uncalibrated preset), tc2/3/4, and static KV scales
+for serving engines (kvq export): fp8-tensor, fp8-head (as llm-compressor), fp8-tensor-max,
+fp8-head-max, nvfp4 (as ModelOpt).
 """
 
 
@@ -28,7 +30,8 @@ def add_parser(sub) -> None:
                                    "write a YAML config and its safetensors.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=d.recipe,
-                   help=f"recipe name: kvquant2/3/4, tc2/3/4 (default {d.recipe})")
+                   help=f"recipe name: kvquant2/3/4, tc2/3/4, fp8-tensor, fp8-head, "
+                        f"fp8-tensor-max, fp8-head-max, nvfp4 (default {d.recipe})")
     p.add_argument("--keys", help="keys recipe spec ending in nuq(b) or klt>alloc(b) "
                                   "(overrides the recipe's)")
     p.add_argument("--values", help="values recipe spec ending in nuq(b) or klt>alloc(b)")

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "calibrate": "kvq.cli.calibrate",
     "diagnose": "kvq.cli.diagnose",
     "tune": "kvq.cli.tune",
+    "export": "kvq.cli.export",
 }
 
 

@@ -122,6 +122,17 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     _check(s)
     out = Path(out)
     artifact.check_name(out)
+    from kvq.static_scales import RECIPES as STATIC_RECIPES
+
+    if s.recipe in STATIC_RECIPES:  # static FP8/NVFP4 scales (kvq export)
+        from kvq.eval.static_calibrate import calibrate_static
+
+        created = artifact.prepare(out, s.model, s.force)
+        try:
+            return calibrate_static(s, out, progress, loaded, captured)
+        except BaseException:
+            artifact.remove_folders(created)
+            raise
     rec = resolve_recipe(s)
     roles = {"k": rec["keys"], "v": rec["values"]}
     fitted = {r: spec for r, spec in roles.items() if "nuq(" in spec or tc.is_recipe(spec)}

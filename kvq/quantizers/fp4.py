@@ -12,16 +12,22 @@ rounds to nearest, ties to even (even mantissa), and saturates at 6.
   E4M3 scale ``b = e4m3(group_amax / (6 * t))`` (all-zero groups: 1); elements are
   ``x / (b * t)`` converted to E2M1. kvq computes ``t`` per (batch, head) of the quantized tensor
   (in a KVQCache, per head and cache block) rather than over a whole tensor, so that sequences
-  of a batch never share a statistic.
+  of a batch never share a statistic. With ``scale=static`` (``fp4(nv,scale=static,
+  source=FILE#NAME)``), ``t`` is calibrated offline per tensor or KV head, as ModelOpt's
+  NVFP4 KV cache and TensorRT-LLM / vLLM run it (``kvq calibrate --recipe nvfp4``: ``t =
+  amax / (6 * 448)`` over the calibration text); the E4M3 block scales stay dynamic.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 
+from kvq.errors import SpecError
 from kvq.quantizers.base import Quantizer
+from kvq.quantizers.static import StaticScaled
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX, E4M3_MAX, EMAX_ELEM = 6.0, 448.0, 2
@@ -43,7 +49,7 @@ def to_e2m1(v: torch.Tensor) -> torch.Tensor:
     return (idx | (torch.signbit(v).long() << 3)).to(torch.uint8)
 
 
-class FP4Quantizer(Quantizer):
+class FP4Quantizer(StaticScaled, Quantizer):
     """E2M1 codes with ``mx`` (E8M0 power-of-two) or ``nv`` (E4M3 + fp32) scales per group.
 
     Metadata: ``scale`` uint8 in the granularity's layout (E8M0 exponent codes for mx, E4M3
@@ -52,6 +58,10 @@ class FP4Quantizer(Quantizer):
 
     type: Literal["fp4"] = "fp4"
     block: Literal["mx", "nv"]
+    scale: Literal["dynamic", "static"] = "dynamic"  # nv: the fp32 second-level scale t
+    source: str | None = None
+    sha256: str | None = None
+    calibrated_by: ClassVar[str] = "kvq calibrate --recipe nvfp4"
 
     positional = ("block",)
 
@@ -68,7 +78,10 @@ class FP4Quantizer(Quantizer):
             e = torch.where(amax > 0, e, -127).clamp_(-127, 127)
             v = xg.div_(torch.exp2(e.float()))
             return g.unview(to_e2m1(v), x.shape), {"scale": g.to_meta((e + 127).to(torch.uint8))}
-        t = x.abs().amax(dim=(-2, -1), keepdim=True) / (E2M1_MAX * E4M3_MAX)  # (B, H, 1, 1)
+        if self.scale == "static":
+            t = self.broadcast_scale(x.shape, x.device).expand(x.shape[0], x.shape[1], 1, 1)
+        else:
+            t = x.abs().amax(dim=(-2, -1), keepdim=True) / (E2M1_MAX * E4M3_MAX)  # (B, H, 1, 1)
         b = g.to_meta(amax) / (E2M1_MAX * torch.where(t == 0, torch.ones_like(t), t))
         b = torch.where(b == 0, torch.ones_like(b), b).to(torch.float8_e4m3fn)
         step = g.from_meta(b.float() * t)
@@ -84,5 +97,12 @@ class FP4Quantizer(Quantizer):
             scale = meta["scale"].view(torch.float8_e4m3fn).float() * meta["tensor_scale"]
         return g.unview(out.mul_(g.from_meta(scale)), codes.shape)
 
-    def meta_bits(self, groups):
-        return groups * 8 + (32 if self.block == "nv" else 0)
+    @model_validator(mode="after")
+    def _static_nv(self):
+        if self.scale == "static" and self.block != "nv":
+            raise SpecError("fp4(mx) has no second-level scale to calibrate; scale=static is "
+                            "for fp4(nv)", suggestion="write fp4(nv,scale=static,source=...)")
+        return self
+
+    def meta_bits(self, groups):  # static t lives in the checkpoint, not in each block
+        return groups * 8 + (32 if self.block == "nv" and self.scale == "dynamic" else 0)

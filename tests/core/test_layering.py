@@ -6,7 +6,7 @@ from pathlib import Path
 import kvq
 
 ROOT = Path(kvq.__file__).parent
-UPPER = ("hf", "eval", "cli")
+UPPER = ("hf", "eval", "export", "cli")
 IMPORT = re.compile(r"^\s*(?:from|import)\s+kvq\.(" + "|".join(UPPER) + r")\b", re.M)
 
 

@@ -89,6 +89,9 @@ class KernelPlan:
         if book and quant.scale == "none":
             return cls(bits=quant.bits, fmt="lloyd", codebook=quant.levels, scaled=False,
                        **common)
+        if quant.type in ("fp8", "fp4") and quant.scale == "static":
+            raise Unsupported(f"quantizer {quant.to_spec()[:60]!r}: calibrated static scales "
+                              "have no kernel (the torch backend runs them)")
         if book:
             fmt = "lloyd"
         elif quant.type in ("int", *FORMATS):
