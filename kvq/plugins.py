@@ -122,12 +122,14 @@ def _register_components(name: str, plugin) -> None:
             staged.append((registry, n, target, defaults))
 
         impl(register=register)
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], str] = {}
     for registry, n, target, defaults in staged:
         registry.check_new(n, target, defaults, source)
-        if (registry.kind, n) in seen:
-            raise KVQError(f"{registry.kind} {shorten(n)} registered twice")
-        seen.add((registry.kind, n))
+        space = "step/preset" if registry in (STEPS, PRESETS) and source != "kvq" else registry.kind
+        if (space, n) in seen:
+            raise KVQError(f"{registry.kind} {shorten(n)} registered twice (also as a "
+                           f"{seen[space, n]}; steps and presets share one namespace)")
+        seen[space, n] = registry.kind
     for registry, n, target, defaults in staged:
         registry.register(n, target, defaults=defaults, source=source)
     if source != "kvq":  # a plugin's presets must build (with its own steps, now committed)
