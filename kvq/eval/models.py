@@ -20,9 +20,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def default_model_dir() -> Path:
     """Directory of the default model as fp32 safetensors, converted from the GGUF on first use."""
-    out = assets.cache_dir() / "models" / DEFAULT_MODEL_NAME
+    out = assets.prepare_cache() / "models" / DEFAULT_MODEL_NAME  # staging of killed runs goes
     if assets.verified(out):  # manifest of sha256/size/mtime per file, see kvq.eval.assets
         return out
+    assets.claim(out)  # a folder kvq did not write is never replaced
     gguf = assets.model_gguf()
     assets.log(f"kvq: converting {gguf.name} to safetensors in {out} (first use only, ~20 s)")
     model, tokenizer = _from_pretrained(str(gguf.parent), {"gguf_file": gguf.name}, "float32")

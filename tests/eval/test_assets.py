@@ -160,7 +160,7 @@ def _texts(cache, monkeypatch, tmp_path):
     return assets.shakespeare_texts()
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate", "same-size", "extra"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "same-size", "manifest deleted"])
 def test_damaged_texts_are_detected_and_unpacked_again(cache, monkeypatch, tmp_path, damage):
     out = _texts(cache, monkeypatch, tmp_path)
     lear = out / "lear.txt"
@@ -170,8 +170,9 @@ def test_damaged_texts_are_detected_and_unpacked_again(cache, monkeypatch, tmp_p
         lear.write_bytes(b"No")
     elif damage == "same-size":
         lear.write_bytes(b"nothing")  # same length, new mtime: re-hashed
-    else:
-        (out / "extra.txt").write_text("x")
+    else:  # issue 18 item 13: an edit is not re-trusted when the manifest goes too
+        lear.write_bytes(b"Edited!")
+        (out / assets.MANIFEST).unlink()
     out = assets.shakespeare_texts()
     assert {p.name: p.read_bytes() for p in out.glob("*.txt")} == {
         "hamlet.txt": b"To be", "lear.txt": b"Nothing"}
@@ -197,24 +198,135 @@ def test_legacy_complete_folder_is_adopted(cache, monkeypatch, tmp_path):
     assert assets.shakespeare_texts() == out and (out / assets.MANIFEST).is_file()
 
 
+def _staging_dir(parent, name, owner=None, pid=None, started=None, age=0.0):
+    """A staging folder as :class:`assets._staging` makes it (lock file unless ``owner`` is
+    "none"), last modified ``age`` seconds ago."""
+    import json
+    import os
+    import time
+
+    d = parent / name
+    d.mkdir(parents=True)
+    (d / "part").write_bytes(b"x" * 10)
+    if owner != "none":
+        (d / assets.LOCK).write_text(json.dumps({
+            "owner": owner or assets._owner(), "pid": pid or os.getpid(),
+            "started": started if started is not None else assets._start_time(pid or
+                                                                               os.getpid())}))
+    t = time.time() - age
+    for p in [d, *d.iterdir()]:
+        os.utime(p, (t, t))
+    return d
+
+
 def test_stale_staging_is_removed_on_start(cache, monkeypatch, tmp_path):
+    """Liveness by host, boot id, PID namespace, PID and start time, else by idle time."""
     import os
     import subprocess
     import sys
-    import time
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    old = time.time() - 2 * assets.STALE_AFTER_S
-    stale = [cache / f".staging-{dead}-x", cache / "downloads" / "tmpabc", cache / ".staging-y"]
-    live = cache / f".staging-{os.getpid()}-z"
-    for d in [*stale, live]:
-        d.mkdir(parents=True)
-        os.utime(d, (old, old))
-    fresh = cache / "downloads" / "tmpfresh"
-    fresh.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip())
+    old = 2 * assets.STALE_AFTER_S
+    elsewhere = ["other-host", "boot", "pid:[1]"]
+    stale = [
+        _staging_dir(cache, f".staging-{dead}-a", pid=dead),  # killed here: gone at once
+        _staging_dir(cache / "models", f".staging-{os.getppid()}-b", pid=os.getppid(),
+                     started="1"),  # PID reused by another process
+        _staging_dir(cache, f".staging-{dead}-c", owner=elsewhere, pid=dead, age=old),
+        _staging_dir(cache, ".staging-legacy-d", owner="none", age=old),
+    ]
+    (cache / "downloads" / "tmpabc").mkdir(parents=True)
+    (cache / "downloads" / "tmpabc" / assets.ASSETS["smollm2"].filename).write_bytes(b"x")
+    os.utime(cache / "downloads" / "tmpabc", (0, 0))
+    os.utime(cache / "downloads" / "tmpabc" / assets.ASSETS["smollm2"].filename, (0, 0))
+    stale.append(cache / "downloads" / "tmpabc")
+    live = [
+        _staging_dir(cache, f".staging-{os.getpid()}-e"),  # this process
+        # another container / network cache dir: its PID means nothing here, still written to
+        _staging_dir(cache / "downloads", f".staging-{dead}-f", owner=elsewhere, pid=dead),
+        _staging_dir(cache, ".staging-legacy-g", owner="none"),  # lockless but fresh
+    ]
+    mine = cache / "downloads" / "tmp-users-notes"  # not kvq's: never removed, however old
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    os.utime(mine, (0, 0))
     assets.prepare_cache()
-    assert not any(d.exists() for d in stale) and live.exists() and fresh.exists()
+    assert [d.name for d in stale if d.exists()] == []
+    assert [d.name for d in live if not d.exists()] == [] and (mine / "notes.txt").exists()
+
+
+def test_staging_of_a_killed_conversion_goes_on_runs_that_fetch_nothing(cache, monkeypatch):
+    """Issue 18 item 17: the model conversion's staging (~0.5 GB) is cleaned on every start,
+    also when the model and the corpus are cached and nothing is fetched."""
+    import subprocess
+    import sys
+
+    from kvq.eval import models
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip())
+    out = cache / "models" / models.DEFAULT_MODEL_NAME
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    assets.write_manifest(out)
+    left = _staging_dir(cache / "models", f".staging-{dead}-conv", pid=dead)
+    monkeypatch.setattr(assets, "fetch", lambda name: pytest.fail("no fetch expected"))
+    assert models.default_model_dir() == out and not left.exists()
+
+
+def test_staging_lock_names_this_process(cache):
+    import json
+    import os
+
+    with assets._staging(cache) as tmp:
+        lock = json.loads((tmp / assets.LOCK).read_text())
+        assert lock["pid"] == os.getpid() and lock["owner"] == assets._owner()
+        assets.prepare_cache()
+        assert tmp.exists()  # live: kept
+    assert not tmp.exists()
+
+
+# KVQ_CACHE_DIR at a folder kvq did not create (issue 18 item 2) ----------------------------
+@pytest.mark.parametrize("sub", ["shakespeare", "smollm2", "models/SmolLM2-135M-Instruct"])
+def test_a_users_folder_in_the_cache_dir_is_never_deleted(cache, monkeypatch, tmp_path, sub):
+    from kvq.eval import models
+
+    user = cache / sub
+    user.mkdir(parents=True)
+    (user / "my-thesis.txt").write_text("years of work")
+    monkeypatch.setattr(assets, "fetch", lambda name: pytest.fail("refused before fetching"))
+    monkeypatch.setattr(models, "_from_pretrained", lambda *a, **k: pytest.fail("no convert"))
+    call = {"shakespeare": assets.shakespeare_texts, "smollm2": assets.model_gguf}.get(
+        sub, models.default_model_dir)
+    with pytest.raises(AssetError, match=f"{user}.* not created by kvq.*will not delete"):
+        call()
+    assert (user / "my-thesis.txt").read_text() == "years of work"
+
+
+def test_a_users_file_added_to_a_kvq_folder_is_kept(cache, monkeypatch, tmp_path):
+    out = _texts(cache, monkeypatch, tmp_path)
+    (out / "extra.txt").write_text("mine")
+    with pytest.raises(AssetError, match="holds files kvq did not put there .extra.txt."):
+        assets.shakespeare_texts()
+    assert (out / "extra.txt").read_text() == "mine"
+    (out / "extra.txt").unlink()
+    assert (assets.shakespeare_texts() / "lear.txt").read_bytes() == b"Nothing"
+
+
+def test_a_download_kvq_did_not_write_is_never_deleted(cache, monkeypatch):
+    calls = []
+    _pin(monkeypatch, "shakespeare", b"archive", "s.tar.gz")
+    monkeypatch.setattr(assets, "_download", _fake_download(b"archive", calls))
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / "s.tar.gz").write_bytes(b"someone else's file")
+    with pytest.raises(AssetError, match="kvq did not write it, so kvq will not delete it"):
+        assets.fetch("shakespeare")
+    assert (cache / "downloads" / "s.tar.gz").read_bytes() == b"someone else's file"
+    (cache / "downloads" / "s.tar.gz").unlink()
+    path = assets.fetch("shakespeare")  # kvq's own download, later damaged: replaced
+    path.write_bytes(b"bit rot")
+    assert assets.fetch("shakespeare").read_bytes() == b"archive" and len(calls) == 2
 
 
 def test_cache_path_that_is_a_file(cache):
