@@ -123,6 +123,7 @@ class KVQLM(HFLM):
         from kvq.eval import models
 
         residual, block = _int_option("residual", residual), _int_option("block", block)
+        sinks = None if sinks is None else _int_option("sinks", sinks)  # sinks=true is no count
         kv, keys, values = (_pipeline_option(n, v) for n, v in
                             (("kv", kv), ("keys", keys), ("values", values)))
         _check_split_args(kwargs)
