@@ -1,10 +1,11 @@
 """Plugin loading: the built-ins first, then every ``kvq`` entry point, each one isolated.
 
 A third-party plugin that fails (at import, in a hook, with a hook signature pluggy rejects,
-or with a registration kvq refuses: bad name or defaults, a collision, a step whose ``type``
-is not its name) is recorded as broken with the reason (``kvq list plugins``), warned about
-once, and contributes nothing: its registrations are staged and committed all together or not
-at all. The built-ins and the other plugins load regardless.
+or with a registration kvq refuses: bad name or defaults, a collision (steps and presets
+share one namespace), a step whose ``type`` is not its name) is recorded as broken with the
+reason (``kvq list plugins``), warned about once, and contributes nothing: its registrations
+are staged and committed all together or not at all. The built-ins and the other plugins
+load regardless.
 
 ``KVQ_DISABLE_PLUGINS=1`` (or ``true``/``yes``/``all``) loads only the built-ins (third-party
 plugins off, e.g. in tests); ``KVQ_DISABLE_PLUGINS=a,b`` skips the plugins named ``a`` and ``b``.
