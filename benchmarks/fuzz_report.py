@@ -314,17 +314,22 @@ def cache_cases():
 
     def texts_ok(out: Path) -> str | None:
         got = {p.name: p.read_bytes() for p in out.glob("*.txt")}
-        return None if got == texts else f"texts returned: {sorted(got)}"
+        return None if got == texts else f"texts returned as verified: {str(got)[:80]}"
 
     def kill_fetch(cache: Path):
-        index = _Index(sd * 8, file_delay=0.05, chunk=256)
-        sd8 = hashlib.sha256(sd * 8).hexdigest()
+        index = _Index(sd * 200, file_delay=0.05, chunk=256)  # ~15 s
+        big_digest = hashlib.sha256(sd * 200).hexdigest()
         try:
-            child = _asset_child("fetch", sd8, {"KVQ_CACHE_DIR": str(cache),
+            child = _asset_child("fetch", big_digest, {"KVQ_CACHE_DIR": str(cache),
                                                 "KVQ_INDEX_URL": index.url}, 0, True)
             for _ in range(1200):  # up to 60 s for the child to start (imports torch)
-                if [p for p in cache.glob("downloads/.staging-*/s.tar.gz") if p.stat().st_size]:
+                if list(cache.glob("downloads/.staging-*")):  # downloading: kill it
+                    time.sleep(1)
                     break
+                if child.poll() is not None:
+                    out, err = child.communicate()
+                    _child_result(child.returncode, out, err)
+                    return "the fetch ended before it could be killed"
                 time.sleep(0.05)
             else:
                 child.kill()
@@ -332,11 +337,11 @@ def cache_cases():
             child.kill()
             child.communicate()
             index.file_delay = 0
-            got = _asset_child("fetch", sd8, {"KVQ_CACHE_DIR": str(cache),
+            got = _asset_child("fetch", big_digest, {"KVQ_CACHE_DIR": str(cache),
                                               "KVQ_INDEX_URL": index.url}, 60)
         finally:
             index.close()
-        if Path(got).read_bytes() != sd * 8:
+        if Path(got).read_bytes() != sd * 200:
             return "wrong file after the restart"
         return f"staging left: {staging(cache)}" if staging(cache) else None
 
