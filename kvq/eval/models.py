@@ -20,7 +20,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def default_model_dir() -> Path:
     """Directory of the default model as fp32 safetensors, converted from the GGUF on first use."""
-    out = assets.prepare_cache() / "models" / DEFAULT_MODEL_NAME  # staging of killed runs goes
+    out = assets.clean_staging() / "models" / DEFAULT_MODEL_NAME  # staging of killed runs goes
     if assets.verified(out):  # manifest of sha256/size/mtime per file, see kvq.eval.assets
         return out
     assets.claim(out)  # a folder kvq did not write is never replaced

@@ -2,6 +2,7 @@ import hashlib
 import io
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -442,3 +443,32 @@ def test_bad_speed_settings(cache, monkeypatch, slow_index, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(AssetError, match=f"{name}=.*expected a number"):
         assets.fetch("shakespeare")
+
+
+def test_read_only_cache_with_verified_assets_still_works(cache, monkeypatch, tmp_path):
+    out = _texts(cache, monkeypatch, tmp_path)
+    monkeypatch.setattr(assets.os, "access", lambda *a: False)  # e.g. a shared read-only cache
+    assert assets.shakespeare_texts() == out
+
+
+def test_two_processes_unpacking_at_once_keep_the_first_complete_copy(cache, monkeypatch,
+                                                                      tmp_path):
+    """The other process's complete copy lands between our removal and our rename."""
+    import shutil
+
+    out = _texts(cache, monkeypatch, tmp_path)
+    theirs = tmp_path / "theirs"
+    shutil.copytree(out, theirs, copy_function=shutil.copy2)
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "x.txt").write_text("x")
+    assets.write_manifest(tmp_path / "ours")
+    real = assets.os.replace
+
+    def racing(src, dst):
+        if Path(dst) == out and not out.exists():
+            shutil.copytree(theirs, out, copy_function=shutil.copy2)
+        return real(src, dst)
+
+    monkeypatch.setattr(assets.os, "replace", racing)
+    assets._swap(tmp_path / "ours", out)
+    assert assets.verified(out) and (out / "lear.txt").read_bytes() == b"Nothing"
