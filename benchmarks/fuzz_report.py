@@ -227,7 +227,7 @@ class _Index:
     file are sent in ``chunk``-byte pieces with ``page_delay`` / ``file_delay`` pauses."""
 
     def __init__(self, payload: bytes, page_delay=0.0, file_delay=0.0, chunk=1024,
-                 page_pad=0):
+                 page_pad=0, header_delay=0.0):
         import http.server
         import threading
 
@@ -246,10 +246,16 @@ class _Index:
                     body, delay = index.payload, index.file_delay
                 else:
                     return self.send_error(404)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
                 try:
+                    if header_delay:  # a header line a byte at a time, for ever
+                        self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+                        for _ in range(60_000):
+                            self.wfile.write(b"a")
+                            self.wfile.flush()
+                            time.sleep(header_delay)
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
                     for i in range(0, len(body), chunk):
                         self.wfile.write(body[i:i + chunk])
                         self.wfile.flush()
@@ -390,10 +396,10 @@ def cache_cases():
         assets.fetch("shakespeare")
         return None if (live / "s.tar.gz").exists() else "another container's live download deleted"
 
-    def slow(page_delay, file_delay, size, env, timeout):
+    def slow(page_delay, file_delay, size, env, timeout, header_delay=0.0):
         def body(cache: Path):
             index = _Index(sd * size, page_delay=page_delay, file_delay=file_delay, chunk=50,
-                           page_pad=100_000 if page_delay else 0)
+                           page_pad=100_000 if page_delay else 0, header_delay=header_delay)
             try:
                 _asset_child("fetch", hashlib.sha256(sd * size).hexdigest(),
                              {"KVQ_CACHE_DIR": str(cache), "KVQ_INDEX_URL": index.url, **env},
@@ -466,6 +472,8 @@ def cache_cases():
     yield "another container's live staging", case(other_container)
     yield "slow index page (100 kB at 1 kB/s)", case(slow(0.05, 0, 1, {"KVQ_INDEX_TIMEOUT": "5"},
                                                           60))
+    yield "index sending its headers a byte per 50 ms", case(slow(
+        0, 0, 1, {"KVQ_INDEX_TIMEOUT": "5"}, 60, header_delay=0.05))
     yield "slow download (700 kB at 2 kB/s)", case(slow(0, 0.025, 2000, {}, 75))
     yield "edited text, mtime moved", case(edited(lambda out: None))
     yield "edited text, manifest deleted", case(edited(

@@ -4,18 +4,21 @@ No installer runs: the file's URL is read from the project's simple page (an HTM
 links; a ``file:`` folder is listed directly) and streamed to disk. The caller checks the
 sha256 before using the file (:func:`kvq.eval.assets.fetch`).
 
-A slow index never hangs a run: the page must arrive within ``$KVQ_INDEX_TIMEOUT`` seconds
-(default 60) and a download must keep ``$KVQ_DOWNLOAD_MIN_KBPS`` kB/s (default 20; 0 turns the
-check off) over every :data:`RATE_WINDOW_S` seconds; otherwise the next index is tried and the
-error says which variable to change.
+A slow index never hangs a run: the page (headers included) and the start of a download must
+arrive within ``$KVQ_INDEX_TIMEOUT`` seconds (default 60), and a download must keep
+``$KVQ_DOWNLOAD_MIN_KBPS`` kB/s (default 20; 0 turns the check off) over every
+:data:`RATE_WINDOW_S` seconds; otherwise the next index is tried and the error says which
+variable to change.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -102,6 +105,48 @@ def download(asset, into: Path, manual: Path) -> Path:
     )
 
 
+class _Watch:
+    """An ``open`` like ``urlopen`` whose sockets are shut down ``limit`` seconds after the
+    watch starts (until :meth:`cancel`): a server sending its headers or page a byte at a time
+    cannot stretch a request past it, however short each read's timeout."""
+
+    def __init__(self, limit: float):
+        self.fired, self._socks = False, []
+        watch = self
+
+        def watching(base):
+            class Handler(base):
+                def do_open(self, http_class, req, **kw):
+                    class Conn(http_class):
+                        def connect(self):
+                            super().connect()
+                            watch._add(self.sock)
+                    return super().do_open(Conn, req, **kw)
+            return Handler
+
+        self.open = urllib.request.build_opener(watching(urllib.request.HTTPHandler),
+                                                watching(urllib.request.HTTPSHandler)).open
+        self._timer = threading.Timer(limit, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _add(self, sock) -> None:
+        self._socks.append(sock)
+        if self.fired:
+            self._fire()
+
+    def _fire(self) -> None:
+        self.fired = True
+        for sock in self._socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def _find_link(page: str, filename: str) -> str | None:
     """The URL of ``filename`` on a PEP 503 simple page (a ``file:`` folder is listed)."""
     parsed = urllib.parse.urlparse(page)
@@ -111,19 +156,21 @@ def _find_link(page: str, filename: str) -> str | None:
             return (folder / filename).as_uri() if (folder / filename).is_file() else None
         page = (folder / "index.html").as_uri()
     limit = _setting("KVQ_INDEX_TIMEOUT", INDEX_TIMEOUT_S)
-    deadline = time.monotonic() + limit
-    body, got = [], 0
-    with urllib.request.urlopen(page, timeout=min(60.0, limit)) as resp:
-        read = getattr(resp, "read1", resp.read)
-        while got < 8 << 20:
-            if time.monotonic() > deadline:
-                raise TooSlow(f"the page did not arrive within {limit:g} s (set "
-                              "KVQ_INDEX_TIMEOUT to wait longer)")
-            block = read(1 << 16)
-            if not block:
-                break
-            body.append(block)
-            got += len(block)
+    watch, body, got = _Watch(limit), [], 0
+    try:
+        with watch.open(page, timeout=min(60.0, limit)) as resp:
+            read = getattr(resp, "read1", resp.read)
+            while got < 8 << 20 and (block := read(1 << 16)):
+                body.append(block)
+                got += len(block)
+    except OSError:
+        if not watch.fired:
+            raise
+    finally:
+        watch.cancel()
+    if watch.fired:
+        raise TooSlow(f"the page did not arrive within {limit:g} s (set KVQ_INDEX_TIMEOUT to "
+                      "wait longer)")
     html = b"".join(body)[: 8 << 20].decode("utf-8", "replace")
     for href in re.findall(r"""href=["']([^"']+)["']""", html):
         link = urllib.parse.urljoin(page, href.replace("&amp;", "&"))
@@ -138,8 +185,20 @@ def _get(url: str, dest: Path, size_mb: int) -> Path:
     limit, got = (2 * size_mb + 1) << 20, 0
     min_rate = _setting("KVQ_DOWNLOAD_MIN_KBPS", MIN_KBPS, zero_ok=True) * 1000
     timeout = min(120.0, RATE_WINDOW_S) if min_rate else 120.0
+    headers = _setting("KVQ_INDEX_TIMEOUT", INDEX_TIMEOUT_S)
+    watch = _Watch(headers)  # the response must start within the index timeout
+    try:
+        resp = watch.open(url, timeout=timeout)
+    except OSError:
+        if not watch.fired:
+            raise
+    finally:
+        watch.cancel()
+    if watch.fired:
+        raise TooSlow(f"{dest.name}: no response within {headers:g} s (set KVQ_INDEX_TIMEOUT "
+                      "to wait longer)")
     mark, at_mark = time.monotonic(), 0
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as f:
+    with resp, open(dest, "wb") as f:
         read = getattr(resp, "read1", resp.read)
         for block in iter(lambda: read(1 << 20), b""):
             got += len(block)

