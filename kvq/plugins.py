@@ -1,10 +1,11 @@
 """Plugin loading: the built-ins first, then every ``kvq`` entry point, each one isolated.
 
 A third-party plugin that fails (at import, in a hook, with a hook signature pluggy rejects,
-or with a registration kvq refuses: bad name or defaults, a collision, a step whose ``type``
-is not its name) is recorded as broken with the reason (``kvq list plugins``), warned about
-once, and contributes nothing: its registrations are staged and committed all together or not
-at all. The built-ins and the other plugins load regardless.
+or with a registration kvq refuses: bad name or defaults, a collision (steps and presets
+share one namespace), a step whose ``type`` is not its name) is recorded as broken with the
+reason (``kvq list plugins``), warned about once, and contributes nothing: its registrations
+are staged and committed all together or not at all. The built-ins and the other plugins
+load regardless.
 
 ``KVQ_DISABLE_PLUGINS=1`` (or ``true``/``yes``/``all``) loads only the built-ins (third-party
 plugins off, e.g. in tests); ``KVQ_DISABLE_PLUGINS=a,b`` skips the plugins named ``a`` and ``b``.
@@ -122,12 +123,14 @@ def _register_components(name: str, plugin) -> None:
             staged.append((registry, n, target, defaults))
 
         impl(register=register)
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], str] = {}
     for registry, n, target, defaults in staged:
         registry.check_new(n, target, defaults, source)
-        if (registry.kind, n) in seen:
-            raise KVQError(f"{registry.kind} {shorten(n)} registered twice")
-        seen.add((registry.kind, n))
+        space = "step/preset" if registry in (STEPS, PRESETS) and source != "kvq" else registry.kind
+        if (space, n) in seen:
+            raise KVQError(f"{registry.kind} {shorten(n)} registered twice (also as a "
+                           f"{seen[space, n]}; steps and presets share one namespace)")
+        seen[space, n] = registry.kind
     for registry, n, target, defaults in staged:
         registry.register(n, target, defaults=defaults, source=source)
     if source != "kvq":  # a plugin's presets must build (with its own steps, now committed)

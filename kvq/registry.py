@@ -80,6 +80,7 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._check = check  # (name, loaded target, defaults) -> None or raise KVQError
+        self.shares_names_with: Registry | None = None  # steps and presets: one namespace
 
     def check_new(self, name: Any, target: Any, defaults: Any = None,
                   source: str = "kvq") -> None:
@@ -93,6 +94,12 @@ class Registry:
             old = self._entries[name].source
             raise KVQError(f"{self.kind} {name!r} from {source!r} collides with the one "
                            f"from {old!r}")
+        peer = self.shares_names_with
+        if peer is not None and source != "kvq" and name in peer._entries:
+            raise KVQError(f"{self.kind} {name!r} from {source!r} collides with the "
+                           f"{peer.kind} {name!r} from {peer._entries[name].source!r}: steps "
+                           "and presets share one namespace (a spec or YAML naming it would "
+                           "mean either); rename it")
         if defaults is not None and not (isinstance(defaults, dict)
                                          and all(isinstance(k, str) for k in defaults)):
             raise KVQError(f"defaults of {self.kind} {name!r} must be a dict of field values, "
@@ -173,6 +180,8 @@ class Registry:
 STEPS = Registry("step", check=check_step)
 BACKENDS = Registry("backend")
 PRESETS = Registry("preset")
+STEPS.shares_names_with, PRESETS.shares_names_with = PRESETS, STEPS
+# (the built-in presets q4_0, q4_1, q8_0, fp8 are that step for keys and values, on purpose)
 
 
 def _ensure_plugins() -> None:

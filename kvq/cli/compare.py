@@ -65,23 +65,24 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--tokens",
-        type=int,
+        type=_positive,
         default=4096,
         help="scored text per context length, in tokens (default 4096)",
     )
     p.add_argument(
         "--seed-continuation",
-        type=int,
+        type=_positive,
         default=32,
         help="tokens scored after the quantized prefix in the seed protocol (default 32)",
     )
     p.add_argument(
         "--stream-steps",
-        type=int,
+        type=_positive,
         default=32,
         help="tokens decoded one at a time in the streaming protocol (default 32)",
     )
-    p.add_argument("--block", type=int, default=32, help="cache block size in tokens (default 32)")
+    p.add_argument("--block", type=_positive, default=32,
+                   help="cache block size in tokens (default 32)")
     p.add_argument(
         "--residual",
         type=int,
@@ -96,13 +97,14 @@ def add_parser(sub) -> None:
         help="haystack lengths in tokens for the needle task (default 256,512,1024)",
     )
     p.add_argument(
-        "--needle-per-length", type=int, default=4, help="needle documents per length (default 4)"
+        "--needle-per-length", type=_positive, default=4,
+        help="needle documents per length (default 4)",
     )
     p.add_argument("--stress", nargs="?", const="default", metavar="SPEC",
                    help="plant function-preserving key outliers in the model first (default "
                    "setting 'scale=16,layers=0-3,pairs=4'; see docs/diagnose.md)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
         "--out",
         default="kvq-compare",
@@ -179,6 +181,17 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list")
     return names
+
+
+def _positive(text: str) -> int:
+    """A whole number >= 1 (``--seed-continuation 0`` would score nothing and print n/a)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}")
+    return value
 
 
 def _ints(text: str) -> list[int]:

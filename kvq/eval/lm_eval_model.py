@@ -6,14 +6,17 @@ a fresh :class:`kvq.hf.KVQCache`.
     lm_eval --model kvq_hf --model_args 'pretrained=smollm2,kv=nsep>pchan>int4' --tasks TASK
 
 Model args on top of ``hf``'s: ``kv=`` (spec, preset or YAML/JSON path, keys and values),
-``keys=`` / ``values=`` (override one side), ``prefill=quantized|exact`` (default
-``quantized``: loglikelihood forwards see quantized K/V, otherwise they would measure nothing),
+``keys=`` / ``values=`` (override one side; ``none`` keeps that side exact),
+``prefill=quantized|exact`` (default ``quantized``: loglikelihood forwards see quantized K/V,
+otherwise they would measure nothing),
 ``residual=`` and ``block=`` (cache options), ``sinks=N`` (first N real tokens exact) and
 ``key_rope=pre`` (keys quantized before RoPE; both also settable in the ``kv=`` YAML).
 ``pretrained=smollm2`` is kvq's embedded default model. The pipeline, its spec and its
 bits/element are added to the results' ``config``.
 Loglikelihood batches are right-padded by lm-eval, so pad positions would enter per-channel
-statistics: ``batch_size`` other than 1 (or ``auto``) is refused.
+statistics: ``batch_size`` other than 1 (or ``auto``) is refused. lm-eval splits
+``--model_args`` on commas, so a spec containing one is refused with a pointer to presets and
+YAML files.
 """
 
 from __future__ import annotations
@@ -40,6 +43,55 @@ def _int_option(name: str, value) -> int:
                     f"tokens, e.g. {name}=128")
 
 
+_UNSET = object()  # a pipeline arg not given (lm-eval turns a given ``none`` into None)
+
+
+def _pipeline_option(name: str, value):
+    """``kv=`` / ``keys=`` / ``values=`` as given: None when absent, ``"none"`` for ``none``
+    (lm-eval parses ``values=none`` to Python None), a string otherwise; lm-eval's other
+    conversions (``true`` -> True, ``8`` -> 8) are refused."""
+    from kvq.errors import shorten
+    from kvq.eval.errors import EvalError
+
+    if value is _UNSET:
+        return None
+    if value is None:
+        return "none"
+    if isinstance(value, str):
+        if value.count("(") > value.count(")"):
+            raise EvalError(
+                f"kvq_hf model arg {name}={shorten(value)} was cut at a comma: lm-eval splits "
+                "--model_args on commas, so a spec with one (group(32,token), "
+                "int4(dtype=fp32,...)) cannot be given there; use a preset name (kvq list "
+                f"presets), a spec without commas, or a YAML file: {name}=path/to/kv.yaml")
+        return value
+    if isinstance(value, _config_types()):  # Python callers may pass built objects
+        return value
+    raise EvalError(f"kvq_hf model arg {name}={shorten(value)}: expected a spec, a preset name "
+                    f"or a YAML/JSON path, e.g. {name}=nsep>pchan>int4")
+
+
+def _config_types() -> tuple:
+    import kvq
+
+    return (kvq.Pipeline, kvq.KVConfig)
+
+
+def _check_split_args(kwargs: dict) -> None:
+    """A model arg whose name is no identifier (``token)>int4``) is the tail of a spec that
+    lm-eval cut at a comma."""
+    from kvq.errors import shorten
+    from kvq.eval.errors import EvalError
+
+    for key in kwargs:
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise EvalError(
+                f"kvq_hf model arg {shorten(key)} is not an argument name: lm-eval splits "
+                "--model_args on commas, so a kv=/keys=/values= spec with a comma was cut "
+                "there; use a preset name (kvq list presets), a spec without commas, or a "
+                "YAML file: kv=path/to/kv.yaml")
+
+
 def _check_batch_size(batch_size) -> None:
     from kvq.errors import shorten
     from kvq.eval.errors import EvalError
@@ -57,9 +109,9 @@ class KVQLM(HFLM):
     def __init__(
         self,
         pretrained="smollm2",
-        kv=None,
-        keys=None,
-        values=None,
+        kv=_UNSET,
+        keys=_UNSET,
+        values=_UNSET,
         prefill: str = "quantized",
         residual: int = 128,
         block: int = 32,
@@ -71,6 +123,10 @@ class KVQLM(HFLM):
         from kvq.eval import models
 
         residual, block = _int_option("residual", residual), _int_option("block", block)
+        sinks = None if sinks is None else _int_option("sinks", sinks)  # sinks=true is no count
+        kv, keys, values = (_pipeline_option(n, v) for n, v in
+                            (("kv", kv), ("keys", keys), ("values", values)))
+        _check_split_args(kwargs)
         _check_batch_size(kwargs.get("batch_size", 1))
         if isinstance(pretrained, str):
             pretrained, extra = models.resolve(pretrained)

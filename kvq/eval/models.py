@@ -2,7 +2,8 @@
 
 The default (``smollm2``) is SmolLM2-135M-Instruct from :mod:`kvq.eval.assets`. Its GGUF weights are
 dequantized once (~20 s) and saved as safetensors under the kvq cache dir, so later runs load in
-well under a second. Every failure becomes an :class:`~kvq.eval.errors.EvalError`.
+well under a second. Every failure becomes an :class:`~kvq.eval.errors.EvalError`, including a
+checkpoint that lacks weights (transformers would initialise them randomly).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def default_model_dir() -> Path:
     """Directory of the default model as fp32 safetensors, converted from the GGUF on first use."""
-    out = assets.cache_dir() / "models" / DEFAULT_MODEL_NAME
+    out = assets.clean_staging() / "models" / DEFAULT_MODEL_NAME  # staging of killed runs goes
     if assets.verified(out):  # manifest of sha256/size/mtime per file, see kvq.eval.assets
         return out
+    assets.claim(out)  # a folder kvq did not write is never replaced
     gguf = assets.model_gguf()
     assets.log(f"kvq: converting {gguf.name} to safetensors in {out} (first use only, ~20 s)")
     model, tokenizer = _from_pretrained(str(gguf.parent), {"gguf_file": gguf.name}, "float32")
@@ -72,8 +74,8 @@ def _from_pretrained(pretrained: str, extra: dict, dtype: str, shown: str | None
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(pretrained, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained, dtype=getattr(torch, dtype), **extra
+        model, info = AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=getattr(torch, dtype), output_loading_info=True, **extra
         )
     except (OSError, ValueError, KeyError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -83,4 +85,20 @@ def _from_pretrained(pretrained: str, extra: dict, dtype: str, shown: str | None
             else ""
         )
         raise EvalError(f"cannot load model {shown or pretrained!r}{hint}: {first}") from None
+    _check_complete(shown or pretrained, pretrained, info)
     return model.eval(), tokenizer
+
+
+def _check_complete(shown: str, pretrained: str, info: dict) -> None:
+    """Refuse a checkpoint that lacks weights: transformers loads it anyway, with the missing
+    ones randomly initialised (e.g. a ``model.safetensors`` overwritten by another file)."""
+    from kvq.errors import shorten
+
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise EvalError(
+            f"model {shorten(shown)}: the checkpoint in {shorten(pretrained)} lacks "
+            f"{len(missing)} weight(s) (e.g. {shorten(missing[0])}); transformers would fill "
+            "them with random values. Its weight files are incomplete or were overwritten "
+            "(by a kvq calibrate --out?); restore them (re-download or re-save the model)"
+        )

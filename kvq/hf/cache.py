@@ -72,8 +72,10 @@ class KVQCache(Cache):
             model_config = model.config
         cfg = _kv_config(config, keys, values)
         if sinks is not None:
-            if not isinstance(sinks, int) or sinks < 0:
-                raise KVQError(f"sinks={sinks!r}: expected a number of tokens >= 0")
+            if type(sinks) is not int or sinks < 0:  # a bool is not a token count
+                from kvq.errors import shorten
+
+                raise KVQError(f"sinks={shorten(sinks)}: expected a number of tokens >= 0")
             cfg = cfg.model_copy(update={"sinks": sinks})
         geom = kv_geometry(model_config)
         cfg.check(num_layers=geom.num_layers, head_dim=geom.head_dim, kv_heads=geom.kv_heads)
@@ -234,7 +236,8 @@ def _check_options(cfg: KVConfig, geom: KVGeometry, prefill: str, residual: int,
     """Types and ranges of the cache options. Decode tokens leave the exact window once it
     holds ``residual + block`` tokens, so that sum must fit the model's context
     (``max_position_embeddings``; :data:`MAX_WINDOW` if unknown): otherwise nothing would
-    ever be quantized after the prefill and the cache would silently stay exact."""
+    ever be quantized after the prefill and the cache would silently stay exact. ``sinks``
+    must fit the same bound."""
     from kvq.errors import shorten
     from kvq.registry import BACKENDS
 
@@ -256,6 +259,10 @@ def _check_options(cfg: KVConfig, geom: KVGeometry, prefill: str, residual: int,
         raise KVQError(f"residual={residual} + block={block} exceeds {what}: the exact window "
                        "would never fill, so decode tokens would never be quantized; use a "
                        "smaller residual or block (defaults: residual=128, block=32)")
+    if cfg.sinks > limit:
+        what = f"the model's context ({limit} tokens)" if context else f"{limit} tokens"
+        raise KVQError(f"sinks={cfg.sinks} exceeds {what}: a sequence never has that many "
+                       "tokens; use fewer sinks (e.g. sinks=4)")
     for i in range(geom.num_layers):
         for role, p in zip(("keys", "values"), cfg.for_layer(i, geom.num_layers)):
             tb = p.token_block

@@ -3,8 +3,9 @@
 The fast decode attention (:mod:`kvq.hf.attention`) does not call ``Pipeline.dequantize``: it
 unpacks codes chunk by chunk, applies the quantizer's affine map in a scratch buffer and folds the
 transforms into the query and the output. So it only covers steps whose read it knows, listed in
-:data:`FAST_READ` by step ``type``. Anything else (a quantizer or transform added later, a plugin
-step) makes :func:`fast_path_reason` return why, and the cache keeps the general path, which
+:data:`FAST_READ` by step ``type``, and only kvq's own class of that type. Anything else (a
+quantizer or transform added later, a plugin step, a subclass of a built-in that keeps its
+``type``) makes :func:`fast_path_reason` return why, and the cache keeps the general path, which
 dequantizes with the pipeline itself.
 """
 
@@ -36,12 +37,27 @@ def fast_path_reason(pipeline) -> str | None:
         if kind not in FAST_READ:
             return (f"step {i} {step.to_spec()!r} (type {kind!r}) has no fast read; fast reads "
                     f"exist for {sorted(FAST_READ)}")
+        if type(step) is not _builtin_class(kind):  # a subclass keeping the type: its own math
+            return (f"step {i} {step.to_spec()!r} is a {type(step).__name__}, not kvq's own "
+                    f"{kind!r} step; the fast read knows only the built-in classes")
     if pipeline.bits not in FAST_BITS:
         return f"{pipeline.bits}-bit codes have no fast unpacking (have {FAST_BITS})"
     factors = [t.to_spec() for t in pipeline.transforms if t.type in TOKEN_FACTOR]
     if len(factors) > 1:
         return f"more than one per-token factor step ({', '.join(factors)})"
     return None
+
+
+def _builtin_class(kind: str):
+    """The class kvq itself registers for step type ``kind`` (None if a plugin owns it)."""
+    from kvq.errors import KVQError
+    from kvq.registry import STEPS
+
+    try:
+        entry = STEPS.entry(kind)
+        return entry.load() if entry.source == "kvq" else None
+    except KVQError:
+        return None
 
 
 def fast_path_reason_kv(keys, values) -> str | None:

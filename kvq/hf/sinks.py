@@ -7,8 +7,9 @@ first real tokens sit after its pads; the padding mask says where). The quantize
 hold those positions (blocks are rectangular), but they are kept out of token-axis statistics
 and :meth:`SinkStore.overwrite` puts the exact values back into what attention reads.
 
-Storage per layer: keys (B, H, n, D) and values (B, H, n, Dv) in the model dtype, and the
-position of each sink, (B, n) int64 (-1 while a row has fewer than ``n`` real tokens).
+Storage per layer: keys (B, H, s, D) and values (B, H, s, Dv) in the model dtype, and the
+position of each sink, (B, s) int64 (-1 while a row has fewer real tokens), where
+``s <= n`` grows with the sinks seen so far.
 """
 
 from __future__ import annotations
@@ -43,16 +44,16 @@ class SinkStore:
         if self.n == 0:
             return
         b, h, t, _ = k.shape
-        if self.pos is None:
-            self.pos = torch.full((b, self.n), -1, dtype=torch.long, device=k.device)
-            self.k = k.new_zeros((b, h, self.n, k.shape[-1]))
-            self.v = v.new_zeros((b, h, self.n, v.shape[-1]))
         if real is None:
             real = torch.ones(b, t, dtype=torch.bool, device=k.device)
         real = real.to(k.device)
-        have = (self.pos >= 0).sum(dim=1, keepdim=True)  # (B, 1)
+        if self.pos is None:
+            have = torch.zeros(b, 1, dtype=torch.long, device=k.device)
+        else:
+            have = (self.pos >= 0).sum(dim=1, keepdim=True)  # (B, 1)
+        self._grow(min(self.n, int((have[:, 0] + real.sum(dim=1)).max())), k, v)
         slot = have + real.long().cumsum(dim=1) - 1  # sink slot of each real token
-        take = real & (slot < self.n)
+        take = real & (slot < self.pos.shape[1])
         if not bool(take.any()):
             return
         rows, cols = take.nonzero(as_tuple=True)
@@ -60,6 +61,19 @@ class SinkStore:
         self.pos[rows, slots] = start + cols
         self.k[rows, :, slots] = k[rows, :, cols]
         self.v[rows, :, slots] = v[rows, :, cols]
+
+    def _grow(self, slots: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Room for ``slots`` sinks per row (storage follows the sinks seen, never ``n``
+        up front: ``sinks=2_000_000`` on a 6-token prompt holds 6)."""
+        if self.pos is not None and self.pos.shape[1] >= slots:
+            return
+        b, h = k.shape[:2]
+        pos = torch.full((b, slots), -1, dtype=torch.long, device=k.device)
+        nk, nv = k.new_zeros((b, h, slots, k.shape[-1])), v.new_zeros((b, h, slots, v.shape[-1]))
+        if self.pos is not None:
+            old = self.pos.shape[1]
+            pos[:, :old], nk[:, :, :old], nv[:, :, :old] = self.pos, self.k, self.v
+        self.pos, self.k, self.v = pos, nk, nv
 
     def mask(self, start: int, length: int, batch: int, device) -> torch.Tensor | None:
         """(B, length) bool: True at sink positions in [start, start + length); None if none."""

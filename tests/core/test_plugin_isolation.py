@@ -25,6 +25,12 @@ class Neg(Transform):
         return x.neg()
 
 
+class Kivi4(Neg):
+    """A step named like the built-in preset ``kivi4``."""
+
+    type: Literal["kivi4"] = "kivi4"
+
+
 def module(**hooks):
     return types.SimpleNamespace(**{f"kvq_register_{k}": kvq.hookimpl(v)
                                     for k, v in hooks.items()})
@@ -74,6 +80,15 @@ FAULTS = {
     "preset fails": (lambda: module(steps=steps(("neg", Neg)), presets=lambda register: register(
         "badpreset", lambda: kvq.kv("neg>int9"))), "unsupported bit width 9"),
     "not a step": (lambda: module(steps=steps(("neg", dict))), "is not a kvq.Step subclass"),
+    # issue 18 item 9: steps and presets share one namespace
+    "preset named like a step": (lambda: module(presets=lambda register: register(
+        "int8", lambda: kvq.kv("int4"))), "preset 'int8' from 'bad' collides with the step "
+                                          "'int8' from 'kvq'"),
+    "step named like a preset": (lambda: module(steps=steps(("kivi4", Kivi4))),
+                                 "step 'kivi4' from 'bad' collides with the preset 'kivi4'"),
+    "step and preset of one name": (lambda: module(steps=steps(("neg", Neg)), presets=lambda
+                                                   register: register("neg", lambda: kvq.kv(
+                                                       "int4"))), "registered twice"),
 }
 
 

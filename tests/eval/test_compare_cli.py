@@ -71,6 +71,12 @@ def test_compare_end_to_end_writes_table_json_markdown_png(tiny_dir, text_file, 
         (["--pipelines", "group(24)>int4", "--context", "48"], "cannot run on this model"),
         (["--context", "0"], "positive integers"),
         (["--bits", "5"], "2, 3, 4 or 8"),
+        # issue 18: refused before any work, not a raw error or an n/a table
+        (["--stream-steps", "-5", "--protocols", "streaming"], "--stream-steps: expected a "
+                                                                "positive integer, got '-5'"),
+        (["--seed-continuation", "0"], "--seed-continuation: expected a positive integer"),
+        (["--threads", "-1"], "--threads: expected a positive integer"),
+        (["--block", "0"], "--block: expected a positive integer"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_dir, text_file, tmp_path, capsys, args, message):

@@ -298,3 +298,33 @@ def test_layers_with_pre_rope_keys_or_sinks_take_the_general_path(option):
     assert all(layer.fast.reason for layer in cache.layers)
     with pytest.raises(KVQError, match="RoPE|sink"):
         KVQCache(cfg, model, residual=8, block=4, attention="fast")
+
+
+class ShiftedInt(IntQuantizer):
+    """A plugin-style subclass of the built-in integer quantizer that keeps ``type: int`` but
+    reads codes back with its own formula (issue 18 item 8)."""
+
+    def dequantize(self, codes, meta, granularity):
+        return super().dequantize(codes, meta, granularity) + 0.5
+
+
+def test_subclass_of_a_builtin_keeping_its_type_takes_the_general_path(count_fast):
+    """Coverage is decided on the exact class, not on ``type``: the fast read would apply the
+    built-in affine map and silently drop the subclass's +0.5."""
+    model = tiny_model("llama")
+    p = kvq.Pipeline(steps=[PerChannel(), ShiftedInt(bits=4)])
+    assert "ShiftedInt" in fast_path_reason(p)
+    cfg = KVConfig(keys=p, values=p)
+    tokens = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(2))
+    _set(model, "kvq")
+    try:
+        with pytest.raises(KVQError, match="ShiftedInt"):
+            KVQCache(cfg, model.config, attention="fast")
+        got = decode_logits(model, KVQCache(cfg, model.config, residual=2, block=4),
+                            prompt(seq=19), 4, tokens=tokens)
+    finally:
+        _set(model, "sdpa")
+    assert not count_fast
+    ref = decode_logits(model, KVQCache(cfg, model.config, residual=2, block=4,
+                                        attention="dequantize"), prompt(seq=19), 4, tokens=tokens)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)

@@ -151,3 +151,39 @@ def test_sinks_option_and_config():
     assert KVQCache(kv, cfg, sinks=0).layers[1].sinks == 0
     with pytest.raises(KVQError, match="sinks=-1"):
         KVQCache(kv, cfg, sinks=-1)
+
+
+@pytest.mark.parametrize("bad", [True, 1.0, "2"])
+def test_sinks_must_be_a_token_count(bad):
+    """A bool is not a token count (like residual=True); floats and strings are refused."""
+    with pytest.raises(KVQError, match="sinks=.*expected a number of tokens"):
+        KVQCache("ptok>int4", tiny_model("llama").config, sinks=bad)
+
+
+def test_sinks_are_bounded_by_the_context():
+    cfg = tiny_model("llama").config
+    limit = cfg.max_position_embeddings
+    KVQCache("ptok>int4", cfg, sinks=limit)
+    for n in (limit + 1, 10**9):
+        with pytest.raises(KVQError, match=f"sinks={n} exceeds the model's context"):
+            KVQCache("ptok>int4", cfg, sinks=n)
+
+
+def test_sink_storage_follows_the_sinks_seen(monkeypatch):
+    """sinks=2_000_000 on a 6-token prompt used to allocate the full store (1 GiB) at once."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(model.config, "max_position_embeddings", 4_000_000)
+    ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
+    big = KVQCache("ptok>int4", model, sinks=2_000_000, residual=0, block=4)
+    small = KVQCache("ptok>int4", model, sinks=6, residual=0, block=4)
+    with torch.no_grad():
+        out = model(ids, past_key_values=big).logits
+        ref = model(ids, past_key_values=small).logits
+        step = torch.tensor([[5], [7]])
+        out2 = model(step, past_key_values=big).logits
+        ref2 = model(step, past_key_values=small).logits
+    assert torch.equal(out, ref) and torch.equal(out2, ref2)
+    store = big.layers[0].sink_store
+    assert store.pos.shape == (2, 7) and store.tokens == 7
+    assert big.memory_report().total.sink_bytes == small.memory_report().total.sink_bytes + (
+        2 * 2 * 2 * (16 + 16) * 4 + 2 * 2 * 8)  # one more sink per row: layers*B*H*(D+Dv)*fp32
