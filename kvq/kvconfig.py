@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from kvq.errors import KVQError, SpecError, shorten
 from kvq.pipeline import KVQModelMeta, Pipeline, parse_cached, unwrap
@@ -129,9 +129,9 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
     keys: Pipeline
     values: Pipeline
     key_rope: KeyRope = "post"
-    sinks: int = Field(default=0, ge=0)
+    sinks: StrictInt = Field(default=0, ge=0)  # a bool or 1.0 is no token count
     layers: dict[int, LayerOverride] = {}
-    skip: tuple[int, ...] = ()
+    skip: tuple[StrictInt, ...] = ()
 
     @model_validator(mode="before")
     @classmethod

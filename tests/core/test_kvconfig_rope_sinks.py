@@ -83,3 +83,14 @@ def test_cli_shows_rope_and_sinks(tmp_path, capsys):
     assert main(["schema"]) == 0
     schema = capsys.readouterr().out
     assert '"sinks"' in schema and '"KeysWithRope"' in schema
+
+
+@pytest.mark.parametrize("field, value", [("sinks", True), ("sinks", 1.0), ("sinks", "2"),
+                                          ("skip", [True]), ("skip", [1.0])])
+def test_token_counts_and_layers_are_whole_numbers(field, value):
+    """YAML ``sinks: true`` or ``skip: [1.0]`` is refused, never read as 1 (issue 18)."""
+    import kvq
+    from kvq.errors import SpecError
+
+    with pytest.raises(SpecError, match=field):
+        kvq.KVConfig.from_dict({"keys": "ptok>int4", "values": "ptok>int4", field: value})
