@@ -10,15 +10,21 @@ Families exist at several bit widths (``naive4``, ``naive3``, ...; 2, 3, 4 and 8
 - ``quanto{b}``: like transformers' QuantizedCache with optimum-quanto: groups of 64 channels,
   asymmetric, keys and values.
 - ``quarot{b}``: QuaRot-like Hadamard rotation then per-token asymmetric.
-- ``turboquant{b}`` (2, 3, 4): vLLM's ``turboquant_{b}bit_nc`` (vllm/model_executor/layers/
-  quantization/turboquant/config.py): keys fp16 norm + Hadamard rotation + Lloyd-Max codebook
-  with norm correction (``nsep`` renorm); values per-token asymmetric uniform with fp16 scale and
-  zero; the first and last 2 layers unquantized, as vLLM does by default.
+- ``turboquant{b}`` (2, 3, 4): TurboQuant as vLLM 0.33 runs it (vllm/model_executor/layers/
+  quantization/turboquant/): keys fp16 norm + Hadamard rotation + vLLM's own Lloyd-Max codebook
+  (``lloyd{b}(none,vllm)``) with norm correction (``nsep`` renorm); values per-token asymmetric
+  uniform, codes from the fp32 scale and min rounded half up, fp16 scale and min stored
+  (``int{b}(asym,rounding=vllm)``); the first and last 2 layers unquantized, at most half of
+  them (vLLM's ``get_boundary_skip_layers``). ``turboquant4`` is vLLM's ``turboquant_4bit_nc``,
+  ``turboquant3`` its ``turboquant_3bit_nc``; ``turboquant2`` has **no vLLM counterpart**
+  (vLLM has no 2-bit preset): the same recipe at 2 bits, kvq's extension.
 
 One-off presets:
 
-- ``turboquant-k8v4``: vLLM ``turboquant_k8v4``: FP8 E4M3 keys cast with scale 1, 4-bit values.
-- ``turboquant-k3v4``: vLLM ``turboquant_k3v4_nc``: 3-bit Lloyd-Max keys, 4-bit values.
+- ``turboquant-k8v4``: vLLM ``turboquant_k8v4``: keys cast to FP8 E4M3 with scale 1, saturating
+  at +-448 as vLLM's store kernel does (on SM >= 8.9; below it vLLM uses ``float8e4b15``, which
+  kvq does not model), 4-bit values as above.
+- ``turboquant-k3v4``: vLLM ``turboquant_k3v4_nc``: 3-bit keys, 4-bit values.
 - ``fp8`` / ``fp8-e5m2``: vLLM's / SGLang's FP8 KV cache format (``--kv-cache-dtype fp8``,
   E4M3; ``fp8_e5m2``), with a per-head scale computed per cache block (kvq has no offline
   calibration; vLLM's uncalibrated per-tensor scale 1.0 is ``fp8(e4m3,none)``).
@@ -47,6 +53,8 @@ from kvq.pipeline import Pipeline
 
 BITS = (2, 3, 4, 8)
 VLLM_SKIP = (0, 1, -2, -1)  # vLLM TurboQuant keeps the first and last 2 layers unquantized
+VLLM_OPTIONS = {"skip_limit": "half"}  # ... but never more than half of them
+TQ_KEYS, TQ_VALUES = "nsep>rot>lloyd{b}(none,vllm)", "ptok>int{v}(asym,rounding=vllm)"
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,8 @@ FAMILIES: dict[str, Family | tuple[str, str]] = {
     "kivi": ("group(32,token)>int{b}(asym)", "group(32)>int{b}(asym)"),
     "quanto": ("group(64)>int{b}(asym)", "group(64)>int{b}(asym)"),
     "quarot": ("rot>ptok>int{b}(asym)", "rot>ptok>int{b}(asym)"),
-    "turboquant": Family("nsep>rot>lloyd{b}(none)", "ptok>int{b}(asym)", (2, 3, 4), VLLM_SKIP),
+    "turboquant": Family(TQ_KEYS, TQ_VALUES.replace("{v}", "{b}"), (2, 3, 4), VLLM_SKIP,
+                         VLLM_OPTIONS),
     "kvquant": Family("sparse(0.01,channel)>pchan>int{b}(asym)", "sparse(0.01)>ptok>int{b}(asym)",
                       (2, 3, 4), options={"key_rope": "pre", "sinks": 1}),
 }
@@ -88,11 +97,12 @@ RECIPES: dict[str, dict] = {
     for b in (2, 3, 4)
 }
 
-#: one-off presets: name -> (keys, values, skipped layers)
-FIXED: dict[str, tuple[str, str, tuple[int, ...]]] = {
+#: one-off presets: name -> (keys, values, skipped layers[, further KVConfig options])
+FIXED: dict[str, tuple] = {
     "fp16": ("none", "none", ()),
-    "turboquant-k8v4": ("fp8(e4m3,none)", "ptok>int4(asym)", VLLM_SKIP),
-    "turboquant-k3v4": ("nsep>rot>lloyd3(none)", "ptok>int4(asym)", VLLM_SKIP),
+    "turboquant-k8v4": ("fp8(e4m3,none,overflow=saturate)", TQ_VALUES.format(v=4), VLLM_SKIP,
+                        VLLM_OPTIONS),
+    "turboquant-k3v4": (TQ_KEYS.format(b=3), TQ_VALUES.format(v=4), VLLM_SKIP, VLLM_OPTIONS),
     "fp8": ("phead>fp8", "phead>fp8", ()),
     "fp8-e5m2": ("phead>fp8(e5m2)", "phead>fp8(e5m2)", ()),
     "nvfp4": ("group(16)>fp4(nv)", "group(16)>fp4(nv)", ()),
@@ -130,7 +140,8 @@ def make_preset(name: str, keys: str | list, values: str | list,
 
 def builtin_presets() -> dict[str, partial]:
     """name -> factory returning the KVConfig."""
-    out = {name: partial(make_preset, name, *spec) for name, spec in FIXED.items()}
+    out = {name: partial(make_preset, name, *spec[:3], **(spec[3] if len(spec) > 3 else {}))
+           for name, spec in FIXED.items()}
     for fname in FAMILIES:
         f = family(fname)
         for b in f.bits:
