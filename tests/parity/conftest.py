@@ -24,15 +24,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 PEERS = Path(__file__).parent / "peers"
 
 
-def peer(name: str):
-    """The vendored peer module ``peers/<name>.py``, its recorded hash checked."""
+def peer(name: str, module: str | None = None):
+    """The vendored peer module ``peers/<name>.py`` (imported as ``module``), its recorded hash
+    checked (excerpts, which have no ``# Change:`` line, are verbatim copies of a few
+    functions)."""
     path = PEERS / f"{name}.py"
     text = path.read_bytes()
-    header, _, body = text.partition(b"# Change: ")
-    body = body.split(b"\n", 1)[1]
-    recorded = re.search(rb"file sha256 ([0-9a-f]{64})", header).group(1).decode()
-    assert hashlib.sha256(body).hexdigest() == recorded, f"{path.name} was edited"
-    spec = importlib.util.spec_from_file_location(f"kvq_peer_{name}", path)
+    header, sep, body = text.partition(b"# Change: ")
+    if sep:
+        body = body.split(b"\n", 1)[1]
+        recorded = re.search(rb"file sha256 ([0-9a-f]{64})", header).group(1).decode()
+        assert hashlib.sha256(body).hexdigest() == recorded, f"{path.name} was edited"
+    spec = importlib.util.spec_from_file_location(module or f"kvq_peer_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -80,7 +83,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def inputs(head_dim: int, dtype=torch.float32, seq: int = 33, seed: int = 0) -> dict:
     """The parity inputs, each (1, 2, seq, head_dim) in ``dtype``: Gaussian, heavy-tailed
     (Student t, 2 degrees of freedom), per-channel outliers, exact ties (integers, halves of
-    every quantizer step), near ties (one ulp off), tiny and all-zero rows, a -0.0 row."""
+    every quantizer step), near ties (one ulp off), tiny and all-zero rows, a -0.0 row, blocks
+    of 16 channels 1e-7..1 times the rest."""
     g = torch.Generator().manual_seed(seed)
     shape = (1, 2, seq, head_dim)
     t = torch.distributions.StudentT(2.0)
@@ -100,4 +104,37 @@ def inputs(head_dim: int, dtype=torch.float32, seq: int = 33, seed: int = 0) -> 
     edge[..., 3, :] = 0.25  # constant rows
     edge[..., 4, : head_dim // 2] = 0.0  # half-zero rows (zero blocks)
     out["edges"] = edge
+    # blocks of 16 channels far below the head's absmax (scaled by 1e-7 .. 1)
+    span = 10 ** (-7 * torch.rand((1, 2, seq, head_dim // 16, 1), generator=g))
+    out["scaled_blocks"] = (torch.randn(shape, generator=g).reshape(*shape[:3], -1, 16)
+                            * span).reshape(shape)
     return {k: v.to(dtype) for k, v in out.items()}
+
+
+def modelopt_nvfp4():
+    """ModelOpt 0.47's ``NVFP4QTensor`` (vendored ``qtensor/nvfp4_tensor.py``), its relative
+    imports served by a stand-in package: ``utils`` = the vendored excerpt of core_utils.py plus
+    numeric_utils.py, ``backends.utils.fp4_compatible`` = False (no TensorRT-LLM here),
+    ``qtensor.base_qtensor.BaseQuantizedTensor`` = a holder of the quantized data."""
+    root = "kvq_peer_modelopt"
+    if f"{root}.qtensor.nvfp4_tensor" in sys.modules:
+        return sys.modules[f"{root}.qtensor.nvfp4_tensor"].NVFP4QTensor
+    for pkg in ("", ".backends", ".qtensor", ".utils"):
+        mod = types.ModuleType(root + pkg)
+        mod.__path__ = []
+        sys.modules[root + pkg] = mod
+    utils = sys.modules[f"{root}.utils"]
+    vars(utils).update({k: v for k, v in vars(peer("modelopt_core_utils_excerpt")).items()
+                        if k.startswith("reduce_")})
+    peer("modelopt_numeric_utils", f"{root}.utils.numeric_utils")
+    backends = types.ModuleType(f"{root}.backends.utils")
+    backends.fp4_compatible = lambda: False
+    base = types.ModuleType(f"{root}.qtensor.base_qtensor")
+
+    class BaseQuantizedTensor:
+        def __init__(self, original_shape, original_dtype, quantized_data):
+            self._quantized_data = quantized_data
+
+    base.BaseQuantizedTensor = BaseQuantizedTensor
+    sys.modules.update({backends.__name__: backends, base.__name__: base})
+    return peer("modelopt_nvfp4_tensor", f"{root}.qtensor.nvfp4_tensor").NVFP4QTensor

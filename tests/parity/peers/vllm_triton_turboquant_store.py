@@ -1,4 +1,4 @@
-# Vendored unmodified below this header (Apache-2.0, see LICENSE-vllm) as a test oracle.
+# Vendored unmodified below this header (Apache-2.0, see LICENSE-Apache-2.0) as a test oracle.
 # Package: vllm 0.33.0 (PyPI wheel vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl,
 #   sha256 4b6bdec4ab269990bf70d45a3c1e94c3760a27064513760193b26d6f0da883aa)
 # Path in the wheel: vllm/v1/attention/ops/triton_turboquant_store.py
