@@ -40,7 +40,8 @@ One-off presets:
 
 llama.cpp's KV cache types (``-ctk/-ctv``), fixed widths, see :data:`GGML`:
 ``q4_0``, ``q4_1``, ``q8_0`` and ``q4_0-rot``, ``q4_1-rot``, ``q8_0-rot`` (with the Hadamard
-rotation recent llama.cpp applies when the cache is quantized).
+rotation recent llama.cpp applies when the cache is quantized and head_dim % 64 == 0; at other
+head dims llama.cpp, and so the ``-rot`` preset, stores the plain format).
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ def family(name: str) -> Family:
 # llama.cpp's cache types. Source: ggml-org/llama.cpp, `ggml/src/ggml-quants.c` (formats, whose
 # Python reference is gguf-py `gguf/quants.py`) and `src/llama-kv-cache.cpp` (rotation: since
 # PR #21038, 2026-04, a quantized K cache is multiplied by the normalised Walsh-Hadamard matrix of
-# the largest power-of-two block >= 64 dividing head_dim, V by 64x64 blocks, when head_dim % 64
-# == 0; LLAMA_ATTN_ROT_DISABLE=1 turns it off). kvq's `rot(hadamard)` is that matrix for the
-# power-of-two head dims llama.cpp models have.
-GGML_ROT_KEYS, GGML_ROT_VALUES = "rot(hadamard)>{q}", "rot(hadamard,block=64)>{q}"
+# the largest power-of-two block >= 64 dividing head_dim, V by 64x64 blocks, only when
+# head_dim % 64 == 0 (`attn_rot_k/v`, `build_input_k_rot/v_rot`; `llama-graph.cpp` `build_attn`
+# rotates k_cur and v_cur before storing them); LLAMA_ATTN_ROT_DISABLE=1 turns it off).
+# kvq's `rot(ggml)` is that rule at every head_dim (plain q4_0 where llama.cpp does not rotate).
+GGML_ROT_KEYS, GGML_ROT_VALUES = "rot(ggml)>{q}", "rot(ggml,block=64)>{q}"
 GGML: dict[str, str] = {
     "q4_0": "llama.cpp `-ctk q4_0 -ctv q4_0`: blocks of 32, fp16 scale, 16 levels (4.5 bits)",
     "q4_1": "llama.cpp `-ctk q4_1 -ctv q4_1`: blocks of 32, fp16 scale and min (5.0 bits)",
@@ -155,7 +157,8 @@ def builtin_presets() -> dict[str, partial]:
         rotated = partial(make_preset, f"{q}-rot", GGML_ROT_KEYS.format(q=q),
                           GGML_ROT_VALUES.format(q=q))
         out[f"{q}-rot"] = _documented(rotated, doc + ", with llama.cpp's automatic Hadamard "
-                                      "rotation (K: whole head, V: blocks of 64)")
+                                      "rotation (when 64 divides head_dim; K: largest power-of-"
+                                      "two block, V: blocks of 64)")
     return out
 
 

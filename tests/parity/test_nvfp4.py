@@ -4,7 +4,7 @@ file vendored, run on CPU): E2M1 codes, E4M3 block scales and the fp32 tensor sc
 
 import pytest
 import torch
-from conftest import DTYPES, HEAD_DIMS, inputs, modelopt_nvfp4
+from oracles import DTYPES, HEAD_DIMS, inputs, modelopt_nvfp4
 
 import kvq
 from kvq.quantizers import unpack

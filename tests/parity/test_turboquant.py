@@ -4,7 +4,7 @@ interpreter on CPU). Rows "TurboQuant ..." of docs/parity.md."""
 
 import pytest
 import torch
-from conftest import HEAD_DIMS, inputs, vllm_store_module
+from oracles import HEAD_DIMS, inputs, vllm_store_module
 
 import kvq
 from kvq.quantizers import unpack
