@@ -31,11 +31,12 @@ One-off presets:
 - ``nvfp4``: NVIDIA NVFP4 (E2M1, E4M3 scale per 16 values, fp32 second-level scale).
 - ``mxfp4``: OCP MX v1.0 MXFP4 (E2M1, E8M0 power-of-two scale per 32 values).
 - ``kvquant{b}``: KVQuant's recipe *without calibration*: pre-RoPE keys, the first token kept
-  exact (1 sink), 1% dense-and-sparse outliers (keys per channel in each block, values per
-  token), per-channel keys, per-token values, min-max normalization with *uniform* levels
-  (``int{b}(asym)``) and per-block key scales. The calibrated version, with ``nuq(b)``
-  codebooks and static key scales fitted per layer and K/V, is what ``kvq calibrate --recipe
-  kvquant{b}`` writes (see :data:`RECIPES` and docs/kvquant.md).
+  exact (1 sink), 1% dense-and-sparse outliers by kvq's own fixed-count rule (keys ranked per
+  channel in each block, values per token; KVQuant's static key thresholds and per-row value
+  quantiles are not implemented, nor its Q-Norm), per-channel keys, per-token values, min-max
+  normalization with *uniform* levels (``int{b}(asym)``) and per-block key scales. The
+  calibrated version, with ``nuq(b)`` codebooks and static key scales fitted per layer and K/V,
+  is what ``kvq calibrate --recipe kvquant{b}`` writes (see :data:`RECIPES` and docs/kvquant.md).
 - ``fp16``: no quantization (K/V stored unchanged), the reference point.
 
 llama.cpp's KV cache types (``-ctk/-ctv``), fixed widths, see :data:`GGML`:
