@@ -13,7 +13,8 @@ from kvq.quantizers.base import Quantizer
 
 
 class IntQuantizer(Quantizer):
-    """Round-to-nearest-even integer codes with one scale (and zero) per granularity group.
+    """Rounded integer codes (ties to even; ``rounding=vllm``: up) with one scale (and zero) per
+    granularity group.
 
     sym:  qmax = 2**(b-1) - 1, s = absmax / qmax, code = round(x / s).clamp(-qmax, qmax) + qmax
     asym: L = 2**b - 1, s = (max - min) / L, z = min, code = round((x - z) / s).clamp(0, L)
