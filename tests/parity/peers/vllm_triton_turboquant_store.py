@@ -19,6 +19,7 @@ The launcher `triton_turboquant_store` selects the appropriate kernel.
 import math
 
 import torch
+
 from vllm.triton_utils import tl, triton
 from vllm.v1.attention.ops.triton_turboquant_decode import _use_fp8_e4b15
 
