@@ -96,3 +96,13 @@ def test_triton_kernel_agrees(d):
     for pipe in (cfg.keys, cfg.values):
         a, b = pipe.quantize(x, backend="torch"), pipe.quantize(x, backend="triton")
         assert torch.equal(a.codes, b.codes) and torch.equal(a.meta["scale"], b.meta["scale"])
+
+
+def test_rot_ggml_spec_and_errors():
+    p = kvq.build("rot(ggml,block=64)>q4_0")
+    assert kvq.build(p.to_spec()) == p and p.to_spec() == "rot(ggml,block=64)>q4_0"
+    x = inputs(96, torch.float32, seq=5)["edges"]
+    assert torch.equal(p.transforms[0].forward(x)[0], x)  # no rotation at 96: every bit kept
+    assert torch.equal(torch.signbit(p.transforms[0].forward(x)[0]), torch.signbit(x))
+    with pytest.raises(kvq.KVQError, match="power-of-two block dividing head_dim 128"):
+        kvq.build("rot(ggml,block=96)>q4_0").quantize(torch.randn(1, 1, 2, 128))
