@@ -121,6 +121,10 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
     the rotary embedding; ``"pre"`` quantizes them before it (the cache undoes and redoes RoPE).
     ``sinks``: the first ``sinks`` real tokens of every sequence are kept exact.
     ``skip``: layers kept unquantized (negative indices count from the end).
+    ``skip_limit="half"``: vLLM's boundary rule (TurboQuant's ``get_boundary_skip_layers``
+    never skips more than half): an entry ``i >= 0`` applies only when ``i < num_layers // 2``,
+    an entry ``-j`` only when ``j <= num_layers // 2``; on models with 4 or more layers nothing
+    changes, with 3 layers ``skip=[0, 1, -2, -1]`` keeps [0, 2], with 1 layer nothing.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -132,6 +136,7 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
     sinks: StrictInt = Field(default=0, ge=0)  # a bool or 1.0 is no token count
     layers: dict[int, LayerOverride] = {}
     skip: tuple[StrictInt, ...] = ()
+    skip_limit: Literal["none", "half"] = "none"
 
     @model_validator(mode="before")
     @classmethod
@@ -188,12 +193,16 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
                 raise SpecError(f"skip layer {neg[0]} counts from the end, so the number of "
                                 "layers is needed", suggestion="pass num_layers=")
             return set(self.skip)
-        bad = [i for i in self.skip if not -num_layers <= i < num_layers]
+        skip = self.skip
+        if self.skip_limit == "half":
+            half = num_layers // 2
+            skip = [i for i in skip if (i < half if i >= 0 else -i <= half)]
+        bad = [i for i in skip if not -num_layers <= i < num_layers]
         if bad:
             raise SpecError(f"skip layer {bad[0]} is out of range for a model with {num_layers} "
                             f"layers", suggestion=f"use 0..{num_layers - 1} or "
                             f"-{num_layers}..-1 (from the end)")
-        return {i % num_layers for i in self.skip}
+        return {i % num_layers for i in skip}
 
     def for_layer(self, layer: int, num_layers: int | None = None) -> tuple[Pipeline, Pipeline]:
         """(keys, values) pipelines of ``layer`` after ``skip`` and overrides (``num_layers``
@@ -289,6 +298,8 @@ class KVConfig(BaseModel, metaclass=KVQModelMeta):
             out["layers"] = {i: _override_dict(o) for i, o in sorted(self.layers.items())}
         if self.skip:
             out["skip"] = list(self.skip)
+        if self.skip_limit != "none":
+            out["skip_limit"] = self.skip_limit
         return out
 
     def to_yaml(self) -> str:

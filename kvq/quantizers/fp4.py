@@ -7,15 +7,22 @@ rounds to nearest, ties to even (even mantissa), and saturates at 6.
 - ``mx`` (OCP Microscaling Formats spec v1.0, MXFP4 = ``group(32)>fp4(mx)``): per group,
   shared exponent ``e = floor(log2(amax)) - 2`` (2 = emax of E2M1), clamped to [-127, 127],
   stored as E8M0 (``e + 127``, 8 bits); elements are ``x / 2**e`` converted to E2M1.
-- ``nv`` (NVIDIA NVFP4, as NVIDIA's TensorRT Model Optimizer ``NVFP4QTensor`` computes it;
+- ``nv`` (NVIDIA NVFP4, as NVIDIA's TensorRT Model Optimizer 0.47 ``NVFP4QTensor`` computes it;
   ``group(16)>fp4(nv)``): an fp32 second-level scale ``t = amax / (6 * 448)`` and per group an
-  E4M3 scale ``b = e4m3(group_amax / (6 * t))`` (all-zero groups: 1); elements are
-  ``x / (b * t)`` converted to E2M1. kvq computes ``t`` per (batch, head) of the quantized tensor
-  (in a KVQCache, per head and cache block) rather than over a whole tensor, so that sequences
-  of a batch never share a statistic. With ``scale=static`` (``fp4(nv,scale=static,
+  E4M3 scale ``b = e4m3(clamp(group_amax / (6 * t), 2**-9, 448))`` (all-zero groups: 1 before
+  the clamp; ``_cast_per_block_scale_to_fp8``); elements are ``x / (b * t)`` converted to E2M1
+  with ModelOpt's sign rule (``x < 0``: -0.0 gets code 0, a tiny negative value code 8).
+  kvq follows ModelOpt's ``amax / (6 t)``, not torchao's ``(amax / 6) / t`` (the two differ by
+  one rounding and so at E4M3 ties): ModelOpt writes the NVFP4 checkpoints and KV-cache configs
+  (``kv_cache_quant_algo``) that TensorRT-LLM and vLLM load. kvq computes ``t`` per (batch, head)
+  of the quantized tensor (in a KVQCache, per head and cache block) rather than over a whole
+  tensor, so that sequences of a batch never share a statistic; an all-zero (batch, head) slice
+  decodes to zeros (ModelOpt divides 0 by 0 there). With ``scale=static`` (``fp4(nv,scale=static,
   source=FILE#NAME)``), ``t`` is calibrated offline per tensor or KV head, as ModelOpt's
   NVFP4 KV cache and TensorRT-LLM / vLLM run it (``kvq calibrate --recipe nvfp4``: ``t =
   amax / (6 * 448)`` over the calibration text); the E4M3 block scales stay dynamic.
+
+MXFP4 keeps torchao's sign rule (the sign bit: -0.0 gets code 8), which kvq matches bit for bit.
 """
 
 from __future__ import annotations
@@ -39,14 +46,17 @@ def e2m1_values(device=None) -> torch.Tensor:
     return torch.cat([v, -v])
 
 
-def to_e2m1(v: torch.Tensor) -> torch.Tensor:
-    """fp32 -> E2M1 codes (uint8, same shape): round to nearest even, saturate at +-6."""
+def to_e2m1(v: torch.Tensor, sign_of_zero: bool = True) -> torch.Tensor:
+    """fp32 -> E2M1 codes (uint8, same shape): round to nearest even, saturate at +-6; the sign
+    bit is v's sign bit (``sign_of_zero``: -0.0 -> 8, torchao) or ``v < 0`` (-0.0 -> 0,
+    ModelOpt)."""
     a = v.abs()
     mids = torch.tensor([(lo + hi) / 2 for lo, hi in zip(E2M1, E2M1[1:])], device=v.device)
     idx = torch.bucketize(a, mids)  # a == mids[i] -> i, the lower level
     tie = a == mids[idx.clamp(max=len(mids) - 1)]
     idx = idx + (tie & (idx % 2 == 1)).long()  # ties go to the even mantissa
-    return (idx | (torch.signbit(v).long() << 3)).to(torch.uint8)
+    neg = torch.signbit(v) if sign_of_zero else v < 0
+    return (idx | (neg.long() << 3)).to(torch.uint8)
 
 
 class FP4Quantizer(StaticScaled, Quantizer):
@@ -83,10 +93,12 @@ class FP4Quantizer(StaticScaled, Quantizer):
         else:
             t = x.abs().amax(dim=(-2, -1), keepdim=True) / (E2M1_MAX * E4M3_MAX)  # (B, H, 1, 1)
         b = g.to_meta(amax) / (E2M1_MAX * torch.where(t == 0, torch.ones_like(t), t))
-        b = torch.where(b == 0, torch.ones_like(b), b).to(torch.float8_e4m3fn)
+        b = torch.where(b == 0, torch.ones_like(b), b)
+        b = b.clamp(min=2**-9, max=E4M3_MAX).to(torch.float8_e4m3fn)
         step = g.from_meta(b.float() * t)
         v = xg.div_(torch.where(step == 0, torch.ones_like(step), step))
-        return g.unview(to_e2m1(v), x.shape), {"scale": b.view(torch.uint8), "tensor_scale": t}
+        return (g.unview(to_e2m1(v, sign_of_zero=False), x.shape),
+                {"scale": b.view(torch.uint8), "tensor_scale": t})
 
     def dequantize(self, codes, meta, granularity):
         g = granularity

@@ -26,12 +26,14 @@ class FP8Quantizer(StaticScaled, Quantizer):
     e5m2), stored at ``dtype`` (fp32 by default, as serving engines keep it) rounded toward zero,
     so the clamp (the OCP saturating conversion) acts only within that one rounding.
     ``scale="none"``: s = 1, a plain cast (vLLM's uncalibrated default scale 1.0); values beyond
-    fmax raise :class:`NumericsError` instead of saturating. ``scale="static"``: s calibrated
-    offline, per tensor or per KV head, read from ``source=FILE#NAME`` (vLLM's checkpoint
-    ``k_scale`` / ``v_scale``; :mod:`kvq.quantizers.static`), saturating like vLLM's cast
-    (``__NV_SATFINITE``); nothing stored per block, the granularity is unused. Rounding is
-    torch's (nearest even), subnormals included. Metadata: ``scale`` in the granularity's layout
-    (absmax only).
+    fmax raise :class:`NumericsError`, or with ``overflow="saturate"`` take +-fmax, as vLLM's
+    TurboQuant k8v4 store does (its Triton cast ``k.to(tl.float8e4nv)`` lowers to PTX
+    ``cvt.rn.satfinite``: round to nearest even, saturating). Rounding is torch's (nearest
+    even), subnormals included. ``scale="static"``: s calibrated offline, per tensor or per KV
+    head, read from ``source=FILE#NAME`` (vLLM's checkpoint ``k_scale`` / ``v_scale``;
+    :mod:`kvq.quantizers.static`), saturating like vLLM's cast (``__NV_SATFINITE``); nothing
+    stored per block, the granularity is unused. Metadata: ``scale`` in the granularity's
+    layout (absmax only).
     """
 
     type: Literal["fp8"] = "fp8"
@@ -40,6 +42,7 @@ class FP8Quantizer(StaticScaled, Quantizer):
     dtype: dtypes.MetaDtype = "fp32"
     source: str | None = None
     sha256: str | None = None
+    overflow: Literal["raise", "saturate"] = "raise"
 
     positional = ("format", "scale")
 
@@ -58,6 +61,8 @@ class FP8Quantizer(StaticScaled, Quantizer):
     def quantize(self, x, granularity):
         # x is a temporary owned by the backend: scaled in place
         fmax = self.fmax
+        if self.scale == "none" and self.overflow == "saturate":
+            return x.clamp(-fmax, fmax).to(self.torch_dtype).view(torch.uint8), {}
         if self.scale == "none":
             big = (x.abs() > fmax) & torch.isfinite(x)
             if big.any():

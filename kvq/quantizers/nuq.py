@@ -32,6 +32,8 @@ class Nuq(Calibrated, CodebookQuantizer):
     granularity is unused, and values beyond the calibrated range take the outer levels (put
     ``sparse`` first). Inputs are (batch, kv_heads * n, seq, head_dim) with n blocks per head
     folded head-major, as :class:`kvq.hf.KVQCache` quantizes them (n = 1 for plain K/V).
+    Codes are the nearest level, the lower one on a tie (KVQuant's ``round_to_nearest_pole_sim``;
+    the ``lloyd`` codebooks take the upper one, as vLLM does).
     There is no default codebook: a ``nuq`` step without ``source`` is an error.
     """
 
@@ -79,13 +81,11 @@ class Nuq(Calibrated, CodebookQuantizer):
 
     def quantize(self, x, granularity):
         lv = self._levels(x.device)
-        mids = (lv[1:] + lv[:-1]) / 2
         if self.scale == "static":
             zero, scale = self._per_head(x.shape, x.device)
-            return torch.bucketize(x.sub_(zero).div_(scale), mids, right=True).to(torch.uint8), {}
+            return nearest(x.sub_(zero).div_(scale), lv), {}
         v, scale, zero = minmax_normalize(x, granularity, self.dtype)
-        codes = torch.bucketize(v, mids, right=True).to(torch.uint8)
-        return granularity.unview(codes, x.shape), {"scale": scale, "zero": zero}
+        return granularity.unview(nearest(v, lv), x.shape), {"scale": scale, "zero": zero}
 
     def _per_head(self, shape, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Static (zero, scale) broadcast to (1, kv_heads * n, 1, head_dim), head-major."""
@@ -110,6 +110,16 @@ class Nuq(Calibrated, CodebookQuantizer):
 
     def meta_bits(self, groups):
         return 0 if self.scale == "static" else 2 * groups * dtypes.BITS[self.dtype]
+
+
+def nearest(v: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the level nearest to each entry of v, the lower one on a tie: KVQuant's
+    ``round_to_nearest_pole_sim`` (argmin of ``|v - level|``, first index), computed the same
+    way so that ties decided by fp32 rounding go the same way too."""
+    out = torch.empty(v.shape, dtype=torch.uint8, device=v.device)
+    for i in range(v.shape[0]):  # one batch row at a time bounds the (..., 2**bits) temp
+        out[i] = (v[i].unsqueeze(-1) - levels).abs_().argmin(dim=-1).to(torch.uint8)
+    return out
 
 
 def minmax_normalize(x: torch.Tensor, granularity, dtype: dtypes.MetaDtype = "fp16"):

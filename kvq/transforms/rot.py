@@ -21,11 +21,16 @@ class Rotation(Transform):
 
     ``kind="auto"`` uses Hadamard for power-of-two head_dim and a random orthogonal matrix
     (``seed``) otherwise; ``kind="random"`` always uses the random one. ``block=b`` rotates
-    each run of b channels on its own (R block-diagonal, as llama.cpp rotates V with b = 64).
+    each run of b channels on its own (R block-diagonal).
+
+    ``kind="ggml"`` is llama.cpp's KV-cache rotation rule at every head_dim (src/llama-kv-cache.cpp:
+    ``attn_rot_k/v`` and ``build_input_k_rot/v_rot``): no rotation at all (R = I) unless
+    head_dim % 64 == 0; then Hadamard blocks of ``block`` channels, by default the largest power
+    of two >= 64 dividing head_dim (llama.cpp's K); llama.cpp's V uses ``block=64``.
     """
 
     type: Literal["rot"] = "rot"
-    kind: Literal["auto", "hadamard", "random"] = "auto"
+    kind: Literal["auto", "hadamard", "random", "ggml"] = "auto"
     seed: int = 0
     block: int | None = Field(default=None, gt=0, description="channels per rotated block")
 
@@ -33,6 +38,8 @@ class Rotation(Transform):
 
     def matrix(self, head_dim: int, device=None) -> torch.Tensor:
         """R: (head_dim, head_dim) fp32."""
+        if self.kind == "ggml":
+            return ggml_matrix(head_dim, self.block).to(device)
         if self.block is None:
             return rotation_matrix(head_dim, self.kind, self.seed).to(device)
         if head_dim % self.block:
@@ -44,10 +51,45 @@ class Rotation(Transform):
         return torch.block_diag(*[r] * (head_dim // self.block)).to(device)
 
     def forward(self, x):
+        if self.kind == "ggml" and x.shape[-1] % GGML_MIN_BLOCK:
+            return x.clone(), {}  # llama.cpp does not rotate: keep every bit (and -0.0)
         return x @ self.matrix(x.shape[-1], x.device), {}
 
     def inverse(self, x, meta):
+        if self.kind == "ggml" and x.shape[-1] % GGML_MIN_BLOCK:
+            return x.clone()
         return x @ self.matrix(x.shape[-1], x.device).T
+
+
+GGML_MIN_BLOCK = 64
+
+
+def ggml_block(head_dim: int) -> int | None:
+    """llama.cpp's K rotation block: the largest power of two >= 64 dividing head_dim, or None
+    (no rotation) when 64 does not divide head_dim."""
+    if head_dim % GGML_MIN_BLOCK:
+        return None
+    block = GGML_MIN_BLOCK
+    while head_dim % (2 * block) == 0:
+        block *= 2
+    return block
+
+
+@functools.lru_cache(maxsize=32)
+def ggml_matrix(head_dim: int, block: int | None = None) -> torch.Tensor:
+    """llama.cpp's rotation of a head_dim-wide K (block None) or V (block 64) row: (D, D) fp32,
+    the identity when 64 does not divide head_dim (see :class:`Rotation`)."""
+    auto = ggml_block(head_dim)
+    if auto is None:
+        return torch.eye(head_dim)
+    block = block or auto
+    if head_dim % block or not is_power_of_two(block):
+        from kvq.errors import KVQError
+
+        raise KVQError(f"rot(ggml,block={block}) needs a power-of-two block dividing head_dim "
+                       f"{head_dim}; drop block= for llama.cpp's K rule or use block=64 (its V)")
+    h = rotation_matrix(block, "hadamard")
+    return torch.block_diag(*[h] * (head_dim // block))
 
 
 def is_power_of_two(n: int) -> bool:

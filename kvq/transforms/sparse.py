@@ -29,7 +29,13 @@ class Sparse(Transform):
       largest |x| (one quantize call; the HF cache quantizes blocks of 32 tokens).
     - ``channel``: per block like ``block``, ranked by ``|x - mean_c| / std_c`` over the block's
       tokens, i.e. the entries that stretch their own channel's range most (per-channel
-      pipelines: keys, as KVQuant's per-channel outlier thresholds).
+      pipelines: keys).
+
+    These are kvq's own rules, not KVQuant's: KVQuant keeps *every* key entry outside static
+    per-channel thresholds calibrated offline (its 0.5 / 99.5 percentiles: a variable count)
+    and picks value outliers by two-sided inclusive quantiles over the whole v_proj row (all
+    heads of a token). On the same data only part of the positions coincide (issue 19: 18-24 of
+    44-56 key outliers); see docs/parity.md.
 
     Removed entries are replaced by the median of the remaining entries of their token
     (``token``) or channel (``block``, ``channel``), so they widen no scale; dequantize scatters

@@ -25,6 +25,19 @@ def test_negative_indices_resolve_against_the_layer_count():
     assert cfg(skip=[3]).for_layer(3)[1].is_identity  # non-negative: no layer count needed
 
 
+def test_skip_limit_half_never_skips_more_than_half():
+    c = cfg(skip=[0, 1, -2, -1], skip_limit="half")
+    assert [sorted(c.skipped(n)) for n in (1, 2, 3, 4, 5, 30)] == \
+        [[], [0, 1], [0, 2], [0, 1, 2, 3], [0, 1, 3, 4], [0, 1, 28, 29]]
+    assert c.for_layer(0, 1)[0].quantizer.type == "lloyd"  # a 1-layer model is quantized
+    assert KVConfig.from_dict(yaml.safe_load(c.to_yaml())) == c
+    assert c.to_dict()["skip_limit"] == "half" and "skip_limit" not in cfg().to_dict()
+    with pytest.raises(kvq.SpecError, match="out of range"):
+        cfg(skip=[0, 1, -2, -1]).skipped(1)  # without the limit: layer 1 of a 1-layer model
+    with pytest.raises((kvq.SpecError, ValueError)):
+        cfg(skip_limit="third")
+
+
 @pytest.mark.parametrize("skip, layers, match", [
     ([0, 30], 30, "skip layer 30 is out of range for a model with 30 layers"),
     ([-31], 30, "skip layer -31 is out of range"),

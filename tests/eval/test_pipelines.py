@@ -29,7 +29,7 @@ def test_unknown_pipeline_is_an_eval_error():
 def test_fixed_width_formats_run_once_under_their_name():
     got = expand(["q4_0", "q8_0-rot", "rot>q4_1", "naive4"], [4, 3])
     assert list(got) == [BASELINE, "q4_0", "q8_0-rot", "rot>q4_1", "naive4", "naive3"]
-    assert got["q8_0-rot"].values.to_spec() == "rot(hadamard,block=64)>q8_0"
+    assert got["q8_0-rot"].values.to_spec() == "rot(ggml,block=64)>q8_0"
 
 
 def test_frontier_and_llama_cpp_presets_under_bits():

@@ -1,4 +1,5 @@
-"""lloyd: Lloyd-Max conditions, Max's (1960) Gaussian tables, vLLM's centroids.py method, bits."""
+"""lloyd: Lloyd-Max conditions, Max's (1960) Gaussian tables, bits (vLLM's own codebook,
+``dist=vllm``, is tested against vLLM's centroids.py in tests/parity/test_turboquant.py)."""
 
 import math
 
@@ -50,41 +51,6 @@ def test_gaussian_matches_max_1960(bits):
         lv = lloyd_max(bits, d, "gaussian") * math.sqrt(d)
         half = lv[2 ** (bits - 1):].tolist()
         assert half == pytest.approx(MAX_1960[bits], abs=1.5e-3)
-
-
-def vllm_centroids(d, bits, max_iter=200, tol=1e-10):
-    """The method of vLLM's turboquant/centroids.py (Lloyd-Max for N(0, 1/d): uniform start on
-    +-3.5 sigma, per-cell 200-step trapezoid integrals, edges at +-10.5 sigma), re-written."""
-    n, s2 = 2**bits, 1.0 / d
-    sigma = math.sqrt(s2)
-
-    def g(x):
-        return np.exp(-x * x / (2 * s2)) / math.sqrt(2 * math.pi * s2)
-
-    def trapz(fn, a, b, k=200):
-        x = np.linspace(a, b, k + 1)
-        y = fn(x)
-        return (y.sum() - 0.5 * (y[0] + y[-1])) * (b - a) / k
-
-    lo, hi = -3.5 * sigma, 3.5 * sigma
-    c = [lo + (hi - lo) * (i + 0.5) / n for i in range(n)]
-    for _ in range(max_iter):
-        edges = [lo * 3] + [(c[i] + c[i + 1]) / 2 for i in range(n - 1)] + [hi * 3]
-        new = [trapz(lambda x: x * g(x), a, b) / trapz(g, a, b) for a, b in zip(edges, edges[1:])]
-        if max(abs(p - q) for p, q in zip(new, c)) < tol:
-            break
-        c = new
-    return torch.tensor(c, dtype=torch.float32)
-
-
-@pytest.mark.parametrize("bits", [3, 4])
-def test_gaussian_matches_vllm_method(bits):
-    """Equal to 0.1%; vLLM's 200 iterations stop a little short (ours is nearer Max's table)."""
-    ours, theirs = lloyd_max(bits, 128, "gaussian"), vllm_centroids(128, bits)
-    torch.testing.assert_close(ours, theirs, atol=0, rtol=1e-3)
-    table = torch.tensor(MAX_1960[bits]) / math.sqrt(128)
-    half = slice(2 ** (bits - 1), None)
-    assert (ours[half] - table).abs().max() <= (theirs[half] - table).abs().max()
 
 
 def test_beta_is_the_better_codebook_for_real_unit_vectors():

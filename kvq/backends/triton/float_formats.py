@@ -78,15 +78,18 @@ def fp8_decode(u, FMT: tl.constexpr):
 
 
 @triton.jit
-def e2m1_encode(v):
+def e2m1_encode(v, SIGN_OF_ZERO: tl.constexpr):
     """float32 -> E2M1 codes (int32 0..15): nearest of 0, .5, 1, 1.5, 2, 3, 4, 6, ties to the
-    even mantissa, saturating at 6; sign bit from the sign of v (-0.0 -> 8), as ``to_e2m1``."""
+    even mantissa, saturating at 6; sign bit from the sign bit of v (-0.0 -> 8) when
+    SIGN_OF_ZERO, else from v < 0 (-0.0 -> 0), as ``to_e2m1``."""
     a = tl.abs(v)
     # midpoints 0.25 .75 1.25 1.75 2.5 3.5 5: count those below a; a tie on an odd one goes up
     q = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
          + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
          + (a > 5.0).to(tl.int32))
-    return q | ((v.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.int32)
+    if SIGN_OF_ZERO:
+        return q | ((v.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.int32)
+    return q | ((v < 0).to(tl.int32) << 3)
 
 
 @triton.jit
@@ -139,7 +142,7 @@ def format_scale(amax, head_amax, top, inv_top, meta_ty: tl.constexpr, FMT: tl.c
     Returns (stored scale in meta_ty, the float32 scale the codes are divided by, flag): fp8 and
     lloyd store ``amax / top`` rounded toward zero (top = fmax or max|level|); mx the E8M0 code
     of 2**(floor(log2 amax) - 2); nv the E4M3 code of ``amax / (6 t)`` with t = head_amax / 2688
-    and divide by ``e4m3 * t`` (b a rounding above 448 saturates, as torch's cast does). flag:
+    and divide by ``e4m3 * t`` (b clamped to [2**-9, 448] first, as ModelOpt does). flag:
     True where the reference raises (see :func:`_store_down`). RECIP: divide by the Python
     constants (fmax, 2688) as torch on CUDA does (see :func:`div_scalar`).
     """
@@ -151,8 +154,8 @@ def format_scale(amax, head_amax, top, inv_top, meta_ty: tl.constexpr, FMT: tl.c
         t = div_scalar(head_amax, NV_TENSOR, NV_TENSOR_INV, RECIP)
         b = tl.math.div_rn(amax, 6.0 * tl.where(t == 0, 1.0, t))
         b = tl.where(b == 0, 1.0, b)
-        code = fp8_encode(tl.minimum(b, 448.0), 4)
-        return code.to(tl.uint8), fp8_decode(code, 4) * t, b != b  # torch's cast saturates
+        code = fp8_encode(tl.minimum(tl.maximum(b, 0.001953125), 448.0), 4)  # [2**-9, 448]
+        return code.to(tl.uint8), fp8_decode(code, 4) * t, b != b
     elif FMT == 6:  # lloyd: torch divides by a tensor (max|level|), correctly rounded
         st, bad = _store_down(tl.math.div_rn(amax, top), meta_ty)
         return st, to_float32(st), bad
@@ -179,7 +182,7 @@ def format_codes(y, s32, mids_ptr, FMT: tl.constexpr, BITS: tl.constexpr,
             u += (v >= tl.load(mids_ptr + i)).to(tl.int32)
         return u
     elif FMT >= 7:
-        return e2m1_encode(v)
+        return e2m1_encode(v, FMT == 7)
     else:
         if FMT == 4:
             v = tl.minimum(tl.maximum(v, -448.0), 448.0)

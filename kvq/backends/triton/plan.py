@@ -94,6 +94,9 @@ class KernelPlan:
                               "have no kernel (the torch backend runs them)")
         if book:
             fmt = "lloyd"
+        elif quant.type == "int" and quant.rounding != "even":
+            raise Unsupported(f"quantizer {quant.to_spec()!r}: the kernels round half to even "
+                              "with the stored scale (rounding=vllm runs on torch)")
         elif quant.type in ("int", *FORMATS):
             fmt = quant.type
         elif quant.type == "fp8":
@@ -116,6 +119,9 @@ class KernelPlan:
             return cls(bits=quant.bits, fmt=fmt, gran=kind, group=group, codebook=quant.levels,
                        meta_dtype=TORCH_DTYPES[quant.dtype], **common)
         if quant.type == "fp8":
+            if quant.overflow != "raise":
+                raise Unsupported(f"quantizer {quant.to_spec()!r}: the kernels have no "
+                                  "saturating fp8 cast (it runs on torch)")
             if quant.scale == "none":  # no statistics: the granularity is unused
                 kind, group = "ptok", 0
             return cls(bits=8, fmt=fmt, gran=kind, group=group, scaled=quant.scale != "none",
