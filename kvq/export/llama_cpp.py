@@ -39,16 +39,22 @@ def key_block(head_dim: int) -> int | None:
     return b
 
 
-def specs(ctype: str, role: str, head_dim: int, rotated: bool) -> set[str]:
-    """Canonical kvq specs of ``ctype`` as llama.cpp stores ``role`` ("keys"/"values")."""
+def specs(ctype: str, role: str, head_dim: int, rotated: bool) -> list[str]:
+    """Canonical kvq specs of ``ctype`` as llama.cpp stores ``role`` ("keys"/"values"), the
+    preferred one first (kvq's ``rot(ggml)``, which applies llama.cpp's rule itself)."""
     q = TYPES[ctype]
-    if q == "none" or not rotated:
-        return {Pipeline.parse([q]).to_spec()}
+    plain = Pipeline.parse([q]).to_spec()
+    ggml = "rot(ggml)" if role == "keys" else "rot(ggml,block=64)"
+    if q == "none":
+        return [plain]
+    if not rotated:  # llama.cpp's rule rotates nothing unless 64 divides head_dim
+        extra = [f"{ggml}>{q}"] if key_block(head_dim) is None else []
+        return [plain] + [Pipeline.parse(f).to_spec() for f in extra]
     block = (key_block(head_dim) or head_dim) if role == "keys" else 64
-    forms = [f"rot(hadamard,block={block})>{q}"]
+    forms = [f"{ggml}>{q}", f"rot(hadamard,block={block})>{q}"]
     if block == head_dim:
         forms.append(f"rot(hadamard)>{q}")
-    return {Pipeline.parse(f).to_spec() for f in forms}
+    return [Pipeline.parse(f).to_spec() for f in forms]
 
 
 def config(ctk: str, ctv: str, head_dim: int, rotated: bool | None = None) -> KVConfig:
@@ -57,7 +63,7 @@ def config(ctk: str, ctv: str, head_dim: int, rotated: bool | None = None) -> KV
     rot = key_block(head_dim) is not None if rotated is None else rotated
 
     def one(ctype: str, role: str) -> str:
-        return min(specs(ctype, role, head_dim, rot), key=len)
+        return specs(ctype, role, head_dim, rot)[0]
 
     name = f"llama.cpp-ctk-{ctk}-ctv-{ctv}" + ("" if rot or ctk == ctv == "f16" else "-norot")
     return KVConfig(name=name, keys=Pipeline.parse(one(ctk, "keys")),

@@ -52,7 +52,7 @@ def test_suggest_writes_the_suggestion(capsys, tiny_dir, tmp_path):
                         "--out", out, "--suggest")
     assert code == 0 and "NOT exact" in text
     cfg = kvq.load(out / "suggested.yaml")
-    assert cfg.keys == kvq.build("rot(hadamard)>q4_0")
+    assert cfg.keys == kvq.build("rot(ggml)>q4_0")
     assert json.loads((out / "export.json").read_text())["exact"] is False
 
 

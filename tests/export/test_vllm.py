@@ -17,7 +17,11 @@ def test_turboquant_presets_map_exactly(model, preset, dtype):
 
 
 def test_turboquant_extra_skip_layers(model):
-    cfg = kvq.kv("turboquant4").model_copy(update={"skip": (0, 1, 3, -2, -1)})
+    # skip_limit "half" (vLLM's boundary rule) keeps entries within each half only: an extra
+    # middle layer needs skip_limit "none", and the export follows what kvq runs either way
+    limited = kvq.kv("turboquant4").model_copy(update={"skip": (0, 1, 3, -2, -1)})
+    assert "kv_cache_dtype_skip_layers" not in export(limited, "vllm", model=model).engine_args
+    cfg = limited.model_copy(update={"skip_limit": "none"})
     res = export(cfg, "vllm", model=model)
     assert res.engine_args == {"kv_cache_dtype": "turboquant_4bit_nc",
                                "kv_cache_dtype_skip_layers": ["3"]}

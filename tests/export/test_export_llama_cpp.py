@@ -77,4 +77,15 @@ def test_closest_chooses_k_and_v_separately(model):
         export({"keys": "naive8", "values": "naive4"}, "llama.cpp", model=model)
     assert "-ctk q8_0 -ctv q4_0" in str(err.value)
     assert err.value.closest == lc.config("q8_0", "q4_0", 64)
-    assert err.value.closest.keys == kvq.build("rot(hadamard)>q8_0")
+    assert err.value.closest.keys == kvq.build("rot(ggml)>q8_0")
+
+
+@pytest.mark.parametrize("head_dim", [96, 160])
+def test_rot_presets_at_head_dims_llama_cpp_does_not_rotate(model, head_dim):
+    """``q4_0-rot`` follows llama.cpp's rule (rot(ggml) rotates nothing unless 64 | head_dim),
+    so it exports exactly to plain -ctk/-ctv, as llama.cpp runs it there."""
+    odd = dataclasses.replace(model, head_dim=head_dim)
+    res = export("q4_0-rot", "llama.cpp", model=odd)
+    assert res.exact
+    assert res.engine_args["options"]["cache-type-k"] == "q4_0"
+    assert res.engine_args["options"]["cache-type-v"] == "q4_0"
