@@ -167,7 +167,8 @@ class StreamReader:
             unpacked = codes[..., :dim] if self.bits == 8 else unpack_into(
                 codes, self.bits, dim, scratch, name)
             if type(self.quantizer) is Nuq:
-                d = _minmax(out, unpacked, meta, self.quantizer, self.granularity, scratch, name)
+                d = _minmax(out, unpacked, meta, self._levels(dim, codes.device),
+                            self.granularity, scratch, name)
             else:
                 d = _affine(out.copy_(unpacked), meta, self.quantizer, self.granularity)
             if shift is not None:
@@ -189,6 +190,13 @@ class StreamReader:
             torch.add(unpacked, t.base, out=idx)
         torch.index_select(t.flat, 0, idx.reshape(-1), out=out.view(-1))
         return out
+
+    def _levels(self, dim: int, device) -> torch.Tensor:
+        """min-max ``nuq``'s levels (2**bits,) fp32 on ``device``; cached."""
+        key = ("levels", dim, str(device))
+        if key not in self._tables:
+            self._tables[key] = self.quantizer.levels(dim, device)
+        return self._tables[key]
 
     def _table(self, dim: int, device) -> Tables:
         """The :class:`Tables` of ``alloc`` / static ``nuq`` for ``dim`` on ``device``; cached."""
@@ -317,15 +325,14 @@ def _affine(x: torch.Tensor, meta: dict, quantizer, granularity) -> torch.Tensor
     return g.unview(torch.addcmul(bias, xg, s), x.shape)  # a padded token-group view
 
 
-def _minmax(out: torch.Tensor, codes: torch.Tensor, meta: dict, quantizer, granularity,
-            scratch: Scratch, name: str) -> torch.Tensor:
+def _minmax(out: torch.Tensor, codes: torch.Tensor, meta: dict, levels: torch.Tensor,
+            granularity, scratch: Scratch, name: str) -> torch.Tensor:
     """min-max ``nuq``'s dequantize of uint8 ``codes`` (B, Hn, L, D) into ``out`` fp32:
     ``levels[code] * scale + zero`` in the granularity's view."""
     g = granularity
     idx = scratch.get(name + "_idx", codes.shape, codes.device, torch.int32)
     idx.copy_(codes)
-    torch.index_select(quantizer.levels(codes.shape[-1], codes.device), 0, idx.view(-1),
-                       out=out.view(-1))
+    torch.index_select(levels, 0, idx.view(-1), out=out.view(-1))
     xg = g.view(out)
     s, z = g.from_meta(meta["scale"].float()), g.from_meta(meta["zero"].float())
     if xg.data_ptr() == out.data_ptr() and xg.is_contiguous():
