@@ -39,7 +39,8 @@ def write_tc(path, layers: int, heads: int, dim: int, bits: int, seed: int = 0) 
             q, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen,
                                                dtype=torch.float64))
             w = widths(heads, dim, bits, gen)
-            levels = torch.sort(torch.randn(heads, dim, 256, generator=gen) * 0.2, dim=-1).values
+            steps = torch.rand(heads, dim, 256, generator=gen) * 0.02 + 1e-3  # strictly up
+            levels = steps.cumsum(-1) - steps.sum(-1, keepdim=True) / 2
             tensors |= {f"{name}.klt.mean": torch.randn(heads, dim, generator=gen) * 0.05,
                         f"{name}.klt.basis": q.float(), f"{name}.alloc.widths": w.float(),
                         f"{name}.alloc.levels": levels}
