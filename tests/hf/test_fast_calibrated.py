@@ -193,3 +193,17 @@ def test_coverage_is_keyed_by_exact_class_and_refuses_unfoldable_orders(tmp_path
     bent = codebooks.write(tmp_path / "bent.safetensors", tensors, {"num_layers": 1})
     why = fast_path_reason(kvq.build(f"klt(source={bent}#L0.k)>alloc(3,source={bent}#L0.k)"))
     assert "orthonormal only to" in why
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("name", ["tc3", "kvquant3"])
+def test_half_precision_models(name, dtype, atol, tmp_path, count_fast):
+    """fp16/bf16: the general path rounds the dequantized (and re-rotated) K/V to the model
+    dtype, the fast path attends in fp32; they agree to the model dtype's rounding."""
+    import copy
+
+    model = copy.deepcopy(tiny_model("llama")).to(dtype)
+    got, ref, _ = both_paths(model, recipe(model, name, tmp_path), prompt(seq=29), residual=2,
+                             block=4)
+    assert count_fast and got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=0)
