@@ -16,6 +16,8 @@ import torch
 
 from kvq.errors import KVQError, shorten
 from kvq.hf.coverage import fast_path_reason_kv
+from kvq.hf.fast_rope import RopeRead
+from kvq.hf.fast_sinks import SinkRead
 from kvq.hf.packed import Scratch, StreamReader
 
 TAG = "_kvq_view"
@@ -25,10 +27,12 @@ class StepScratch:
     """One :class:`Scratch` shared by all layers of a cache during one decode forward: the
     buffers are allocated by the first layer, reused by the others (fresh multi-MB buffers per
     layer cost page faults) and freed after the last layer's attention, so nothing is held
-    between steps."""
+    between steps. It also keeps the per-forward RoPE angles of pre-RoPE keys
+    (:meth:`rope`), computed by the first layer that needs them."""
 
     def __init__(self) -> None:
         self.scratch: Scratch | None = None
+        self.ropes: list = []  # (tracker, its positions tensor, start, end, RopeRead)
 
     def get(self) -> Scratch:
         if self.scratch is None:
@@ -37,6 +41,18 @@ class StepScratch:
 
     def release(self) -> None:
         self.scratch = None
+        self.ropes = []
+
+    def rope(self, tracker, start: int, end: int, like: torch.Tensor) -> RopeRead:
+        """The :class:`RopeRead` of cached tokens [start, end) of ``tracker``, shared by the
+        layers of one forward (recomputed when the positions changed: a new write, a beam
+        reorder)."""
+        for t, pos, a, z, found in self.ropes:
+            if t is tracker and pos is tracker.positions and (a, z) == (start, end):
+                return found
+        found = RopeRead(tracker, start, end, like)
+        self.ropes.append((tracker, tracker.positions, start, end, found))
+        return found
 
 
 @dataclass
@@ -86,6 +102,19 @@ class DecodeView:
                 out.append((seg_k, seg_v, lo, hi, skip, z - a - skip))
             pos += live
         return out
+
+    def rope_read(self) -> RopeRead | None:
+        """Angles of the visible quantized keys when the layer stores them before RoPE."""
+        layer = self.layer
+        end = self.quantized
+        if not getattr(layer, "pre_rope", False) or self.start >= end:
+            return None
+        step = self.step if self.step is not None else StepScratch()
+        return step.rope(layer.rope, self.start, end, layer.keys)
+
+    def sinks(self) -> SinkRead | None:
+        """The exact sinks among the visible quantized tokens, or None."""
+        return SinkRead.of(self.layer, self.start, self.quantized)
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The visible K/V dequantized, (B, H, visible, D) each: the general path's result."""
@@ -163,7 +192,6 @@ def attach_fast_decode(layers, model_config, attention: str, factors: str = "rec
         layer.fast = FastDecode(layer.key_pipeline, layer.value_pipeline, model_config,
                                 step=step, last=i == len(layers) - 1,
                                 store_factors=factors == "store")
-        layer.fast.reason = layer.fast.reason or _layer_reason(layer)
         if attention != "fast":
             continue
         why = layer.fast.reason
@@ -175,15 +203,6 @@ def attach_fast_decode(layers, model_config, attention: str, factors: str = "rec
         if why:
             raise KVQError(f"attention='fast' cannot be used for layer {layer.layer_idx}: {why}; "
                            "or use attention='auto' to fall back to dequantizing")
-
-
-def _layer_reason(layer) -> str | None:
-    """Why a layer's own options rule the fast path out (it reads the blocks as stored)."""
-    if getattr(layer, "pre_rope", False):
-        return "its keys are stored before RoPE (the fast path reads post-RoPE keys)"
-    if getattr(layer, "sinks", 0):
-        return "it keeps sink tokens exact (the fast path reads only blocks and the window)"
-    return None
 
 
 def attn_implementation(model_config) -> str | None:

@@ -57,24 +57,33 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     q = query.reshape(b, h, g, d).float() * scaling
     rk, rv = view.readers
     mk, mv = rk.matrix(d, query.device), rv.matrix(dv, query.device)
-    qk = q if mk is None else q @ mk.T
+    rope = view.rope_read()  # pre-RoPE keys: rotate each chunk for its positions
+    qk = q if mk is None or rope is not None else q @ mk.transpose(-1, -2)
     plan = view.plan()
-    scores = []
+    scores, at = [], view.start
     for seg_k, _, lo, hi, skip, n in plan:
         dk, fk = rk.chunk(seg_k, lo, hi, view.scratch, "kv")
-        s = torch.matmul(qk, _tokens(dk, skip, n, -2).transpose(-1, -2))  # (B, H, G, n)
+        keys = _tokens(dk, skip, n, -2)
+        if rope is not None:
+            keys = rope.rotate(keys, mk, at, view.scratch)
+        s = torch.matmul(qk, keys.transpose(-1, -2))  # (B, H, G, n)
         if fk is not None:
             s.mul_(_tokens(fk, skip, n, -1).unsqueeze(2))
         scores.append(s)
+        at += n
     skip = max(view.start - view.quantized, 0)
     kw, vw = (kwin, vwin) if skip == 0 else (kwin[:, :, skip:], vwin[:, :, skip:])
     if kw.shape[2]:  # residual=0 can leave the window empty
         scores.append(torch.matmul(q, kw.float().transpose(-1, -2)))
     s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # (B, H, G, visible)
+    sinks = view.sinks()
+    if sinks is not None:
+        sinks.set_scores(s, q)
     bias = mask_bias(mask, b, h, g, view.visible)
     if bias is not None:
         s.add_(bias)
     p = torch.softmax(s, dim=-1)
+    sink_weights = None if sinks is None else sinks.take_weights(p)
     out, at = None, 0
     for _, seg_v, lo, hi, skip, n in plan:
         dvv, fv = rv.chunk(seg_v, lo, hi, view.scratch, "kv")
@@ -89,6 +98,8 @@ def decode_attention(query: torch.Tensor, view, window: tuple[torch.Tensor, torc
     if kw.shape[2]:
         o = torch.matmul(p[..., at:], vw.float())
         out = o if out is None else out.add_(o)
+    if sink_weights is not None:
+        sinks.add_values(out, sink_weights)
     return out.reshape(b, hq, 1, dv).to(query.dtype)
 
 

@@ -14,7 +14,10 @@ from kvq.hf.flash_decode import decode_attention, mask_bias
 
 
 def plans(view) -> tuple[KernelPlan, KernelPlan] | None:
-    """The kernel plans of a :class:`~kvq.hf.decode.DecodeView`'s pipelines, or None."""
+    """The kernel plans of a :class:`~kvq.hf.decode.DecodeView`'s pipelines, or None (also
+    for pre-RoPE keys and sinks, which only the torch path reads)."""
+    if getattr(view.layer, "pre_rope", False) or getattr(view.layer, "sinks", 0):
+        return None
     try:
         out = tuple(KernelPlan.from_pipeline(r.pipeline) for r in view.readers)
     except Unsupported:

@@ -77,8 +77,9 @@ def prompt(batch=2, seq=75, seed=1):
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-# the integer families the fast path covers; the others (turboquant, kvquant...) take the general
-# path, see test_new_formats_take_the_general_path and the pre-RoPE / sinks test below
+# the integer families on model.config; turboquant's codebook takes the general path (see
+# test_formats_added_later_fall_back), kvquant needs the model (pre-RoPE keys): see
+# test_fast_calibrated.py
 FAST_FAMILIES = [f for f in FAMILIES if f not in ("turboquant", "kvquant")]
 
 
@@ -288,16 +289,24 @@ def test_formats_added_later_fall_back(wide, spec, count_fast):
 
 
 @pytest.mark.parametrize("option", ["pre_rope", "sinks"])
-def test_layers_with_pre_rope_keys_or_sinks_take_the_general_path(option):
-    """Pre-RoPE keys and sinks change what a read returns: the fast path must refuse them."""
+def test_layers_with_pre_rope_keys_or_sinks_take_the_fast_path(option, count_fast):
+    """Pre-RoPE keys are rotated per chunk and sinks attended exactly (test_fast_calibrated.py
+    covers the recipes that use them); here the plain integer pipeline."""
     model = tiny_model("llama")
-    enable_fast_attention(model)
     cfg = ({"keys": {"rope": "pre", "pipeline": "nsep>pchan>int4"}, "values": "nsep>pchan>int4"}
            if option == "pre_rope" else {"kv": "nsep>pchan>int4", "sinks": 1})
-    cache = KVQCache(cfg, model, residual=8, block=4)
-    assert all(layer.fast.reason for layer in cache.layers)
-    with pytest.raises(KVQError, match="RoPE|sink"):
-        KVQCache(cfg, model, residual=8, block=4, attention="fast")
+    enable_fast_attention(model)
+    try:
+        cache = KVQCache(cfg, model, residual=2, block=4, attention="fast")
+        assert all(layer.fast.reason is None for layer in cache.layers)
+        tokens = prompt(seq=4, seed=3)
+        got = decode_logits(model, cache, prompt(seq=19), 4, tokens=tokens)
+    finally:
+        _set(model, "sdpa")
+    assert len(count_fast) == 4 * 2
+    ref = decode_logits(model, KVQCache(cfg, model, residual=2, block=4,
+                                        attention="dequantize"), prompt(seq=19), 4, tokens=tokens)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
 class ShiftedInt(IntQuantizer):

@@ -139,3 +139,49 @@ def test_step_scratch_is_freed_after_the_last_layer():
 def test_bad_factors_option():
     with pytest.raises(KVQError, match="factors='sometimes'"):
         KVQCache("nsep>pchan>int4", tiny_model("llama").config, factors="sometimes")
+
+
+def _calibrated_specs(tmp_path, dim: int) -> list[str]:
+    from fitted import kvquant_specs, tc_spec, write_nuq, write_tc
+
+    out = []
+    for bits in (2, 3, 4, 8):
+        f = write_tc(tmp_path / f"tc{bits}.safetensors", 1, 3, dim, bits, seed=dim + bits)
+        out.append(tc_spec(f, 0, "k", bits, nsep=bits != 8))
+    n = write_nuq(tmp_path / "nuq.safetensors", 1, 3, dim, 3, seed=dim)
+    ref = f"source={f}#L0.v"
+    return [*out, *kvquant_specs(n, 0, 3), "sparse(0.02,block,fp32)>pchan>int4(asym)",
+            f"nsep>klt({ref})>pchan>int4", f"rot>nsep>klt({ref})>alloc(8,{ref})",
+            f"klt({ref})>rot>ptok>int2(asym)", "rot(ggml)>ptok>int4",
+            "rot(ggml,block=64)>nsep>pchan>int3"]
+
+
+@pytest.mark.parametrize("dim,dtype", [(64, torch.float32), (80, torch.float32),
+                                       (96, torch.float32), (128, torch.float32),
+                                       (256, torch.float32), (64, torch.float16),
+                                       (128, torch.bfloat16)])
+def test_calibrated_reads_equal_pipeline_dequantize(dim, dtype, tmp_path):
+    """klt (basis and mean folded), alloc (the variable-width stream, widths 0 to 8), nuq
+    (static and min-max) and sparse: factor * d @ M equals Pipeline.dequantize, every block of
+    a segment of two 16-token blocks and a 12-token one, the nsep factor stored or recomputed."""
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    g = torch.Generator().manual_seed(dim)
+    x = (torch.randn(1, 3, 32 + 12, dim, generator=g) * 3).to(dtype)
+    for spec in _calibrated_specs(tmp_path, dim):
+        pipe = kvq.build(spec)
+        reader = StreamReader(pipe)
+        m = reader.matrix(dim, "cpu")
+        for derive in (None, reader.factors) if reader.renorm else (None,):
+            store = BlockStore(pipe)
+            store.append(x[:, :, :32], 16, derive=derive)
+            store.append(x[:, :, 32:], 12, derive=derive)
+            ref = torch.cat(store.dequantize(), dim=-2).float()
+            parts = []
+            for seg in store.segments:
+                d, f = reader.chunk(seg, 0, seg.n, Scratch(), "kv")
+                y = d if f is None else d * f.unsqueeze(-1)
+                parts.append(y if m is None else y @ m)
+            got = torch.cat(parts, dim=-2)
+            scale = ref.abs().max()
+            torch.testing.assert_close(got / scale, ref / scale, atol=tol, rtol=0,
+                                       msg=lambda e, s=spec: f"{s}: {e}")
