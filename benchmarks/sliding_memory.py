@@ -17,8 +17,17 @@ geometry give the bytes a real forward gives. ``--config`` reads a model's ``con
 the converted Gemma 3 270M); without it a Gemma-3-shaped config is built: 18 layers, 1 KV head,
 head_dim 256, window 512, 5 sliding : 1 full.
 
+With ``--model DIR`` (a real model, e.g. the converted Gemma 3 270M) it runs the model instead:
+one exact prefill of ``--tokens`` random token ids into a plain ``DynamicCache()`` (every layer
+keeps everything), whose K/V are written into ``DynamicCache(config=...)`` and ``KVQCache`` (a
+quantized prefill), then ``--steps`` greedy decode steps, round-robin, each timed alone on one
+thread (decode time: median of per-step ratios against DynamicCache at the same step); bytes as
+above after the decode.
+
     python benchmarks/sliding_memory.py                                  # 4k / 8k / 32k tokens
     python benchmarks/sliding_memory.py --config ~/.cache/kvq/models/gemma-3-270m
+    python benchmarks/sliding_memory.py --model ~/.cache/kvq/models/gemma-3-270m \
+        --tokens 4096,8192 --steps 16 --dtypes float32
 """
 
 from __future__ import annotations
@@ -84,6 +93,47 @@ def _row(ref, cache, geom, seen: int) -> dict:
                                            default=0)}
 
 
+@torch.inference_mode()
+def measure_model(model, spec: str, tokens: int, steps: int, residual: int, block: int,
+                  seed: int = 0) -> dict:
+    """Real forwards: bytes held after ``steps`` decode steps and decode time vs DynamicCache."""
+    import statistics
+    import time
+
+    from transformers import DynamicCache
+
+    from kvq.hf import KVQCache, cache_kwargs
+    from kvq.hf.geometry import kv_geometry
+
+    geom = kv_geometry(model.config)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g)
+    full = DynamicCache()
+    out = model(prompt, use_cache=True, **cache_kwargs(model, full))
+    nxt = out.logits[:, -1:].argmax(-1)
+    del out
+    caches = {"DynamicCache": DynamicCache(config=model.config),
+              "KVQCache": KVQCache(spec, model.config, residual=residual, block=block)}
+    for cache in caches.values():
+        for i, layer in enumerate(full.layers):
+            cache.update(layer.keys, layer.values, i)
+    del full
+    state = {name: nxt for name in caches}
+    times = {name: [] for name in caches}
+    for _ in range(steps):
+        for name, cache in caches.items():
+            t0 = time.perf_counter()
+            logits = model(state[name], use_cache=True, **cache_kwargs(model, cache)).logits
+            times[name].append(time.perf_counter() - t0)
+            state[name] = logits[:, -1:].argmax(-1)
+    ratios = [k / d for k, d in zip(times["KVQCache"], times["DynamicCache"])]
+    row = _row(caches["DynamicCache"], caches["KVQCache"], geom, tokens + steps)
+    row.update(decode_ms_dynamic=1e3 * statistics.median(times["DynamicCache"]),
+               decode_ms_kvq=1e3 * statistics.median(times["KVQCache"]),
+               decode_ratio_median=statistics.median(ratios))
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="a model directory or config.json (default: Gemma-3-shaped)")
@@ -93,9 +143,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bfloat16,float32", help="K/V (model) dtypes")
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--model", help="run this model (a directory) instead of random K/V")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps with --model")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.model:
+        return _main_model(args)
     if args.config:
         from transformers import AutoConfig
 
@@ -119,6 +173,33 @@ def main(argv=None) -> int:
                       f" {r['dynamic_fp16_bytes'] / 1e6:>16.2f} "
                       f"{r['all_tokens_fp16_bytes'] / 1e6:>18.2f} {r['ratio']:>6.3f} "
                       f"{r['max_sliding_tokens_held']:>12}")
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out)
+    return 0
+
+
+def _main_model(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    path = Path(args.model).expanduser()
+    results = {"model": str(path), "spec": args.spec, "residual": args.residual,
+               "block": args.block, "steps": args.steps, "rows": []}
+    print(f"{path}: {args.spec}, residual {args.residual}, block {args.block}, "
+          f"{args.steps} decode steps, 1 thread")
+    for dtype_name in args.dtypes.split(","):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name))
+        model.eval()
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            r = measure_model(model, args.spec, tokens, args.steps, args.residual, args.block)
+            results["rows"].append({"dtype": dtype_name, **r})
+            print(f"{dtype_name:>9} {r['tokens']:>7} kvq {r['kvq_bytes'] / 1e6:.2f} MB, "
+                  f"DynamicCache fp16 {r['dynamic_fp16_bytes'] / 1e6:.2f} MB, ratio "
+                  f"{r['ratio']:.3f} (all-token fp16 {r['all_tokens_fp16_bytes'] / 1e6:.2f} MB); "
+                  f"decode {r['decode_ms_kvq']:.1f} vs {r['decode_ms_dynamic']:.1f} ms/token, "
+                  f"median ratio {r['decode_ratio_median']:.2f}x", flush=True)
     if args.out:
         out = Path(args.out)
         tmp = out.with_suffix(out.suffix + ".tmp")

@@ -43,6 +43,7 @@ def test_fisher_calibration_runs_on_every_family(name, bpe, tmp_path):
         assert "sensitivity fisher" in out.read_text().splitlines()[0]
         cfg = kvq.load(out)
         assert cfg.key_rope == key_rope
+        cache = KVQCache(cfg, model, residual=4, block=16)
         with torch.no_grad():
-            logits = model(ids, **cache_kwargs(model, KVQCache(cfg, model, block=16))).logits
+            logits = model(ids, **cache_kwargs(model, cache)).logits
         assert torch.isfinite(logits).all()
