@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--model", help="run this model (a directory) instead of random K/V")
     ap.add_argument("--steps", type=int, default=16, help="decode steps with --model")
+    ap.add_argument("--attention", choices=("fast", "general"), default="fast",
+                    help="with --model: KVQCache decode reads packed blocks (fast, default) or "
+                         "dequantizes each layer (general)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
                 print(f"{dtype_name:>9} {r['tokens']:>7} {point:>12} {r['kvq_bytes'] / 1e6:>8.2f}"
                       f" {r['dynamic_fp16_bytes'] / 1e6:>16.2f} "
                       f"{r['all_tokens_fp16_bytes'] / 1e6:>18.2f} {r['ratio']:>6.3f} "
-                      f"{r['max_sliding_tokens_held']:>12}")
+                      f"{r['max_sliding_tokens_held']:>12}", flush=True)
     if args.out:
         out = Path(args.out)
         tmp = out.with_suffix(out.suffix + ".tmp")
@@ -186,12 +189,17 @@ def _main_model(args) -> int:
 
     path = Path(args.model).expanduser()
     results = {"model": str(path), "spec": args.spec, "residual": args.residual,
-               "block": args.block, "steps": args.steps, "rows": []}
+               "block": args.block, "steps": args.steps, "attention": args.attention,
+               "rows": []}
     print(f"{path}: {args.spec}, residual {args.residual}, block {args.block}, "
-          f"{args.steps} decode steps, 1 thread")
+          f"{args.steps} decode steps, {args.attention} attention, 1 thread")
     for dtype_name in args.dtypes.split(","):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name))
         model.eval()
+        if args.attention == "fast":
+            import kvq.hf
+
+            kvq.hf.enable_fast_attention(model)  # DynamicCache: SDPA; KVQCache: packed reads
         for tokens in (int(t) for t in args.tokens.split(",")):
             r = measure_model(model, args.spec, tokens, args.steps, args.residual, args.block)
             results["rows"].append({"dtype": dtype_name, **r})
