@@ -187,17 +187,23 @@ def _set(model, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("prefill,residual", [("quantized", 3), ("exact", 0)])
-def test_fast_decode_equals_general_past_the_window(name, prefill, residual, count_fast):
+@pytest.mark.parametrize("prefill,residual,factors", [("quantized", 3, "recompute"),
+                                                      ("exact", 0, "recompute"),
+                                                      ("quantized", 1, "store")])
+def test_fast_decode_equals_general_past_the_window(name, prefill, residual, factors,
+                                                    count_fast):
     model = tiny_model(name)
     ids, mask = left_padded(batch=2, seq=3 * model.config.sliding_window, pads=(0, 5))
-    opts = dict(residual=residual, block=4, prefill=prefill)
+    opts = dict(residual=residual, block=4, prefill=prefill, factors=factors)
     outs = []
     for impl, attention in (("sdpa", "dequantize"), ("kvq", "fast")):
         _set(model, impl)
         try:
             cache = KVQCache("nsep>pchan>int4", model.config, attention=attention, **opts)
             outs.append(run_steps(model, cache, ids, 20, mask=mask))
+            if attention == "fast" and factors == "store":  # blocks dropped with their factors
+                segs = [s for la in sliding(cache) for s in la.k_store.segments]
+                assert segs and all(s.extra for s in segs[1:])
         finally:
             _set(model, "sdpa")
         check_window(cache, 4, step=1)
