@@ -226,3 +226,20 @@ def test_compare_counts_what_dynamic_cache_holds(name, seen):
         ref.update(kv, kv, i)
     held = sum(layer.keys.numel() + layer.values.numel() for layer in ref.layers)
     assert fp16_bytes(cfg, seen) == 2 * held
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_assisted_decoding_rolls_back_like_dynamic_cache(name):
+    """Prompt-lookup decoding (transformers' assisted generation) records the past, then crops
+    rejected draft tokens after every step: the same tokens as DynamicCache."""
+    model = tiny_model(name)
+    ids = torch.randint(3, 20, (1, 30), generator=torch.Generator().manual_seed(3))  # repeats
+    outs = []
+    for cache in (DynamicCache(config=model.config), KVQCache("fp16", model.config, residual=3,
+                                                              block=4)):
+        outs.append(model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=20,
+                                   min_new_tokens=20, do_sample=False,
+                                   prompt_lookup_num_tokens=3))
+    assert torch.equal(outs[0], outs[1])
+    assert cache.get_seq_length() == 49
+    check_window(cache, 4)
