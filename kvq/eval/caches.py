@@ -46,6 +46,11 @@ def is_identity(cfg: KVConfig) -> bool:
 
 
 def fp16_bytes(model_config, tokens: int) -> int:
-    """Bytes of ``tokens`` tokens of K and V over all layers at 2 bytes per element."""
-    layers, kv_heads, head_dim = geometry(model_config)
-    return 2 * layers * kv_heads * head_dim * tokens * 2
+    """Bytes transformers' ``DynamicCache(config=...)`` holds after ``tokens`` tokens, at 2 bytes
+    per K and V element: every token of a full-attention layer, the newest
+    ``sliding_window - 1`` of a sliding-window layer (as ``DynamicSlidingWindowLayer``)."""
+    from kvq.hf.geometry import kv_geometry
+
+    g = kv_geometry(model_config)
+    held = sum(tokens if w is None else min(tokens, w - 1) for w in g.sliding_windows)
+    return 2 * g.kv_heads * g.head_dim * held * 2

@@ -41,11 +41,15 @@ def capture(model, ids: torch.Tensor, sensitivity: bool = False,
     from kvq.hf.compat import cache_kwargs
 
     turns = {r: _unrotate(model, r) for r in key_ropes}
-    cache = DynamicCache(config=model.config)
+    # no config: every layer is a plain DynamicLayer that holds and returns all tokens, so the
+    # captured tensors are those attention used (a sliding-window layer stores only a slice of
+    # them, outside the autograd graph: no gradient, and too few tokens)
+    cache = DynamicCache()
     if not sensitivity:
         with torch.no_grad():
             model(ids, **cache_kwargs(model, cache), use_cache=True)
-        return Captured({r: [f(la.keys.float()) for la in cache.layers] for r, f in turns.items()},
+        return Captured({r: [f(la.keys.float(), i) for i, la in enumerate(cache.layers)]
+                         for r, f in turns.items()},
                         [la.values.float() for la in cache.layers], ids=ids)
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -66,24 +70,39 @@ def capture(model, ids: torch.Tensor, sensitivity: bool = False,
             p.requires_grad_(g)
     # a rotation is orthogonal: the gradient w.r.t. pre-RoPE keys is the gradient rotated back
     return Captured(
-        {r: [f(la.keys.detach().float()) for la in cache.layers] for r, f in turns.items()},
+        {r: [f(la.keys.detach().float(), i) for i, la in enumerate(cache.layers)]
+         for r, f in turns.items()},
         [la.values.detach().float() for la in cache.layers],
-        {r: [f(la.keys.grad.float()).pow(2) for la in cache.layers] for r, f in turns.items()},
-        [la.values.grad.float().pow(2) for la in cache.layers], ids=ids)
+        {r: [f(_grad(la.keys, i, "keys"), i).pow(2) for i, la in enumerate(cache.layers)]
+         for r, f in turns.items()},
+        [_grad(la.values, i, "values").pow(2) for i, la in enumerate(cache.layers)], ids=ids)
+
+
+def _grad(t: torch.Tensor, layer: int, what: str) -> torch.Tensor:
+    """The loss gradient of a captured tensor, fp32; an error naming the layer if it has none."""
+    if t.grad is None:
+        from kvq.eval.errors import EvalError
+
+        raise EvalError(f"layer {layer}'s cached {what} got no loss gradient: the model does not "
+                        "use the tensor it wrote to the cache; use sensitivity='none' for it")
+    return t.grad.float()
 
 
 def _unrotate(model, key_rope: str):
-    """A function: post-RoPE keys (B, H, T, D) at positions 0..T-1 -> keys as quantized."""
+    """A function: layer i's post-RoPE keys (B, H, T, D) at positions 0..T-1 -> keys as
+    quantized (unchanged on layers the model does not rotate)."""
     if key_rope == "post":
-        return lambda k: k
+        return lambda k, i: k
     from kvq.hf.rope import RopeTracker, rope_adapter
 
     tracker = RopeTracker(rope_adapter(model.config))
-    tracker.attach(model)
-    tracker.detach()  # only its rotary module is needed: positions are 0..T-1
+    tracker.bind(model)  # only its rotary module is needed: positions are 0..T-1
+    layers = tracker.for_layers(model.config)
 
-    def unrotate(k: torch.Tensor) -> torch.Tensor:
+    def unrotate(k: torch.Tensor, i: int) -> torch.Tensor:
+        if layers[i] is None:
+            return k
         tracker.positions = torch.arange(k.shape[-2], dtype=torch.int32)[None]
-        return tracker.unrotate(k, 0)
+        return layers[i].unrotate(k, 0)
 
     return unrotate

@@ -66,6 +66,18 @@ def _map(q: QuantizedTensor, fn) -> QuantizedTensor:
     return replace(q, codes=codes, meta=meta, shape=(codes.shape[0], *q.shape[1:]))
 
 
+def _drop_blocks(s: Segment, k: int) -> Segment:
+    """``s`` without its first ``k`` blocks, in fresh tensors (the old ones can be freed)."""
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return _fold(_unfold(t, s.heads)[:, :, k:].clone(memory_format=torch.contiguous_format),
+                     s.heads)
+
+    q = replace(s.q, codes=cut(s.q.codes), meta={n: cut(t) for n, t in s.q.meta.items()},
+                shape=(s.q.shape[0], s.heads * (s.n - k), *s.q.shape[2:]))
+    return Segment(q, s.heads, s.block, s.length - k * s.block,
+                   {n: cut(t) for n, t in s.extra.items()})
+
+
 class BlockStore:
     """Quantized blocks of one stream (keys or values) of one layer, oldest first."""
 
@@ -141,6 +153,24 @@ class BlockStore:
             else:
                 last.length -= tokens
                 tokens = 0
+
+    def drop_front(self, tokens: int) -> int:
+        """Forget whole blocks among the oldest ``tokens`` tokens (sliding-window layers); a block
+        with a token that stays is kept whole. The dropped codes and metadata are freed. Returns
+        the number of tokens dropped (at most ``tokens``)."""
+        done = 0
+        while self.segments and tokens - done > 0:
+            first = self.segments[0]
+            if tokens - done >= first.length:
+                done += first.length
+                self.segments.pop(0)
+                continue
+            k = (tokens - done) // first.block
+            if k:
+                self.segments[0] = _drop_blocks(first, k)
+                done += k * first.block
+            break
+        return done
 
     def map_batch(self, fn) -> None:
         """Apply a batch-axis op (index_select, repeat_interleave, indexing) to every tensor."""

@@ -83,11 +83,14 @@ class KVQCache(Cache):
                        _context(model_config))
         self.kv_config, self.geometry = cfg, geom
         self.rope = RopeTracker(rope_adapter(model_config)) if cfg.uses_pre_rope else None
+        ropes = (self.rope.for_layers(model_config) if self.rope is not None
+                 else [None] * geom.num_layers)
         self.options = dict(prefill=prefill, residual=residual, block=block, backend=backend,
                             keep_dequantized=keep_dequantized, sinks=cfg.sinks)
+        # a layer the model does not rotate (Cohere2's full layers) gets its keys pre-RoPE as is
         layers = [KVQLayer(*cfg.for_layer(i, geom.num_layers), layer_idx=i,
                            sliding_window=geom.sliding_windows[i],
-                           rope=self.rope if cfg.key_rope_for(i) == "pre" else None,
+                           rope=ropes[i] if cfg.key_rope_for(i) == "pre" else None,
                            **self.options) for i in range(geom.num_layers)]
         self.options.update(attention=attention, factors=factors)
         attach_fast_decode(layers, model_config, attention, factors)

@@ -159,7 +159,7 @@ class FastDecode:
             if self.last and self.step is not None:
                 self.step.release()
             return None
-        total = layer.get_seq_length()
+        total = layer.held  # sliding layers: tokens that left the window are gone
         start = 0 if visible is None else max(total - visible, 0)
         # the step's scratch: shared by the layers, freed after the last one's attention
         step = self.step or StepScratch()

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from kvq.errors import KVQError
 
-#: Layer types a :class:`~kvq.hf.KVQCache` can hold. Sliding-window layers show attention the same
-#: window as transformers' ``DynamicSlidingWindowLayer`` but keep older tokens (docs/hf-cache.md).
+#: Layer types a :class:`~kvq.hf.KVQCache` can hold. Sliding-window layers hold and show attention
+#: the same window as transformers' ``DynamicSlidingWindowLayer`` (docs/hf-cache.md).
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 

@@ -11,6 +11,12 @@ dequantized blocks followed by the window, which the model's attention then uses
 
 The first write of a sequence (the prefill) is special, see ``prefill`` in :class:`KVQLayer`.
 
+A sliding-window layer holds its window only, like transformers' ``DynamicSlidingWindowLayer``:
+after each write, quantized blocks whose every token has left the window (no future query can
+see them) are dropped, and so are exact tokens that left it. It holds the newest
+``sliding_window - 1`` tokens plus at most one partly visible block. ``dropped`` counts the
+tokens forgotten at the front; positions (sinks, rotary positions, padding) stay absolute.
+
 Two options change what the blocks hold (docs/pre-rope-and-sinks.md): with ``rope`` (pre-RoPE
 keys) key blocks are un-rotated before quantization and rotated again on read
 (:mod:`kvq.hf.rope`); with ``sinks=n`` the first ``n`` real tokens of each row are kept exact
@@ -49,10 +55,11 @@ class KVQLayer(DynamicLayer):
         keep_dequantized: also keep a dequantized working copy of the quantized blocks, so a
             decode step does not dequantize the whole cache (faster, but holds model-dtype K/V
             beside the packed blocks; :meth:`memory` counts it).
-        sliding_window: for sliding-window attention layers (Mistral...): ``update`` returns and
-            ``get_mask_sizes`` announces the same window as ``DynamicSlidingWindowLayer``
-            (``sliding_window - 1`` past tokens plus the new ones); older tokens are kept, not
-            evicted, so memory is not bounded by the window.
+        sliding_window: for sliding-window attention layers (Mistral, Gemma 2/3...): ``update``
+            returns and ``get_mask_sizes`` announces the same window as
+            ``DynamicSlidingWindowLayer`` (``sliding_window - 1`` past tokens plus the new ones),
+            and tokens that left the window are dropped (whole blocks, exact tokens), unless
+            :meth:`activate_past_recording` asked to keep them until the next :meth:`crop`.
         rope: a :class:`~kvq.hf.rope.RopeTracker` shared by the cache's layers: keys are
             quantized before RoPE (``pre_rope`` is then True). None: keys as the model gives them.
         sinks: the first ``sinks`` real tokens of every row are kept exact (default 0).
@@ -70,6 +77,8 @@ class KVQLayer(DynamicLayer):
         self.sinks, self.sink_store = sinks, SinkStore(sinks)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
+        self.dropped = 0  # sliding layers: oldest tokens forgotten (left the window)
+        self.record_past = False  # keep tokens that left the window until the next crop
         self.key_pipeline, self.value_pipeline = keys, values
         self.prefill, self.residual, self.block = prefill, residual, block
         self.keep_dequantized, self.layer_idx = keep_dequantized, layer_idx
@@ -110,32 +119,48 @@ class KVQLayer(DynamicLayer):
             self.sink_store.write(key_states, value_states, start,
                                   self._mask_slice(start, t, key_states.shape[0]))
         if self.keep_dequantized:
-            self.k_work.write(start, key_states)
-            self.v_work.write(start, value_states)
+            self.k_work.write(start - self.dropped, key_states)
+            self.v_work.write(start - self.dropped, value_states)
+        visible = None  # tokens this write's queries can see (sliding layers), None: all held
+        if self.is_sliding and (self.record_past or not first):
+            visible = min(start, self.sliding_window - 1) + t
         if first and self.prefill == "quantized":
             self._write_prefill(key_states, value_states)
         else:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
+            if self.is_sliding and not self.record_past:  # never quantize what no query sees
+                self._evict(self.sliding_window - 1 if first else visible)
             self._flush()
         if first and self.prefill == "exact":
-            return key_states, value_states
-        visible = None
-        if self.sliding_window is not None and not first:
-            visible = min(start, self.sliding_window - 1) + key_states.shape[-2]
-        if self.fast is not None and not first:
-            packed = self.fast.read(self, key_states.shape[-2], visible)
-            if packed is not None:
-                return packed
-        keys, values = self._read()
-        if visible is not None:
-            keys, values = keys[:, :, -visible:], values[:, :, -visible:]
+            keys, values = key_states, value_states
+        else:
+            if self.fast is not None and not first:
+                # attention reads the held blocks after this returns: evicted on the next write
+                packed = self.fast.read(self, t, visible)
+                if packed is not None:
+                    return packed
+            keys, values = self._read()
+            if visible is not None:
+                keys, values = keys[:, :, -visible:], values[:, :, -visible:]
+        if self.is_sliding and not self.record_past:
+            self._evict(self.sliding_window - 1)
         return keys, values
 
+    def activate_past_recording(self) -> None:
+        """Keep the tokens that leave a sliding window until the next :meth:`crop` (transformers
+        calls it before assisted decoding, to roll back rejected tokens)."""
+        self.record_past = True
+
     def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return len(self.k_store) + self.keys.shape[-2]
+        """Tokens written (dropped ones included), as ``DynamicSlidingWindowLayer`` counts."""
+        return self.dropped + self.held if self.is_initialized else 0
+
+    @property
+    def held(self) -> int:
+        """Tokens held: quantized blocks and exact window (fewer than written on sliding layers
+        once tokens left the window)."""
+        return len(self.k_store) + self.keys.shape[-2] if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         seen = self.get_seq_length()
@@ -155,14 +180,32 @@ class KVQLayer(DynamicLayer):
         self.v_work.clear()
         self.sink_store.clear()
         self._valid = None
+        self.dropped = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Forget the newest ``-tokens_to_remove`` tokens (negative, as in ``DynamicLayer``)."""
+        """Forget the newest ``-tokens_to_remove`` tokens (negative, as in ``DynamicLayer``). On a
+        sliding layer, then drop what left the window (``crop(0)`` only that, as
+        ``DynamicSlidingWindowLayer``); the tokens the next queries need must still be held."""
         if tokens_to_remove > 0:
             raise KVQError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove")
-        if tokens_to_remove == 0 or not self.is_initialized:
+        if not self.is_initialized:
             return
         drop = -tokens_to_remove
+        if self.is_sliding:
+            need = max(self.get_seq_length() - drop - (self.sliding_window - 1), 0)
+            if need < self.dropped:
+                raise KVQError(
+                    f"layer {self.layer_idx}: crop({tokens_to_remove}) needs tokens this "
+                    f"sliding-window layer already dropped (it holds the newest {self.held} of "
+                    f"{self.get_seq_length()}, window {self.sliding_window}); call "
+                    "cache.activate_past_recording() before the forwards to roll back")
+            self._crop_held(drop)
+            self._evict(self.sliding_window - 1)
+            return
+        if drop:
+            self._crop_held(drop)
+
+    def _crop_held(self, drop: int) -> None:
         res = self.keys.shape[-2]
         cut = min(drop, res)
         self.keys, self.values = self.keys[:, :, :res - cut], self.values[:, :, :res - cut]
@@ -170,6 +213,27 @@ class KVQLayer(DynamicLayer):
             self.k_store.crop(drop - cut)
             self.v_store.crop(drop - cut)
         self.sink_store.crop(self.get_seq_length())
+
+    def _evict(self, keep: int) -> None:
+        """Sliding layers: forget tokens older than the newest ``keep`` (no later query sees
+        them): whole quantized blocks, and exact tokens once no block is left before them."""
+        n = self.held - keep
+        if n <= 0:
+            return
+        q = len(self.k_store)
+        if n >= q:
+            self.k_store.clear()
+            self.v_store.clear()
+            self.keys, self.values = self.keys[:, :, n - q:], self.values[:, :, n - q:]
+            gone = n
+        else:
+            gone = self.k_store.drop_front(n)
+            if self.v_store.drop_front(n) != gone:
+                raise KVQError(f"layer {self.layer_idx}: key and value blocks are misaligned")
+        if gone:
+            self.dropped += gone
+            self.k_work.drop_front(gone)
+            self.v_work.drop_front(gone)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -239,7 +303,7 @@ class KVQLayer(DynamicLayer):
         self.keys, self.values = self.keys[:, :, m:].clone(), self.values[:, :, m:].clone()
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor, block: int) -> None:
-        start = len(self.k_store)
+        start = self.dropped + len(self.k_store)  # absolute position of k's first token
         valid = self._valid_slice(start, k.shape[-2], k.shape[0])
         if self.sinks and self.token_axis:  # sinks stay out of token-axis statistics
             sink = self.sink_store.mask(start, k.shape[-2], k.shape[0], k.device)
@@ -256,20 +320,20 @@ class KVQLayer(DynamicLayer):
             if self.pre_rope:
                 kd = self.rope.rotate(kd, start)
             self.sink_store.overwrite(kd, vd, start)
-            self.k_work.write(start, kd)
-            self.v_work.write(start, vd)
+            self.k_work.write(start - self.dropped, kd)
+            self.v_work.write(start - self.dropped, vd)
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held token, (B, H, held, D) each, oldest first (position ``dropped`` on)."""
         if self.keep_dequantized:
-            n = self.get_seq_length()
-            return self.k_work.view(n), self.v_work.view(n)
+            return self.k_work.view(self.held), self.v_work.view(self.held)
         ks, vs = self.k_store.dequantize(), self.v_store.dequantize()
         if not ks:
             return self.keys, self.values
         if self.pre_rope:
-            ks = [self.rope.rotate(torch.cat(ks, dim=-2), 0)]
+            ks = [self.rope.rotate(torch.cat(ks, dim=-2), self.dropped)]
         keys, values = torch.cat([*ks, self.keys], dim=-2), torch.cat([*vs, self.values], dim=-2)
-        self.sink_store.overwrite(keys, values)
+        self.sink_store.overwrite(keys, values, self.dropped)
         return keys, values
 
     def _mask_slice(self, start: int, length: int, batch: int) -> torch.Tensor | None:

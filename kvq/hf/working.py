@@ -36,6 +36,11 @@ class WorkingCopy:
     def view(self, n: int) -> torch.Tensor:
         return self.buf[:, :, :n]
 
+    def drop_front(self, n: int) -> None:
+        """Forget positions [0, n): the rest moves to the front (sliding-window layers)."""
+        if self.buf is not None:
+            self.buf = self.buf[:, :, n:].clone(memory_format=torch.contiguous_format)
+
     def map_batch(self, fn) -> None:
         if self.buf is not None:
             self.buf = fn(self.buf)

@@ -25,3 +25,22 @@ def count_fast(monkeypatch):
 
     monkeypatch.setattr(flash_decode, "decode_attention", counted)
     return calls
+
+
+@pytest.fixture(scope="session")
+def bpe(tmp_path_factory):
+    """(tokenizer, text file): a small byte-level BPE trained on the text (vocab 300)."""
+    import transformers as tf
+    from tokenizers import ByteLevelBPETokenizer
+
+    text = ("Now is the winter of our discontent made glorious summer by this sun of York; and "
+            "all the clouds that lour'd upon our house in the deep bosom of the ocean buried. "
+            ) * 16
+    trained = ByteLevelBPETokenizer()
+    trained.train_from_iterator([text], vocab_size=300, min_frequency=1,
+                                special_tokens=["<pad>", "<s>", "</s>"])
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=trained._tokenizer, pad_token="<pad>",
+                                     bos_token="<s>", eos_token="</s>")
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(text)
+    return tok, path

@@ -74,8 +74,12 @@ def test_int4_cache_forward_generate_beam_padded(family):
     seq, scores = generate(model, ids, cache, do_sample=False)
     assert seq.shape == (2, 22) and not torch.isnan(scores).any()
     report = cache.memory_report().total
-    assert report.quantized_tokens == 16 + 4  # prompt + one flushed block of decode tokens
-    assert report.residual_tokens == 1
+    first = cache.layers[0]
+    if first.is_sliding and first.get_seq_length() >= first.sliding_window:  # Mistral: 12
+        assert report.quantized_tokens + report.residual_tokens == first.held < 21
+    else:
+        assert report.quantized_tokens == 16 + 4  # prompt + one flushed block of decode tokens
+        assert report.residual_tokens == 1
 
     seq, _ = generate(model, ids, KVQCache("nsep>pchan>int4", cfg, **INT4), num_beams=2)
     assert seq.shape == (2, 22)

@@ -2,8 +2,10 @@
 
 With the identity quantizer a pre-RoPE cache must give attention the same keys as transformers'
 ``DynamicCache`` up to fp32 rounding (the keys are un-rotated and re-rotated in float32), for
-every RoPE family: half-split (Llama, Qwen2, Mistral, Phi3, Gemma, Falcon), partial (GPT-NeoX
-rotary_pct=0.25) and interleaved partial (GPT-J rotary_dim=8 of head_dim 16).
+every RoPE family: half-split (Llama, Qwen2/3, Mistral, Phi3, Gemma 1/2, OLMo2, Falcon), one
+angle per pair (gpt-oss), per layer type (Gemma 3's local and global rotary), partial (GPT-NeoX
+rotary_pct=0.25), interleaved (Cohere), interleaved partial (GPT-J rotary_dim=8 of head_dim 16)
+and models that rotate only some layers (Cohere2's sliding layers, SmolLM3's no_rope_layers).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import kvq
 from kvq.errors import KVQError
 from kvq.hf import KVQCache
 
-ROPE_FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt_neox", "gptj", "falcon"]
+ROPE_FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gemma", "gpt_neox", "gptj", "falcon",
+                 "gemma2", "gemma3", "qwen3", "cohere", "cohere2", "olmo2", "smollm3", "gpt_oss"]
+#: layers each family does not rotate (their keys reach the cache pre-RoPE already)
+NO_ROPE_LAYERS = {"cohere2": [1], "smollm3": [1]}
 OPTS = dict(residual=3, block=4)  # decode tokens get flushed into blocks during the tests
 PRE_ID = kvq.KVConfig.from_dict({"keys": {"rope": "pre", "pipeline": "fp16"}, "values": "fp16"})
 
@@ -58,13 +63,17 @@ def test_identity_pre_rope_equals_dynamic_cache(family):
         ref = generate(model, inp, DynamicCache(config=cfg), **kw)
         cache = KVQCache(PRE_ID, model, **OPTS)
         got = generate(model, inp, cache, **kw)
-        assert all(layer.pre_rope for layer in cache.layers)
-        assert cache.layers[0].memory()["quantized_tokens"] >= 12, "nothing went through blocks"
+        assert [i for i, la in enumerate(cache.layers) if not la.pre_rope] == \
+            NO_ROPE_LAYERS.get(family, [])
+        layer = cache.layers[0]  # Mistral's window (12) drops the oldest blocks
+        assert layer.memory()["quantized_tokens"] >= (4 if layer.is_sliding else 12), \
+            "nothing went through blocks"
         assert torch.equal(got[0], ref[0]), f"{family} {name}: tokens differ"
         torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gptj", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gptj", "gemma", "gemma3", "cohere",
+                                    "gpt_oss"])
 def test_keys_equal_dynamic_cache_after_prefill_decode_and_crop(family):
     model = tiny_model(family)
     ref, cache = DynamicCache(config=model.config), KVQCache(PRE_ID, model, **OPTS)
@@ -90,6 +99,8 @@ def pre_rope_keys(model, family, ids):
     elif family == "gpt_neox":
         mod = model.gpt_neox.layers[0].attention.query_key_value
         d = model.config.hidden_size // model.config.num_attention_heads
+    elif family in ("qwen3", "gemma3", "olmo2", "cohere"):  # q/k norms come before RoPE
+        mod, d = model.model.layers[0].self_attn.k_norm, model.model.layers[0].self_attn.head_dim
     else:
         mod, d = model.model.layers[0].self_attn.k_proj, model.model.layers[0].self_attn.head_dim
     handle = mod.register_forward_hook(lambda m, a, out: got.setdefault("k", out))
@@ -100,10 +111,13 @@ def pre_rope_keys(model, family, ids):
     k = got["k"]
     if family == "gpt_neox":
         return k.view(b, t, -1, 3 * d).transpose(1, 2)[..., d:2 * d]
-    return k.view(b, t, -1, d).transpose(1, 2)
+    if family == "gemma3":  # normed after the transpose: already (B, H, T, D)
+        return k
+    return k.reshape(b, t, -1, d).transpose(1, 2)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt_neox", "gptj"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt_neox", "gptj", "qwen3",
+                                    "gemma3", "olmo2", "cohere"])
 def test_the_quantizer_sees_the_keys_before_rope(family, monkeypatch):
     model = tiny_model(family)
     ids = ids_for(seq=12)
@@ -220,10 +234,33 @@ def test_memory_counts_the_rotary_positions():
     assert "sinks+pos" in str(cache.memory_report())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "deepseek_v3"])
 def test_models_without_rope_fail_clearly(family):
-    with pytest.raises(KVQError, match="no one kvq can undo|rope: post"):
+    with pytest.raises(KVQError, match="rope: post"):
         KVQCache(PRE_ID, tiny_model(family), residual=16)
+
+
+def test_deepseek_v3_refusal_says_why():
+    with pytest.raises(KVQError, match="latent as keys.*no RoPE to undo"):
+        KVQCache(PRE_ID, tiny_model("deepseek_v3").config)
+
+
+def test_gemma3_layers_use_their_own_rotary():
+    """Gemma 3's sliding layers rotate with the local base (10k), full layers with the global
+    one (1M): each layer's keys must be un-rotated with its own, or the round trip is off."""
+    model = tiny_model("gemma3")
+    params = model.config.rope_parameters
+    assert params["sliding_attention"]["rope_theta"] != params["full_attention"]["rope_theta"]
+    cache = KVQCache(PRE_ID, model, **OPTS)
+    assert [la.rope.layer_type for la in cache.layers] == model.config.layer_types
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        for c in (ref, cache):
+            model(ids_for(seq=21), past_key_values=c)
+    assert_keys_match(cache, ref)
+    wrong = cache.layers[1].rope
+    wrong.layer_type = "sliding_attention"  # the full layer with the local rotary: wrong keys
+    assert not torch.allclose(read_keys(cache, 1), ref.layers[1].keys, atol=1e-3)
 
 
 def test_other_rope_problems_fail_clearly():

@@ -71,17 +71,20 @@ def _quantized_copy(exact, cfg, model):
     total = exact.get_seq_length()
     rope = _rope(cfg, model, total)
     cache, nbytes = DynamicCache(config=model.config), rope.nbytes if rope else 0
+    # per layer: its rotation (Gemma 3: by layer type), None where the model does not rotate
+    turns = rope.for_layers(model.config) if rope is not None else [None] * len(exact.layers)
     for i, layer in enumerate(exact.layers):
         kp, vp = cfg.for_layer(i)
         k, v = layer.keys, layer.values
         start = total - k.shape[-2]  # sliding-window layers hold only the newest tokens
         sinks = max(0, cfg.sinks - start)
-        pre = rope is not None and cfg.key_rope_for(i) == "pre"
-        kq, vq = kp.quantize(_no_sinks(rope.unrotate(k, start) if pre else k, kp, sinks)), \
+        turn = turns[i]
+        pre = turn is not None and cfg.key_rope_for(i) == "pre"
+        kq, vq = kp.quantize(_no_sinks(turn.unrotate(k, start) if pre else k, kp, sinks)), \
             vp.quantize(_no_sinks(v, vp, sinks))
         kd, vd = kp.dequantize(kq), vp.dequantize(vq)
         if pre:
-            kd = rope.rotate(kd, start)
+            kd = turn.rotate(kd, start)
         if sinks:
             kd[:, :, :sinks], vd[:, :, :sinks] = k[:, :, :sinks], v[:, :, :sinks]
             nbytes += sum(t[:, :, :sinks].numel() * t.element_size() for t in (k, v))
