@@ -32,7 +32,7 @@ class StepScratch:
 
     def __init__(self) -> None:
         self.scratch: Scratch | None = None
-        self.ropes: list = []  # (tracker, its positions tensor, start, end, RopeRead)
+        self.ropes: list = []  # ((tracker, layer type, start, end), positions, RopeRead)
 
     def get(self) -> Scratch:
         if self.scratch is None:
@@ -43,15 +43,18 @@ class StepScratch:
         self.scratch = None
         self.ropes = []
 
-    def rope(self, tracker, start: int, end: int, like: torch.Tensor) -> RopeRead:
-        """The :class:`RopeRead` of cached tokens [start, end) of ``tracker``, shared by the
-        layers of one forward (recomputed when the positions changed: a new write, a beam
-        reorder)."""
-        for t, pos, a, z, found in self.ropes:
-            if t is tracker and pos is tracker.positions and (a, z) == (start, end):
+    def rope(self, rope, start: int, end: int, like: torch.Tensor, offset: int = 0
+             ) -> RopeRead:
+        """The :class:`RopeRead` of held tokens [start, end) of a layer's ``rope`` (a
+        :class:`kvq.hf.rope.LayerRope`; ``offset`` tokens dropped before them), shared by the
+        layers of one forward with the same rotary embedding and cached positions (recomputed
+        when the positions changed: a new write, a beam reorder)."""
+        key = (rope.tracker, rope.layer_type, start + offset, end + offset)
+        for k, pos, found in self.ropes:
+            if k[0] is key[0] and k[1:] == key[1:] and pos is rope.positions:
                 return found
-        found = RopeRead(tracker, start, end, like)
-        self.ropes.append((tracker, tracker.positions, start, end, found))
+        found = RopeRead(rope, start, end, like, offset)
+        self.ropes.append((key, rope.positions, found))
         return found
 
 
@@ -60,7 +63,8 @@ class DecodeView:
     """The visible K/V of one layer at one decode step, still packed.
 
     layer: the :class:`~kvq.hf.layer.KVQLayer` (its stores and window are read, not copied).
-    start: first visible absolute position (> 0 only for sliding-window layers).
+    start: first visible held token (> 0 only for sliding-window layers; a sliding layer holds
+        its tokens from absolute position ``layer.dropped`` on).
     total: tokens held (visible ones are positions [start, total)).
     """
 
@@ -110,7 +114,7 @@ class DecodeView:
         if not getattr(layer, "pre_rope", False) or self.start >= end:
             return None
         step = self.step if self.step is not None else StepScratch()
-        return step.rope(layer.rope, self.start, end, layer.keys)
+        return step.rope(layer.rope, self.start, end, layer.keys, getattr(layer, "dropped", 0))
 
     def sinks(self) -> SinkRead | None:
         """The exact sinks among the visible quantized tokens, or None."""

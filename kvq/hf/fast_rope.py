@@ -21,13 +21,15 @@ import torch
 
 
 class RopeRead:
-    """``(cos, sin)`` of cached tokens ``[start, end)`` of one cache, fp32 ``(1 or B, 1, n, r)``,
-    and the in-place rotation of key chunks among them."""
+    """``(cos, sin)`` of held tokens ``[start, end)`` of one layer, fp32 ``(1 or B, 1, n, r)``,
+    and the in-place rotation of key chunks among them. ``rope``: the layer's
+    :class:`kvq.hf.rope.LayerRope`; ``offset``: tokens the layer dropped before its first held
+    one (sliding windows), so held token ``t`` is cached token ``t + offset``."""
 
-    def __init__(self, tracker, start: int, end: int, like: torch.Tensor):
-        cos, sin = tracker._cos_sin(start, end - start, like)
+    def __init__(self, rope, start: int, end: int, like: torch.Tensor, offset: int = 0):
+        cos, sin = rope.cos_sin(start + offset, end - start, like)
         r = cos.shape[-1]
-        if tracker.adapter.pairs == "half":
+        if rope.adapter.pairs == "half":
             self.a, self.b = slice(0, r // 2), slice(r // 2, r)
         else:
             self.a, self.b = slice(0, r, 2), slice(1, r, 2)
@@ -36,7 +38,7 @@ class RopeRead:
         self.paired = (torch.equal(cos[..., self.a], cos[..., self.b])
                        and torch.equal(sin[..., self.a], sin[..., self.b]))
         self.c, self.s = cos[..., self.a], sin[..., self.a]
-        self.turn = tracker.adapter.pairs
+        self.turn = rope.adapter.pairs
 
     def rotate(self, keys: torch.Tensor, matrix: torch.Tensor | None, at: int, scratch
                ) -> torch.Tensor:

@@ -14,23 +14,25 @@ import torch
 
 
 class SinkRead:
-    """The sinks of one layer at positions [start, end) of the quantized blocks, per row."""
+    """The sinks of one layer at held positions [start, end) of the quantized blocks, per row.
+    ``offset``: tokens the layer dropped before its first held one (sliding windows); sink
+    positions are absolute, so held token ``t`` is token ``t + offset``."""
 
-    def __init__(self, store, start: int, end: int):
+    def __init__(self, store, start: int, end: int, offset: int = 0):
         pos = store.pos
-        live = (pos >= start) & (pos < end)
+        live = (pos >= start + offset) & (pos < end + offset)
         rows, slots = live.nonzero(as_tuple=True)
-        self.rows, self.cols = rows, pos[rows, slots] - start
+        self.rows, self.cols = rows, pos[rows, slots] - (start + offset)
         self.k = store.k[rows, :, slots].float()  # (N, H, D)
         self.v = store.v[rows, :, slots].float()  # (N, H, Dv)
 
     @classmethod
     def of(cls, layer, start: int, end: int) -> SinkRead | None:
-        """The layer's sinks in [start, end), or None when there are none."""
+        """The layer's sinks at held positions [start, end), or None when there are none."""
         store = layer.sink_store
         if not layer.sinks or store.pos is None:
             return None
-        found = cls(store, start, end)
+        found = cls(store, start, end, getattr(layer, "dropped", 0))
         return found if found.rows.numel() else None
 
     def set_scores(self, scores: torch.Tensor, q: torch.Tensor) -> None:

@@ -288,6 +288,19 @@ class LayerRope:
     def __init__(self, tracker: RopeTracker, layer_type: str):
         self.tracker, self.layer_type = tracker, layer_type
 
+    @property
+    def adapter(self) -> RopeAdapter:
+        return self.tracker.adapter
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.tracker.positions
+
+    def cos_sin(self, start: int, length: int, like: torch.Tensor):
+        """The rotary ``(cos, sin)`` of cached tokens [start, start + length) for this layer's
+        type, fp32 (B, 1, length, r) (the fast decode path rotates key chunks with them)."""
+        return self.tracker._cos_sin(start, length, like, self.layer_type)
+
     def sync(self, start: int, length: int, layer_idx) -> None:
         self.tracker.sync(start, length, layer_idx)
 

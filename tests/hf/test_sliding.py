@@ -211,6 +211,27 @@ def test_fast_decode_equals_general_past_the_window(name, prefill, residual, fac
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_decode_with_pre_rope_keys_past_the_window(name, count_fast):
+    """Pre-RoPE keys on the fast path: each held chunk is rotated for its absolute positions,
+    which start ``layer.dropped`` tokens in once the window has moved (Gemma 3: per layer type)."""
+    model = tiny_model(name)
+    ids, mask = left_padded(batch=2, seq=3 * model.config.sliding_window, pads=(0, 5))
+    cfg = kvq.KVConfig.from_dict({"keys": {"rope": "pre", "pipeline": "nsep>pchan>int4"},
+                                  "values": "nsep>pchan>int4", "sinks": 1})
+    outs = []
+    for impl, attention in (("sdpa", "dequantize"), ("kvq", "fast")):
+        _set(model, impl)
+        try:
+            cache = KVQCache(cfg, model, residual=3, block=4, attention=attention)
+            outs.append(run_steps(model, cache, ids, 20, mask=mask))
+        finally:
+            _set(model, "sdpa")
+        assert any(la.dropped for la in sliding(cache))
+    assert len(count_fast) == 20 * model.config.num_hidden_layers
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", [*MODELS, "llama"])
 @pytest.mark.parametrize("seen", [5, 30])
 def test_compare_counts_what_dynamic_cache_holds(name, seen):
