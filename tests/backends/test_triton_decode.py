@@ -49,13 +49,16 @@ def decode_view(spec, b=2, h=2, d=32, prompt=45, steps=7, sliding=None, seed=0):
 @pytest.mark.parametrize("spec,sliding", [
     ("nsep>pchan>int4", None),
     ("rot>ptok>int2(asym)", None),
-    ("group(8,token)>int3", 20),
+    ("group(8,token)>int3", 40),  # the window starts inside the first block (nothing dropped yet)
+    ("group(8,token)>int3", 20),  # the prompt blocks left the window: dropped
     ("nsep>group(16)>int8(asym)", None),
 ])
 def test_triton_decode_equals_torch_path(spec, sliding):
     view, window = decode_view(spec, sliding=sliding)
     assert triton_decode_supported(view)
-    assert len(view.layer.k_store.segments) == 2  # prompt blocks + tail, then decode blocks
+    # prompt blocks + tail, then decode blocks; a 20-token window has dropped the prompt's
+    assert len(view.layer.k_store.segments) == (1 if sliding == 20 else 2)
+    assert (view.layer.dropped > 0) == (sliding == 20)
     g = 3
     q = torch.randn(2, 2 * g, 1, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.ones(2, 1, 1, view.visible, dtype=torch.bool, device=DEVICE)
