@@ -55,6 +55,8 @@ def kv_geometry(model_config) -> KVGeometry:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
         kv_heads = 1  # Falcon multi-query
+    if getattr(cfg, "kv_lora_rank", None):  # MLA (DeepSeek-V2/V3): one latent "head" is cached,
+        kv_heads, head_dim = 1, cfg.kv_lora_rank  # keys = the latent, values = the rope part
     windows = tuple(kw.get("sliding_window") if t == "sliding_attention" else None
                     for t, kw in zip(layer_types, layer_kwargs))
     return KVGeometry(int(layers), int(head_dim), int(kv_heads), tuple(layer_types), mtype,
