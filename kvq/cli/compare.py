@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2, embedded)")
+    p.add_argument("--model", help="smollm2 (default) or gemma3 (embedded), a local dir, "
+                   ".gguf file or hub id")
     p.add_argument(
         "--corpus",
         default="shakespeare",

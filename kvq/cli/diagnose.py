@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
 
 def add_common(p) -> None:
     """Options shared by ``kvq diagnose`` and ``kvq tune``."""
-    p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2)")
+    p.add_argument("--model", help="smollm2 (default) or gemma3 (embedded), a local dir, "
+                   ".gguf file or hub id")
     p.add_argument("--corpus", default="shakespeare:calib",
                    help="calibration text (default shakespeare:calib, the split kvq compare "
                    "does not score)")

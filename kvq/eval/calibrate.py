@@ -197,7 +197,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
     tokens = sum(c.values[0].shape[0] * c.values[0].shape[2] for c in caps)
     st_path = out.with_suffix(".safetensors")
     codebooks.write(st_path, tensors, {
-        "model": s.model or models.DEFAULT_MODEL_NAME, "num_layers": layers,
+        "model": models.display_name(s.model), "num_layers": layers,
         "kv_heads": kv_heads, "head_dim": head_dim,
         "keys_recipe": keys_recipe, "values_recipe": values_recipe,
         **{k: v for k, v in asdict(s).items() if k not in ("keys", "values") and v is not None},
@@ -221,7 +221,7 @@ def calibrate(recipe: str | CalibrationSettings = "kvquant3", out: str | Path = 
 
     header = (f"# kvq calibrate: {s.recipe} fitted on {s.corpus} ({tokens} tokens, "
               f"{s.context}-token windows, blocks of {s.block}, sensitivity {s.sensitivity})\n"
-              f"# for {s.model or models.DEFAULT_MODEL_NAME} ({layers} layers, head_dim "
+              f"# for {models.display_name(s.model)} ({layers} layers, head_dim "
               f"{head_dim}); levels in {st_path.name} (keys {rope}-RoPE, {sinks} sink(s))\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + yaml.safe_dump(data, sort_keys=False))

@@ -117,7 +117,7 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
     return {
         "kvq_version": kvq.__version__,
         "model": {
-            "name": settings.model or models.DEFAULT_MODEL_NAME,
+            "name": models.display_name(settings.model),
             "layers": layers,
             "kv_heads": kv_heads,
             "head_dim": head_dim,
