@@ -30,8 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--corpus",
         default="shakespeare",
-        help="shakespeare[:eval|:calib], a .txt file, a directory of .txt, or .jsonl "
-        "with a 'text' field (default: shakespeare = the held-out eval split)",
+        help="shakespeare, prose (Django docs) or code (Django sources), each [:eval|:calib]; "
+        "a .txt file, a directory of .txt, or .jsonl with a 'text' field (default: "
+        "shakespeare = its held-out eval split)",
     )
     p.add_argument(
         "--pipelines",

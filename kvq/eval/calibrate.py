@@ -267,12 +267,14 @@ def _without_sinks(x, fisher, sinks: int):
 
 
 def _check(s: CalibrationSettings) -> None:
+    from kvq.eval.corpus import is_eval_split
     from kvq.eval.errors import EvalError
 
-    if s.corpus in ("shakespeare", "shakespeare:eval"):
+    if is_eval_split(s.corpus):
+        calib = s.corpus.partition(":")[0] + ":calib"
         raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
-                        "fit the codebooks to the text they are scored on. Use shakespeare:calib "
-                        "(the default) or your own text")
+                        f"fit the codebooks to the text they are scored on. Use {calib} "
+                        "(shakespeare:calib is the default) or your own text")
     if s.bits is not None and not s.bits > 0:
         raise EvalError(f"--bits must be positive, got {s.bits}")
     if s.allocate not in ("predicted", "measured"):
