@@ -170,8 +170,30 @@ def _ppl_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
                         "tokens": s.tokens,
                         "windows": s.windows,
                     }
+                    | quality(s, scores[pipelines.BASELINE])
                 )
     return rows
+
+
+def quality(s, base) -> dict:
+    """KL divergence from the fp16 run (mean, 99th percentile), top-1 agreement, and paired
+    block-bootstrap 95% intervals of ΔPPL and mean KL (:mod:`kvq.eval.bootstrap`)."""
+    import torch
+
+    from kvq.eval import bootstrap
+
+    out = {"kl": s.kl_mean(), "kl_p99": s.kl_quantile(0.99), "top1": s.top1(),
+           "delta_ci": None, "kl_ci": None}
+    if not s.token_nll or [t.numel() for t in s.token_nll] != [t.numel() for t in base.token_nll]:
+        return out
+    cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+    ci = bootstrap.paired(cat(s.token_nll), cat(base.token_nll),
+                          cat(s.token_kl) if s.has_reference else None,
+                          bootstrap.block_ids([t.numel() for t in s.token_nll]))
+    for key, name in (("delta_ppl", "delta_ci"), ("kl", "kl_ci")):
+        if ci[key] is not None:
+            out[name] = [ci[key].low, ci[key].high]
+    return out
 
 
 def _check_fit(model_config, settings, configs, layers, head_dim) -> None:

@@ -1,8 +1,9 @@
 """PNG plot of a comparison report (matplotlib, Agg backend; no display needed).
 
 Panels: ΔPPL vs context length for each protocol (one line per pipeline, symlog y axis), ΔPPL vs
-bits/element at the longest context for the first protocol, and exact match vs haystack length
-when the needle task ran.
+bits/element and mean KL divergence vs bits/element at the longest context for the first
+protocol (bars: paired-bootstrap 95% intervals), and exact match vs haystack length when the
+needle task ran.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def write_png(report: dict, path: Path) -> Path:
     ppl = [r for r in rows if r["task"] == "ppl"]
     needle = [r for r in rows if r["task"] == "needle"]
     protocols = list(dict.fromkeys(r["protocol"] for r in ppl))
-    panels = len(protocols) + (1 if ppl else 0) + (1 if needle else 0)
+    has_kl = any(r.get("kl") is not None for r in ppl)
+    panels = len(protocols) + (1 if ppl else 0) + (1 if has_kl else 0) + (1 if needle else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
     axes = list(axes[0])
     for proto in protocols:
@@ -39,22 +41,20 @@ def write_png(report: dict, path: Path) -> Path:
         ax = axes.pop(0)
         first = [r for r in ppl if r["protocol"] == protocols[0]]
         longest = max(r["context"] for r in first)
-        for r in first:
-            if r["context"] == longest and r["pipeline"] != "fp16":
-                ax.scatter(r["bits_per_element"], r["delta"], color=style(r["pipeline"])["color"])
-                ax.annotate(
-                    r["pipeline"],
-                    (r["bits_per_element"], r["delta"]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
+        at_longest = [r for r in first if r["context"] == longest and r["pipeline"] != "fp16"]
+        _points(ax, at_longest, "delta", "delta_ci")
         ax.set(
             title=f"ΔPPL vs bits/element ({protocols[0]}, {longest} tokens)",
             xlabel="stored bits per K/V element",
-            ylabel="ΔPPL vs fp16",
+            ylabel="ΔPPL vs fp16 (95% CI)",
         )
         ax.set_yscale("symlog", linthresh=0.1)
+        if has_kl:
+            ax = axes.pop(0)
+            _points(ax, [r for r in at_longest if r.get("kl") is not None], "kl", "kl_ci")
+            ax.set(title=f"KL from fp16 vs bits/element ({longest} tokens)",
+                   xlabel="stored bits per K/V element", ylabel="mean KL, nats (95% CI)")
+            ax.set_yscale("symlog", linthresh=1e-3)
     if needle:
         ax = axes.pop(0)
         for label, pts in _series(needle, "context", "value").items():
@@ -72,6 +72,18 @@ def write_png(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _points(ax, rows: list[dict], y: str, ci: str) -> None:
+    """One labelled point per row at (bits/element, ``y``) with its interval ``ci`` as a bar."""
+    for r in rows:
+        if r[y] is None:
+            continue
+        lo, hi = r.get(ci) or (r[y], r[y])
+        ax.errorbar(r["bits_per_element"], r[y], yerr=[[max(r[y] - lo, 0)], [max(hi - r[y], 0)]],
+                    fmt="o", ms=4, capsize=2, color=style(r["pipeline"])["color"])
+        ax.annotate(r["pipeline"], (r["bits_per_element"], r[y]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
 
 
 def style(label: str) -> dict:
