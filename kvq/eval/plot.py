@@ -74,6 +74,48 @@ def write_png(report: dict, path: Path) -> Path:
     return path
 
 
+def write_matrix_png(matrix: dict, path: Path) -> Path:
+    """One panel per (model, corpus) cell: ΔPPL in % of the fp16 PPL vs stored bits/element at
+    the longest context of the first protocol, with 95% intervals, and the budget lines."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cells = matrix["cells"]
+    cols = min(3, max(1, len(cells)))
+    rows_n = (len(cells) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.2 * rows_n), squeeze=False)
+    for ax, cell in zip(axes.flat, cells, strict=False):
+        ppl = [r for r in cell["rows"] if r["task"] == "ppl"]
+        if not ppl:
+            continue
+        proto = ppl[0]["protocol"]
+        longest = max(r["context"] for r in ppl if r["protocol"] == proto)
+        pool = [r for r in ppl if r["protocol"] == proto and r["context"] == longest]
+        base = next((r["value"] for r in pool if r["pipeline"] == "fp16"), None)
+        if not base:
+            continue
+        pct = [dict(r, delta=100 * r["delta"] / base,
+                    delta_ci=[100 * c / base for c in r["delta_ci"]] if r.get("delta_ci")
+                    else None)
+               for r in pool if r["pipeline"] != "fp16" and r["delta"] is not None]
+        _points(ax, pct, "delta", "delta_ci")
+        for budget in (2.5, 3.5, 4.5):
+            ax.axvline(budget, color="grey", lw=0.6, ls=":")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set(title=f"{cell['model']['name']} x {cell['settings']['corpus']} ({longest} tok)",
+               xlabel="stored bits per K/V element", ylabel="ΔPPL, % of fp16 (95% CI)")
+    for ax in list(axes.flat)[len(cells):]:
+        ax.axis("off")
+    fig.suptitle("kvq compare matrix", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _points(ax, rows: list[dict], y: str, ci: str) -> None:
     """One labelled point per row at (bits/element, ``y``) with its interval ``ci`` as a bar."""
     for r in rows:
