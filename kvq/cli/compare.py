@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
         help="teacher-forced, seed, streaming (default teacher-forced,seed)",
     )
     p.add_argument(
-        "--tasks", type=_names, default=["ppl"], metavar="T,...", help="ppl, needle (default ppl)"
+        "--tasks", type=_names, default=["ppl"], metavar="T,...",
+        help="ppl, needle, ruler (RULER-style retrieval at --needle-lengths; default ppl)"
     )
     p.add_argument(
         "--tokens",

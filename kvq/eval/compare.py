@@ -25,7 +25,7 @@ from kvq.eval.caches import geometry, is_identity
 from kvq.eval.errors import EvalError
 from kvq.eval.protocols import get_protocol
 
-TASKS = ("ppl", "needle")
+TASKS = ("ppl", "needle", "ruler")
 
 
 @dataclass
@@ -113,6 +113,10 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
         from kvq.eval.needle_runner import needle_rows
 
         rows += needle_rows(model, tokenizer, settings, configs, bar)
+    if "ruler" in settings.tasks:
+        from kvq.eval.ruler_runner import ruler_rows
+
+        rows += ruler_rows(model, tokenizer, settings, configs, bar)
     bar.close()
     return {
         "kvq_version": kvq.__version__,
@@ -208,7 +212,7 @@ def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
     )
     asked = max(
         (settings.contexts if "ppl" in settings.tasks else [])
-        + (settings.needle_lengths if "needle" in settings.tasks else [])
+        + (settings.needle_lengths if {"needle", "ruler"} & set(settings.tasks) else [])
     )
     if limit is not None and asked > limit:
         raise EvalError(

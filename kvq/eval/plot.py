@@ -19,7 +19,7 @@ def write_png(report: dict, path: Path) -> Path:
 
     rows = report["rows"]
     ppl = [r for r in rows if r["task"] == "ppl"]
-    needle = [r for r in rows if r["task"] == "needle"]
+    needle = [r for r in rows if r["task"] == "needle"] + _ruler_means(rows)
     protocols = list(dict.fromkeys(r["protocol"] for r in ppl))
     has_kl = any(r.get("kl") is not None for r in ppl)
     panels = len(protocols) + (1 if ppl else 0) + (1 if has_kl else 0) + (1 if needle else 0)
@@ -60,9 +60,9 @@ def write_png(report: dict, path: Path) -> Path:
         for label, pts in _series(needle, "context", "value").items():
             ax.plot(*zip(*pts), marker="o", label=label, **style(label))
         ax.set(
-            title="needle-in-a-haystack",
+            title="retrieval (ruler: mean over subtasks)",
             xlabel="haystack length (tokens)",
-            ylabel="exact match",
+            ylabel="exact match / score",
             ylim=(-0.05, 1.05),
         )
         ax.set_xscale("log", base=2)
@@ -114,6 +114,16 @@ def write_matrix_png(matrix: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _ruler_means(rows: list[dict]) -> list[dict]:
+    """Ruler rows averaged over subtasks, one per (length, pipeline), labelled ``P (ruler)``."""
+    acc: dict = {}
+    for r in rows:
+        if r["task"] == "ruler" and r["value"] is not None:
+            acc.setdefault((r["context"], r["pipeline"]), []).append(r["value"])
+    return [{"context": c, "pipeline": f"{p} (ruler)", "value": sum(v) / len(v)}
+            for (c, p), v in acc.items()]
 
 
 def _points(ax, rows: list[dict], y: str, ci: str) -> None:

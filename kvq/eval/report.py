@@ -25,10 +25,11 @@ def markdown(report: dict) -> str:
     parts = [head]
     for (task, protocol), rows in _groups(report["rows"]).items():
         parts.append(f"\n**{task} / {protocol}**\n")
-        if task == "needle":
+        if task in ("needle", "ruler"):
             parts.append(
                 _table(
-                    ["length", "pipeline", "bits/elt", "exact match", "Δ vs fp16", "time s"],
+                    ["length", "pipeline", "bits/elt", "exact match" if task == "needle"
+                     else "score", "Δ vs fp16", "time s"],
                     [
                         [
                             r["context"],
