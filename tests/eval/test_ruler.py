@@ -26,7 +26,8 @@ def test_needles_and_answers_are_in_the_prompt_at_the_asked_length(task):
     for doc in ruler.make_documents(TEXT, [task], (200, 400), 3, count_tokens=count):
         body, question = doc["prompt"].split("\n\nQuestion: ")
         assert doc["length"] - 40 <= count(doc["prompt"]) <= doc["length"]
-        assert all(a in body for a in doc["answers"]) and question.endswith("\nAnswer:")
+        assert all(a in body for a in doc["answers"]) and "\nAnswer: " in question
+        assert not any(a in question for a in doc["answers"])
         if task == "niah_multikey":
             assert body.count("special magic numbers for") == 4 and len(doc["answers"]) == 1
         if task == "niah_multivalue":

@@ -10,7 +10,8 @@ haystack of real text (a slice of a shipped corpus, cut at sentence ends), then 
 * ``variable_tracking``: a chain ``VAR A = 12345.``, ``VAR B = VAR A.``, ... (four hops) and a
   distractor chain from another value; asked which variables hold the first value.
 
-Each document: ``prompt`` (haystack with needles, question, answer prefix), ``answers`` (the
+Each document: ``prompt`` (haystack with needles, question, and RULER's answer prefix, e.g.
+"Answer: The special magic number for KEY mentioned in the provided text is"), ``answers`` (the
 strings that must appear in the generated text), ``task``, ``length`` (target prompt tokens),
 ``max_new_tokens``. Score (RULER's ``string_match_all``): the share of ``answers`` found in the
 generated text. Everything depends only on ``seed``, the haystack text and the tokenizer.
@@ -44,8 +45,8 @@ def make_documents(haystack: str, tasks=TASKS, lengths=(512, 1024), per_length: 
         for length in lengths:
             for i in range(per_length):
                 rng = random.Random(f"{seed}/{task}/{length}/{i}")
-                needles, question, answers = _BUILD[task](rng)
-                tail = f"\n\nQuestion: {question}\nAnswer:"
+                needles, question, prefix, answers = _BUILD[task](rng)
+                tail = f"\n\nQuestion: {question}\nAnswer: {prefix}"
                 budget = length - count(tail) - sum(count(" " + n) for n in needles)
                 filler = _filler(sentences, rng, budget, count)
                 text = _plant(filler, needles, rng)
@@ -77,9 +78,11 @@ def _niah(rng: random.Random, keys: int, values: int):
     if values > 1:
         question = (f"What are all the special magic numbers for {target} mentioned in the "
                     "provided text?")
+        prefix = f"The special magic numbers for {target} mentioned in the provided text are"
     else:
         question = f"What is the special magic number for {target} mentioned in the provided text?"
-    return needles, question, nums
+        prefix = f"The special magic number for {target} mentioned in the provided text is"
+    return needles, question, prefix, nums
 
 
 def _variables(rng: random.Random):
@@ -94,7 +97,9 @@ def _variables(rng: random.Random):
     needles = [n for pair in zip(needles[:5], needles[5:], strict=True) for n in pair]
     question = (f"Which variables are assigned the value {value}, directly or through other "
                 "variables?")
-    return needles, question, chain
+    prefix = (f"According to the chains of variable assignments in the text above, "
+              f"{len(chain)} variables are assigned the value {value}, they are:")
+    return needles, question, prefix, chain
 
 
 _BUILD = {
