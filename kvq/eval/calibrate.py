@@ -236,7 +236,7 @@ def _run(s: CalibrationSettings, out: Path, rec: dict, roles: dict, fitted: dict
     tokens = sum(c.values[0].shape[0] * c.values[0].shape[2] for c in caps)
     st_path = out.with_suffix(".safetensors")
     st_bytes = codebooks.encode(tensors, {
-        "model": s.model or models.DEFAULT_MODEL_NAME, "num_layers": layers,
+        "model": models.display_name(s.model), "num_layers": layers,
         "kv_heads": kv_heads, "head_dim": head_dim,
         "keys_recipe": keys_recipe, "values_recipe": values_recipe,
         **{k: v for k, v in asdict(s).items() if k not in ("keys", "values") and v is not None},
@@ -262,7 +262,7 @@ def _run(s: CalibrationSettings, out: Path, rec: dict, roles: dict, fitted: dict
 
     header = (f"# kvq calibrate: {s.recipe} fitted on {s.corpus} ({tokens} tokens, "
               f"{s.context}-token windows, blocks of {s.block}, sensitivity {s.sensitivity})\n"
-              f"# for {s.model or models.DEFAULT_MODEL_NAME} ({layers} layers, head_dim "
+              f"# for {models.display_name(s.model)} ({layers} layers, head_dim "
               f"{head_dim}); levels in {st_path.name} (keys {rope}-RoPE, {sinks} sink(s))\n")
     artifact.write(out, header + yaml.safe_dump(data, sort_keys=False), st_bytes)
     cfg = kvq.load(out)
@@ -324,13 +324,15 @@ def _without_sinks(x, fisher, sinks: int):
 
 def _check(s: CalibrationSettings) -> None:
     from kvq.eval.compare import _device
+    from kvq.eval.corpus import is_eval_split
     from kvq.eval.errors import EvalError
 
     _device(s.device)
-    if s.corpus in ("shakespeare", "shakespeare:eval"):
+    if is_eval_split(s.corpus):
+        calib = s.corpus.partition(":")[0] + ":calib"
         raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
-                        "fit the codebooks to the text they are scored on. Use shakespeare:calib "
-                        "(the default) or your own text")
+                        f"fit the codebooks to the text they are scored on. Use {calib} "
+                        "(shakespeare:calib is the default) or your own text")
     if s.bits is not None and not 0 < s.bits <= 16:
         raise EvalError(f"--bits must be positive and at most 16 (bits/element), got {s.bits}")
     if s.allocate not in ("predicted", "measured"):

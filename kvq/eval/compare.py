@@ -25,7 +25,7 @@ from kvq.eval.caches import geometry, is_identity
 from kvq.eval.errors import EvalError
 from kvq.eval.protocols import get_protocol
 
-TASKS = ("ppl", "needle")
+TASKS = ("ppl", "needle", "ruler")
 
 
 @dataclass
@@ -113,11 +113,15 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
         from kvq.eval.needle_runner import needle_rows
 
         rows += needle_rows(model, tokenizer, settings, configs, bar)
+    if "ruler" in settings.tasks:
+        from kvq.eval.ruler_runner import ruler_rows
+
+        rows += ruler_rows(model, tokenizer, settings, configs, bar)
     bar.close()
     return {
         "kvq_version": kvq.__version__,
         "model": {
-            "name": settings.model or models.DEFAULT_MODEL_NAME,
+            "name": models.display_name(settings.model),
             "layers": layers,
             "kv_heads": kv_heads,
             "head_dim": head_dim,
@@ -170,8 +174,30 @@ def _ppl_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
                         "tokens": s.tokens,
                         "windows": s.windows,
                     }
+                    | quality(s, scores[pipelines.BASELINE])
                 )
     return rows
+
+
+def quality(s, base) -> dict:
+    """KL divergence from the fp16 run (mean, 99th percentile), top-1 agreement, and paired
+    block-bootstrap 95% intervals of ΔPPL and mean KL (:mod:`kvq.eval.bootstrap`)."""
+    import torch
+
+    from kvq.eval import bootstrap
+
+    out = {"kl": s.kl_mean(), "kl_p99": s.kl_quantile(0.99), "top1": s.top1(),
+           "delta_ci": None, "kl_ci": None}
+    if not s.token_nll or [t.numel() for t in s.token_nll] != [t.numel() for t in base.token_nll]:
+        return out
+    cat = lambda xs: torch.cat(xs) if xs else None  # noqa: E731
+    ci = bootstrap.paired(cat(s.token_nll), cat(base.token_nll),
+                          cat(s.token_kl) if s.has_reference else None,
+                          bootstrap.block_ids([t.numel() for t in s.token_nll]))
+    for key, name in (("delta_ppl", "delta_ci"), ("kl", "kl_ci")):
+        if ci[key] is not None:
+            out[name] = [ci[key].low, ci[key].high]
+    return out
 
 
 def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
@@ -179,7 +205,7 @@ def _check_fit(model_config, settings, configs, layers, head_dim) -> None:
 
     asked = max(
         (settings.contexts if "ppl" in settings.tasks else [])
-        + (settings.needle_lengths if "needle" in settings.tasks else [])
+        + (settings.needle_lengths if {"needle", "ruler"} & set(settings.tasks) else [])
     )
     check_context(model_config, asked, "--context (and --needle-lengths)")
     for label, cfg in configs.items():

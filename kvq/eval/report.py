@@ -25,10 +25,11 @@ def markdown(report: dict) -> str:
     parts = [head]
     for (task, protocol), rows in _groups(report["rows"]).items():
         parts.append(f"\n**{task} / {protocol}**\n")
-        if task == "needle":
+        if task in ("needle", "ruler"):
             parts.append(
                 _table(
-                    ["length", "pipeline", "bits/elt", "exact match", "Δ vs fp16", "time s"],
+                    ["length", "pipeline", "bits/elt", "exact match" if task == "needle"
+                     else "score", "Δ vs fp16", "time s"],
                     [
                         [
                             r["context"],
@@ -43,34 +44,50 @@ def markdown(report: dict) -> str:
                 )
             )
         else:
-            parts.append(
-                _table(
-                    [
-                        "context",
-                        "pipeline",
-                        "bits/elt",
-                        "PPL",
-                        "ΔPPL",
-                        "cache KiB",
-                        "× fp16",
-                        "time s",
-                    ],
-                    [
-                        [
-                            r["context"],
-                            r["pipeline"],
-                            _f(r["bits_per_element"], 2),
-                            _f(r["value"], 3),
-                            _signed(r["delta"], 3),
-                            _f(r["cache_bytes"] / 1024, 0),
-                            _f(r["cache_bytes"] / r["fp16_bytes"], 3) if r["fp16_bytes"] else "",
-                            _f(r["seconds"], 1),
-                        ]
-                        for r in rows
-                    ],
-                )
-            )
+            parts.append(_ppl_table(rows))
+    if any(r["task"] == "ppl" and r.get("delta_ci") for r in report["rows"]):
+        parts.append(CI_NOTE)
     return "\n".join(parts) + "\n"
+
+
+CI_NOTE = (
+    "\nKL: mean KL divergence of each position's next-token distribution from the fp16 run "
+    "(nats), p99 its 99th percentile over scored tokens; top-1: share of positions whose most "
+    "likely token equals fp16's. [low, high]: paired block-bootstrap 95% intervals (blocks of "
+    "128 scored tokens within a window, 2,000 resamples, seed 0; kvq.eval.bootstrap)."
+)
+
+
+def _ppl_table(rows: list[dict]) -> str:
+    return _table(
+        ["context", "pipeline", "bits/elt", "PPL", "ΔPPL", "ΔPPL 95% CI", "KL", "KL 95% CI",
+         "KL p99", "top-1", "cache KiB", "× fp16", "time s"],
+        [
+            [
+                r["context"],
+                r["pipeline"],
+                _f(r["bits_per_element"], 2),
+                _f(r["value"], 3),
+                _signed(r["delta"], 3),
+                _ci(r.get("delta_ci"), 3, signed=True),
+                _f(r.get("kl"), 4),
+                _ci(r.get("kl_ci"), 4),
+                _f(r.get("kl_p99"), 3),
+                _f(r.get("top1"), 3),
+                _f(r["cache_bytes"] / 1024, 0),
+                _f(r["cache_bytes"] / r["fp16_bytes"], 3) if r["fp16_bytes"] else "",
+                _f(r["seconds"], 1),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def _ci(ci, digits: int, signed: bool = False) -> str:
+    if not ci:
+        return "n/a"
+    fmt = _signed if signed else _f
+    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
 
 
 def write_markdown(report: dict, path: Path) -> Path:

@@ -94,6 +94,8 @@ def test_missing_corrupt_and_mismatched_artifacts(artifact, tmp_path, tiny):
 @pytest.mark.parametrize("argv, message", [
     (["--corpus", "shakespeare"], "evaluation split"),
     (["--corpus", "shakespeare:eval"], "evaluation split"),
+    (["--corpus", "prose"], "Use prose:calib"),
+    (["--corpus", "code:eval"], "Use code:calib"),
     (["--recipe", "nope"], "unknown recipe"),
     (["--out", "x.json"], "must end in .yaml"),
     (["--keys", "pchan>int3", "--values", "ptok>int3"], "nothing to calibrate"),

@@ -45,7 +45,8 @@ def test_compare_end_to_end_writes_table_json_markdown_png(tiny_dir, text_file, 
     )
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| context | pipeline | bits/elt | PPL | ΔPPL |" in printed and "naive2" in printed
+    assert "| context | pipeline | bits/elt | PPL | ΔPPL | ΔPPL 95% CI | KL |" in printed
+    assert "naive2" in printed
     report = json.loads((out / "results.json").read_text())
     rows = report["rows"]
     labels = report["settings"]["pipelines"]
@@ -55,6 +56,11 @@ def test_compare_end_to_end_writes_table_json_markdown_png(tiny_dir, text_file, 
     for r in rows:
         if r["pipeline"] == "fp16" and r["task"] == "ppl":
             assert r["delta"] == 0 and r["bits_per_element"] == 16
+            assert r["kl"] == 0 and r["top1"] == 1 and r["delta_ci"] == [0, 0]
+        if r["task"] == "ppl":
+            lo, hi = r["kl_ci"]
+            assert 0 <= lo <= r["kl"] <= hi and r["kl"] <= r["kl_p99"] or r["kl"] == 0
+            assert r["delta_ci"][0] <= r["delta"] <= r["delta_ci"][1] and 0 <= r["top1"] <= 1
         if r["pipeline"] == "naive2" and r["protocol"] in ("teacher-forced", "seed"):
             assert r["bits_per_element"] < 4 and r["cache_bytes"] < r["fp16_bytes"] / 4
     assert (out / "results.md").read_text().startswith("Model:")

@@ -74,7 +74,7 @@ def test_lm_eval_cli_runs_kvq_hf_on_local_tasks(tiny_dir, text_file, tmp_path):
         "--model_args",
         f"pretrained={tiny_dir},kv=nsep>pchan>int4,values=ptok>int8",
         "--tasks",
-        "kvq_shakespeare,kvq_needle",
+        "kvq_shakespeare,kvq_needle,kvq_ruler",
         "--include_path",
         str(TASKS_DIR),
         "--metadata",
@@ -91,3 +91,5 @@ def test_lm_eval_cli_runs_kvq_hf_on_local_tasks(tiny_dir, text_file, tmp_path):
     assert 4 < cfg["kvq_bits_per_element"] < 16 and cfg["kvq_cache"]["prefill"] == "quantized"
     assert results["results"]["kvq_shakespeare"]["byte_perplexity,none"] > 1
     assert 0 <= results["results"]["kvq_needle"]["exact_match,number"] <= 1
+    for sub in ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"):
+        assert 0 <= results["results"][f"kvq_ruler_{sub}"]["score,none"] <= 1

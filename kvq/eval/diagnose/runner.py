@@ -124,7 +124,7 @@ def run(settings: Settings, progress: bool = True, loaded=None) -> dict:
             cands.presets.items()}
     return {
         "kvq_version": kvq.__version__,
-        "model": {"name": settings.model or models.DEFAULT_MODEL_NAME, "layers": n_layers,
+        "model": {"name": models.display_name(settings.model), "layers": n_layers,
                   "kv_heads": kv_heads, "head_dim": head_dim,
                   "heads": c.q.shape[1], "dtype": str(model.dtype).replace("torch.", "")},
         "settings": asdict(settings),

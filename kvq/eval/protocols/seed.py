@@ -17,8 +17,8 @@ import torch
 
 from kvq.eval.caches import fp16_bytes
 from kvq.eval.errors import EvalError
-from kvq.eval.protocols.base import Protocol, Score, nll_sum
-from kvq.hf.compat import cache_kwargs
+from kvq.eval.metrics import Head
+from kvq.eval.protocols.base import Protocol, Score, reference_first, window_stats
 
 
 class Seed(Protocol):
@@ -39,27 +39,21 @@ class Seed(Protocol):
         from transformers import DynamicCache
 
         out = {label: Score() for label in configs}
-        split = windows.shape[1] - self.continuation - 1
-        for w in windows:
+        head, split = Head(model), windows.shape[1] - self.continuation - 1
+        for i, w in enumerate(windows):
             with torch.no_grad():
                 exact = DynamicCache(config=model.config)
-                model(w[None, :split], **cache_kwargs(model, exact), use_cache=True)
-            for label, cfg in configs.items():
+                head.forward(w[:split], exact)
+            references: dict = {}
+            for label in reference_first(configs):
                 start = time.perf_counter()
-                cache, nbytes = _quantized_copy(exact, cfg, model)
-                with torch.no_grad():
-                    kw = cache_kwargs(model, cache)
-                    logits = model(w[None, split:], use_cache=True, **kw).logits[0]
-                out[label].add(
-                    Score(
-                        nll=nll_sum(logits[:-1], w[split + 1 :]),
-                        tokens=self.continuation,
-                        cache_bytes=nbytes,
-                        fp16_bytes=fp16_bytes(model.config, split),
-                        seconds=time.perf_counter() - start,
-                        windows=1,
-                    )
-                )
+                cache, nbytes = _quantized_copy(exact, configs[label], model)
+                hidden = head.forward(w[split:], cache)[:-1]
+                seconds = time.perf_counter() - start
+                stats = window_stats(head, hidden, w[split + 1:], label, references, i)
+                out[label].add(Score.of(stats, cache_bytes=nbytes,
+                                        fp16_bytes=fp16_bytes(model.config, split),
+                                        seconds=seconds, windows=1))
                 tick()
         return out
 

@@ -16,8 +16,8 @@ import torch
 
 from kvq.eval.caches import fp16_bytes, make_cache
 from kvq.eval.errors import EvalError
-from kvq.eval.protocols.base import Protocol, Score, nll_sum
-from kvq.hf.compat import cache_kwargs
+from kvq.eval.metrics import Head
+from kvq.eval.protocols.base import Protocol, Score, reference_first, window_stats
 
 
 class Streaming(Protocol):
@@ -39,32 +39,25 @@ class Streaming(Protocol):
             )
 
     def run(self, model, windows, configs, tick=lambda: None):
-        out = {}
+        out, head, references = {}, Head(model), {}
         split = windows.shape[1] - self.steps
-        for label, cfg in configs.items():
+        for label in reference_first(configs):
             score = Score()
-            for w in windows:
-                cache = make_cache(cfg, model, prefill=self.prefill, **self.cache_options)
+            for i, w in enumerate(windows):
+                cache = make_cache(configs[label], model, prefill=self.prefill,
+                                   **self.cache_options)
                 start = time.perf_counter()
-                rows = []
-                kw = cache_kwargs(model, cache)
-                with torch.no_grad():
-                    rows.append(model(w[None, :split], use_cache=True, **kw).logits[0, -1])
-                    for t in range(split, w.numel() - 1):
-                        rows.append(model(w[None, t : t + 1], use_cache=True, **kw).logits[0, -1])
-                score.add(
-                    Score(
-                        nll=nll_sum(torch.stack(rows), w[split:]),
-                        tokens=self.steps,
-                        cache_bytes=_held(cache),
-                        fp16_bytes=fp16_bytes(model.config, w.numel() - 1),
-                        seconds=time.perf_counter() - start,
-                        windows=1,
-                    )
-                )
+                rows = [head.forward(w[:split], cache)[-1]]
+                for t in range(split, w.numel() - 1):
+                    rows.append(head.forward(w[t : t + 1], cache)[-1])
+                seconds = time.perf_counter() - start
+                stats = window_stats(head, torch.stack(rows), w[split:], label, references, i)
+                score.add(Score.of(stats, cache_bytes=_held(cache),
+                                   fp16_bytes=fp16_bytes(model.config, w.numel() - 1),
+                                   seconds=seconds, windows=1))
                 tick()
             out[label] = score
-        return out
+        return {label: out[label] for label in configs}
 
 
 def _held(cache) -> int:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from kvq.eval.caches import fp16_bytes, make_cache
-from kvq.eval.protocols.base import Protocol, Score, nll_sum
-from kvq.hf.compat import cache_kwargs
+from kvq.eval.metrics import Head
+from kvq.eval.protocols.base import Protocol, Score, reference_first, window_stats
 
 
 class TeacherForced(Protocol):
@@ -26,24 +24,19 @@ class TeacherForced(Protocol):
         self.cache_options = dict(block=block, residual=residual)
 
     def run(self, model, windows, configs, tick=lambda: None):
-        out = {}
-        for label, cfg in configs.items():
+        out, head, references = {}, Head(model), {}
+        for label in reference_first(configs):
             score = Score()
-            for w in windows:
-                cache = make_cache(cfg, model, prefill="quantized", **self.cache_options)
+            for i, w in enumerate(windows):
+                cache = make_cache(configs[label], model, prefill="quantized",
+                                   **self.cache_options)
                 start = time.perf_counter()
-                with torch.no_grad():
-                    logits = model(w[None], **cache_kwargs(model, cache), use_cache=True).logits[0]
-                score.add(
-                    Score(
-                        nll=nll_sum(logits[:-1], w[1:]),
-                        tokens=w.numel() - 1,
-                        cache_bytes=cache.nbytes,
-                        fp16_bytes=fp16_bytes(model.config, w.numel()),
-                        seconds=time.perf_counter() - start,
-                        windows=1,
-                    )
-                )
+                hidden = head.forward(w, cache)[:-1]
+                seconds = time.perf_counter() - start
+                stats = window_stats(head, hidden, w[1:], label, references, i)
+                score.add(Score.of(stats, cache_bytes=cache.nbytes,
+                                   fp16_bytes=fp16_bytes(model.config, w.numel()),
+                                   seconds=seconds, windows=1))
                 tick()
             out[label] = score
-        return out
+        return {label: out[label] for label in configs}

@@ -55,3 +55,29 @@ def _token_counter(name, gguf_file):
         extra = {"gguf_file": gguf_file}
     tok = AutoTokenizer.from_pretrained(path, **extra)
     return lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
+
+
+def ruler_dataset(
+    subtask: str = "niah_single",
+    lengths=(512, 1024),
+    per_length: int = 4,
+    seed: int = 0,
+    corpus: str = "shakespeare",
+    pretrained=None,
+    tokenizer=None,
+    gguf_file=None,
+    **_,
+):
+    """Test split of RULER-style documents of one ``subtask`` (see :mod:`kvq.eval.tasks.ruler`)
+    with the eval split of ``corpus`` as the haystack; lengths counted with the model's tokenizer
+    when ``pretrained``/``tokenizer`` name one, else estimated."""
+    import datasets
+
+    from kvq.eval.corpus import load_documents
+    from kvq.eval.tasks.ruler import make_documents
+
+    count = _token_counter(tokenizer or pretrained, gguf_file)
+    docs = make_documents("\n\n".join(load_documents(corpus)), [subtask],
+                          [int(n) for n in lengths], int(per_length), int(seed),
+                          count_tokens=count)
+    return {"test": datasets.Dataset.from_list(docs)}
