@@ -12,6 +12,12 @@ Two more shipped corpora come from the pinned Django 5.2.8 sdist (:mod:`kvq.eval
 ``prose`` (its documentation, modern technical English) and ``code`` (its Python sources), each
 with ``:eval`` (the default) and ``:calib`` splits.
 
+``mixed`` (``:eval`` or ``:calib``) is the three domains in equal shares: each domain's split is
+cut to the same number of characters (the shortest's) and the three are interleaved round-robin
+in pieces of :data:`MIXED_PIECE_CHARS` characters (~500 tokens), shorter than any window, so
+every window reads all three domains and no spacing of windows can favour one. It is the
+calibration set to use when the text a config will meet is not known in advance.
+
 Windows: the token stream is cut into ``ceil(tokens / max_context)`` chunks of ``max_context``
 tokens at evenly spaced starts, and each context length ``L`` reads the same chunks as
 consecutive ``L``-token windows, so every context length is scored on the same text.
@@ -28,7 +34,9 @@ from kvq.eval.errors import EvalError
 
 SHAKESPEARE_EVAL = ("hamlet", "macbeth", "othello", "lear", "julius_caesar", "tempest")
 DEFAULT_CORPUS = "shakespeare"
-SHIPPED = ("shakespeare", "prose", "code")
+SHIPPED = ("shakespeare", "prose", "code", "mixed")
+DOMAINS = ("shakespeare", "prose", "code")  # what ``mixed`` interleaves
+MIXED_PIECE_CHARS = 2048
 
 
 def is_eval_split(corpus: str) -> bool:
@@ -54,7 +62,9 @@ def load_documents(corpus: str = DEFAULT_CORPUS) -> list[str]:
     a .txt file, a directory of .txt files (sorted by name), or a .json/.jsonl file of objects
     with a ``text`` field."""
     name, _, split = corpus.partition(":")
-    if name in SHIPPED:
+    if name == "mixed":
+        docs = mixed([load_documents(f"{d}:{split or 'eval'}") for d in DOMAINS])
+    elif name in SHIPPED:
         if name == "shakespeare":
             files = shakespeare_split(split or "eval")
         else:
@@ -68,6 +78,17 @@ def load_documents(corpus: str = DEFAULT_CORPUS) -> list[str]:
     if not docs:
         raise EvalError(f"corpus {corpus!r} is empty: it has no non-blank text")
     return docs
+
+
+def mixed(domains: list[list[str]], piece: int = MIXED_PIECE_CHARS) -> list[str]:
+    """Equal shares of each domain's documents: every domain's text (documents joined by a
+    blank line) cut to the shortest one's length (whole pieces), split into pieces of ``piece``
+    characters, and the pieces interleaved round-robin (piece 0 of each domain, then 1, ...)."""
+    texts = ["\n\n".join(docs) for docs in domains]
+    pieces = min(len(t) for t in texts) // piece
+    if pieces == 0:
+        raise EvalError(f"the mixed corpus needs at least {piece} characters of every domain")
+    return [t[i * piece:(i + 1) * piece] for i in range(pieces) for t in texts]
 
 
 def token_ids(tokenizer, docs: list[str]):

