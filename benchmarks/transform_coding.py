@@ -52,7 +52,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = CalibrationSettings(tokens=args.tokens, context=args.context, sensitivity="fisher")
+    base = CalibrationSettings(corpus="shakespeare:calib", tokens=args.tokens,  # the docs' tables
+                               context=args.context, sensitivity="fisher")
     t0 = time.perf_counter()
     captured = capture_corpus(base, key_ropes=("post", "pre"))
     print(f"captured {args.tokens} tokens in {time.perf_counter() - t0:.0f} s", flush=True)

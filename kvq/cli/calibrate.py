@@ -11,8 +11,9 @@ EXAMPLES = """examples:
   kvq calibrate --recipe kvquant2 --model PATH --corpus my_texts/ --tokens 16384
 
 Writes OUT (a KVConfig with one override per layer) and OUT with suffix .safetensors (the
-levels it references; keep the two files together). The default corpus is the training split of
-the shipped Shakespeare corpus; its evaluation split is refused. Recipes: kvquant2, kvquant3,
+levels it references; keep the two files together). The default corpus is mixed:calib, the calib
+splits of the shipped Shakespeare, prose and code corpora in equal shares (fits that transfer
+across domains); evaluation splits are refused. Recipes: kvquant2, kvquant3,
 kvquant4 (kvq explain kvquant3 shows the uncalibrated preset), tc2/3/4, and static KV scales
 for serving engines (kvq export): fp8-tensor, fp8-head (as llm-compressor), fp8-tensor-max,
 fp8-head-max, nvfp4 (as ModelOpt).

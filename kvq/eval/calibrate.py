@@ -4,8 +4,9 @@
 >>> cfg = calibrate("kvquant3", "out/kvquant3.yaml")          # doctest: +SKIP
 >>> cache = kvq.hf.KVQCache(cfg, model.config)                 # doctest: +SKIP
 
-Runs the model over calibration text (default ``shakespeare:calib``, the training split; the
-evaluation split is refused), captures every layer's K/V with an identity cache
+Runs the model over calibration text (default ``mixed:calib``: the calib splits of the three
+shipped domains in equal shares, so a fit holds across domains; an evaluation split is
+refused), captures every layer's K/V with an identity cache
 (:mod:`kvq.eval.capture`), optionally their Fisher sensitivity, fits the levels with
 :class:`kvq.calibration.LevelFit` on the cache's blocks, and writes ONE artifact: ``NAME.yaml``
 (a KVConfig with per-layer overrides) next to ``NAME.safetensors`` (the levels), which the YAML
@@ -32,7 +33,7 @@ class CalibrationSettings:
     keys: str | None = None  # recipe spec for keys (overrides the named recipe's)
     values: str | None = None
     model: str | None = None
-    corpus: str = "shakespeare:calib"
+    corpus: str = "mixed:calib"  # Shakespeare, prose and code in equal shares (docs/evaluation.md)
     tokens: int = 8192
     context: int = 512
     block: int = 32
@@ -332,7 +333,7 @@ def _check(s: CalibrationSettings) -> None:
         calib = s.corpus.partition(":")[0] + ":calib"
         raise EvalError(f"--corpus {s.corpus!r} is the evaluation split; calibrating on it would "
                         f"fit the codebooks to the text they are scored on. Use {calib} "
-                        "(shakespeare:calib is the default) or your own text")
+                        "(mixed:calib is the default) or your own text")
     if s.bits is not None and not 0 < s.bits <= 16:
         raise EvalError(f"--bits must be positive and at most 16 (bits/element), got {s.bits}")
     if s.allocate not in ("predicted", "measured"):
