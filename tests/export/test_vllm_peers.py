@@ -1,5 +1,6 @@
-"""kvq's vLLM export tables against vLLM 0.33.0's own definitions (vendored in peers/: its
-TurboQuant config module unmodified, the KV-cache dtype list and skip-layer rule copied)."""
+"""kvq's vLLM export tables against vLLM 0.33.0's own definitions: its TurboQuant config
+module as vendored (unmodified, hash-checked) in tests/parity/peers, and the KV-cache dtype list
+and skip-layer rule copied in peers/vllm_cache.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from kvq.export import export
 from kvq.export import vllm as v
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "parity"))
 import vllm_cache  # noqa: E402
-import vllm_turboquant_config as tq  # noqa: E402
+from oracles import peer  # noqa: E402
+
+tq = peer("vllm_turboquant_config")
 
 
 def model_config(layers: int):
