@@ -149,11 +149,17 @@ def test_beam_search_and_greedy_generate_match(count_fast):
         outs.append(out)
     _set(model, "sdpa")
     assert count_fast
-    assert torch.equal(outs[0].sequences, outs[1].sequences)
-    a, b = torch.stack(outs[0].scores), torch.stack(outs[1].scores)
-    finite = torch.isfinite(a)
-    assert torch.equal(finite, torch.isfinite(b))
-    torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=0)
+    assert_same_beams(*outs)
+
+
+def assert_same_beams(a, b) -> None:
+    """Two beam-search ``generate`` results (with ``output_scores``): the same sequences, and
+    scores equal where finite (pruned beams are -inf in both)."""
+    assert torch.equal(a.sequences, b.sequences)
+    sa, sb = torch.stack(a.scores), torch.stack(b.scores)
+    finite = torch.isfinite(sa)
+    assert torch.equal(finite, torch.isfinite(sb))
+    torch.testing.assert_close(sa[finite], sb[finite], atol=1e-4, rtol=0)
 
 
 class Negate(Transform):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from fitted import config, kvquant_specs, tc_spec, write_nuq, write_tc
 from hf_models import VOCAB, left_padded, tiny_model
-from test_fast_attention import ATOL, _set, decode_logits, prompt
+from test_fast_attention import ATOL, _set, assert_same_beams, decode_logits, prompt
 
 import kvq
 from kvq import codebooks
@@ -163,11 +163,7 @@ def test_beam_search_matches(name, tmp_path, count_fast):
                                    return_dict_in_generate=True, **cache_kwargs(model, cache)))
     _set(model, "sdpa")
     assert count_fast
-    assert torch.equal(outs[0].sequences, outs[1].sequences)
-    a, b = torch.stack(outs[0].scores), torch.stack(outs[1].scores)
-    finite = torch.isfinite(a)
-    assert torch.equal(finite, torch.isfinite(b))
-    torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=0)
+    assert_same_beams(*outs)
 
 
 class PluginAlloc(Alloc):
