@@ -29,38 +29,17 @@ def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
     hits: dict = {}
     for label, cfg in configs.items():
         for doc in docs:
-            ids = tokenizer(doc["prompt"], return_tensors="pt")["input_ids"].to(model.device)
-            cache = make_cache(
-                cfg,
-                model,
-                prefill="quantized",
-                block=settings.block,
-                residual=settings.residual,
-            )
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    **cache_kwargs(model, cache),
-                    max_new_tokens=8,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                )
-            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            text, stats = generate_answer(model, tokenizer, settings, cfg, doc["prompt"], 8)
             h = hits.setdefault((doc["length"], label), [0, 0, 0.0, 0, 0])
             h[0] += first_number(text) == doc["answer"]
-            h[1] += 1
-            h[2] += time.perf_counter() - start
-            h[3] += cache.nbytes
-            h[4] += fp16_bytes(model.config, cache.get_seq_length())
+            for i, v in enumerate(stats, 1):
+                h[i] += v
             bar.tick()
     rows = []
     for length in settings.needle_lengths:
         base = hits[(length, BASELINE)][0] / hits[(length, BASELINE)][1]
         for label, cfg in configs.items():
             n_hit, n, secs, nbytes, f16 = hits[(length, label)]
-            identity = is_identity(cfg)
             rows.append(
                 {
                     "task": "needle",
@@ -70,12 +49,33 @@ def needle_rows(model, tokenizer, settings, configs, bar) -> list[dict]:
                     "metric": "exact_match",
                     "value": n_hit / n,
                     "delta": n_hit / n - base,
-                    "bits_per_element": 16.0 if identity else 16 * nbytes / max(f16, 1),
-                    "cache_bytes": (f16 if identity else nbytes) // n,
-                    "fp16_bytes": f16 // n,
-                    "seconds": round(secs, 3),
-                    "tokens": n,
-                    "windows": n,
+                    **size_columns(cfg, n, secs, nbytes, f16),
                 }
             )
     return rows
+
+
+def generate_answer(model, tokenizer, settings, cfg, prompt: str, max_new_tokens: int
+                    ) -> tuple[str, tuple[int, float, int, int]]:
+    """Greedy continuation of ``prompt`` through a fresh cache of ``cfg`` prefilled with
+    ``prefill="quantized"``: ``(text, (1, seconds, cache bytes, fp16 bytes))``."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+    cache = make_cache(cfg, model, prefill="quantized", block=settings.block,
+                       residual=settings.residual)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             **cache_kwargs(model, cache), max_new_tokens=max_new_tokens,
+                             do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return text, (1, time.perf_counter() - start, cache.nbytes,
+                  fp16_bytes(model.config, cache.get_seq_length()))
+
+
+def size_columns(cfg, n: int, secs: float, nbytes: int, f16: int) -> dict:
+    """The bits/element, bytes, time and count columns of a generation row over ``n`` prompts."""
+    identity = is_identity(cfg)
+    return {"bits_per_element": 16.0 if identity else 16 * nbytes / max(f16, 1),
+            "cache_bytes": (f16 if identity else nbytes) // n, "fp16_bytes": f16 // n,
+            "seconds": round(secs, 3), "tokens": n, "windows": n}
