@@ -177,10 +177,7 @@ def main(argv=None) -> int:
                       f"{r['all_tokens_fp16_bytes'] / 1e6:>18.2f} {r['ratio']:>6.3f} "
                       f"{r['max_sliding_tokens_held']:>12}", flush=True)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        _write_json(Path(args.out), results)
     return 0
 
 
@@ -209,12 +206,16 @@ def _main_model(args) -> int:
                   f"decode {r['decode_ms_kvq']:.1f} vs {r['decode_ms_dynamic']:.1f} ms/token, "
                   f"median ratio {r['decode_ratio_median']:.2f}x", flush=True)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        _write_json(Path(args.out), results)
     return 0
 
+
+
+def _write_json(out: Path, results: dict) -> None:
+    """Write ``results`` to ``out`` through a temporary file beside it (no half-written JSON)."""
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
 
 if __name__ == "__main__":
     raise SystemExit(main())
