@@ -102,6 +102,21 @@ def _check_batch_size(batch_size) -> None:
                         "positions would enter kvq's per-channel (token-axis) statistics")
 
 
+class _CompleteCheckpoint:
+    """Stands in for HFLM's ``AUTO_MODEL_CLASS`` while it loads: the same ``from_pretrained``,
+    then :func:`kvq.eval.models.check_complete` on the missing weights it reports."""
+
+    def __init__(self, auto, pretrained: str):
+        self.auto, self.pretrained = auto, pretrained
+
+    def from_pretrained(self, *args, **kwargs):
+        from kvq.eval import models
+
+        model, info = self.auto.from_pretrained(*args, output_loading_info=True, **kwargs)
+        models.check_complete(self.pretrained, self.pretrained, info)
+        return model
+
+
 @register_model("kvq_hf")
 class KVQLM(HFLM):
     """HFLM with a quantized K/V cache (see the module docstring for the extra model args)."""
@@ -149,6 +164,18 @@ class KVQLM(HFLM):
         self.kv_config = cfg
         self.cache_options = dict(prefill=prefill, residual=residual, block=block)
         make_cache(cfg, self._model, **self.cache_options)  # validates now, not mid-run
+
+    def _create_model(self, pretrained, *args, **kwargs):
+        """HFLM's loading, refusing a checkpoint that lacks weights as ``kvq compare`` does
+        (transformers would fill them with random values and the scores would be noise)."""
+        if not isinstance(pretrained, str):
+            return super()._create_model(pretrained, *args, **kwargs)
+        auto = self.AUTO_MODEL_CLASS
+        self.AUTO_MODEL_CLASS = _CompleteCheckpoint(auto, pretrained)
+        try:
+            return super()._create_model(pretrained, *args, **kwargs)
+        finally:
+            self.AUTO_MODEL_CLASS = auto
 
     def new_cache(self):
         """A fresh cache for one forward or one ``generate`` call."""

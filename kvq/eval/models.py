@@ -123,11 +123,11 @@ def _from_pretrained(pretrained: str, extra: dict, dtype: str, shown: str | None
             else ""
         )
         raise EvalError(f"cannot load model {shown or pretrained!r}{hint}: {first}") from None
-    _check_complete(shown or pretrained, pretrained, info)
+    check_complete(shown or pretrained, pretrained, info)
     return model.eval(), tokenizer
 
 
-def _check_complete(shown: str, pretrained: str, info: dict) -> None:
+def check_complete(shown: str, pretrained: str, info: dict) -> None:
     """Refuse a checkpoint that lacks weights: transformers loads it anyway, with the missing
     ones randomly initialised (e.g. a ``model.safetensors`` overwritten by another file)."""
     from kvq.errors import shorten

@@ -48,3 +48,22 @@ def test_cli_exits_2_with_one_line(copy, text_file, capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("kvq")]
     assert "Traceback" not in err and len(lines) == 1 and "lacks" in lines[0]
+
+
+def test_lm_eval_kvq_hf_refuses_it_too(copy):
+    pytest.importorskip("lm_eval")
+    from kvq.eval.lm_eval_model import KVQLM
+
+    tensors = load_file(copy / "model.safetensors")
+    tensors.pop(sorted(k for k in tensors if "mlp" in k)[0])
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(EvalError, match=r"lacks 1 weight\(s\).*restore them"):
+        KVQLM.create_from_arg_string(f"pretrained={copy},kv=naive4", {"device": "cpu"})
+
+
+def test_lm_eval_kvq_hf_loads_a_complete_checkpoint(copy):
+    pytest.importorskip("lm_eval")
+    from kvq.eval.lm_eval_model import KVQLM
+
+    lm = KVQLM.create_from_arg_string(f"pretrained={copy},kv=naive4", {"device": "cpu"})
+    assert lm.model.config.num_hidden_layers >= 1
