@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from kvq.eval.errors import AssetError
@@ -147,6 +148,23 @@ class _Watch:
         self._timer.cancel()
 
 
+@contextmanager
+def _within(limit: float, what: str):
+    """Yield a :class:`_Watch`'s ``open``; if the watch fired (its sockets shut down after
+    ``limit`` seconds), the body's error is replaced by :class:`TooSlow` ("``what`` within
+    ``limit`` s")."""
+    watch = _Watch(limit)
+    try:
+        yield watch.open
+    except OSError:
+        if not watch.fired:
+            raise
+    finally:
+        watch.cancel()
+    if watch.fired:
+        raise TooSlow(f"{what} within {limit:g} s (set KVQ_INDEX_TIMEOUT to wait longer)")
+
+
 def _find_link(page: str, filename: str) -> str | None:
     """The URL of ``filename`` on a PEP 503 simple page (a ``file:`` folder is listed)."""
     parsed = urllib.parse.urlparse(page)
@@ -156,21 +174,13 @@ def _find_link(page: str, filename: str) -> str | None:
             return (folder / filename).as_uri() if (folder / filename).is_file() else None
         page = (folder / "index.html").as_uri()
     limit = _setting("KVQ_INDEX_TIMEOUT", INDEX_TIMEOUT_S)
-    watch, body, got = _Watch(limit), [], 0
-    try:
-        with watch.open(page, timeout=min(60.0, limit)) as resp:
+    body, got = [], 0
+    with _within(limit, "the page did not arrive") as open_:
+        with open_(page, timeout=min(60.0, limit)) as resp:
             read = getattr(resp, "read1", resp.read)
             while got < 8 << 20 and (block := read(1 << 16)):
                 body.append(block)
                 got += len(block)
-    except OSError:
-        if not watch.fired:
-            raise
-    finally:
-        watch.cancel()
-    if watch.fired:
-        raise TooSlow(f"the page did not arrive within {limit:g} s (set KVQ_INDEX_TIMEOUT to "
-                      "wait longer)")
     html = b"".join(body)[: 8 << 20].decode("utf-8", "replace")
     for href in re.findall(r"""href=["']([^"']+)["']""", html):
         link = urllib.parse.urljoin(page, href.replace("&amp;", "&"))
@@ -186,17 +196,8 @@ def _get(url: str, dest: Path, size_mb: int) -> Path:
     min_rate = _setting("KVQ_DOWNLOAD_MIN_KBPS", MIN_KBPS, zero_ok=True) * 1000
     timeout = min(120.0, RATE_WINDOW_S) if min_rate else 120.0
     headers = _setting("KVQ_INDEX_TIMEOUT", INDEX_TIMEOUT_S)
-    watch = _Watch(headers)  # the response must start within the index timeout
-    try:
-        resp = watch.open(url, timeout=timeout)
-    except OSError:
-        if not watch.fired:
-            raise
-    finally:
-        watch.cancel()
-    if watch.fired:
-        raise TooSlow(f"{dest.name}: no response within {headers:g} s (set KVQ_INDEX_TIMEOUT "
-                      "to wait longer)")
+    with _within(headers, f"{dest.name}: no response") as open_:  # headers in the index timeout
+        resp = open_(url, timeout=timeout)
     mark, at_mark = time.monotonic(), 0
     with resp, open(dest, "wb") as f:
         read = getattr(resp, "read1", resp.read)
